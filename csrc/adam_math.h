@@ -1,0 +1,104 @@
+// Per-element Adam/AdamW update: the one source of truth for the CPU kernel (csrc/cpu) and the CUDA kernel
+// (csrc/cuda). The Triton kernel (python/fused_adam/backends/triton.py) and the reference backend follow the
+// same order of operations.
+//
+// Order of operations = torch.optim.adam._single_tensor_adam (torch 2.13, capturable=False), in opmath T
+// (float for fp32/bf16/fp16 params, double for fp64):
+//   g  = grad / grad_scale                       (AMP: the unscaled grad is also stored back, as torch fused does)
+//   g  = maximize ? -g : g
+//   p  = p * (1 - lr*wd)                         (decoupled weight decay, AdamW)
+//   g  = g + wd * p                              (L2 weight decay, Adam)
+//   m  = lerp(m, g, 1 - beta1)                   (at::lerp's vector form: one fma)
+//   v  = v * beta2;  v = v + (1 - beta2) * g * g
+//   vmax = max(vmax, v)                          (amsgrad; the denominator then uses vmax)
+//   p  = p + (-lr / (1 - beta1^t)) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+// The per-tensor scalars are computed in double, as torch's Python code does, then rounded once to T.
+// References: Kingma & Ba, "Adam" (arXiv:1412.6980); Loshchilov & Hutter, "Decoupled Weight Decay
+// Regularization" (arXiv:1711.05101); Reddi et al., "On the Convergence of Adam and Beyond" (AMSGrad).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define FA_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define FA_HOST_DEVICE inline
+#endif
+
+namespace fused_adam {
+
+enum class WeightDecay : uint8_t { kNone = 0, kL2 = 1, kDecoupled = 2 };
+
+// Hyperparameters of one param group, as plain doubles (Tensor hyperparameters are read before the launch,
+// or on the device for capturable steps).
+struct AdamHyper {
+  double lr;
+  double beta1;
+  double beta2;
+  double eps;
+  double weight_decay;
+};
+
+// Math on opmath scalars, spelled the same on host and device (::sqrt on a float would be the double one).
+FA_HOST_DEVICE float fa_sqrt(float x) { return sqrtf(x); }
+FA_HOST_DEVICE double fa_sqrt(double x) { return sqrt(x); }
+FA_HOST_DEVICE float fa_fma(float a, float b, float c) { return fmaf(a, b, c); }
+FA_HOST_DEVICE double fa_fma(double a, double b, double c) { return fma(a, b, c); }
+
+// Scalars of one tensor's step (they depend on that tensor's step count), in opmath T.
+template <typename T>
+struct StepScalars {
+  T decay;                  // 1 - lr * wd                     (decoupled)
+  T weight_decay;           // wd                              (L2)
+  T lerp_coeff;             // w = 1 - beta1 if |w| < 0.5, else w - 1 (at::lerp's two forms)
+  bool lerp_small;          // which form: uniform over a tensor, so the branch is loop-invariant
+  T beta2;
+  T one_minus_beta2;
+  T neg_step_size;          // -lr / (1 - beta1^t)
+  T bias_correction2_sqrt;  // (1 - beta2^t) ** 0.5
+  T eps;
+};
+
+template <typename T>
+FA_HOST_DEVICE StepScalars<T> make_step_scalars(const AdamHyper& h, double step) {
+  const double bias_correction1 = 1.0 - ::pow(h.beta1, step);
+  const double bias_correction2 = 1.0 - ::pow(h.beta2, step);
+  StepScalars<T> s;
+  s.decay = static_cast<T>(1.0 - h.lr * h.weight_decay);
+  s.weight_decay = static_cast<T>(h.weight_decay);
+  const T w = static_cast<T>(1.0 - h.beta1);
+  s.lerp_small = (w < T(0.5) && w > T(-0.5));
+  s.lerp_coeff = s.lerp_small ? w : w - T(1);
+  s.beta2 = static_cast<T>(h.beta2);
+  s.one_minus_beta2 = static_cast<T>(1.0 - h.beta2);
+  s.neg_step_size = static_cast<T>(-(h.lr / bias_correction1));
+  s.bias_correction2_sqrt = static_cast<T>(::pow(bias_correction2, 0.5));  // Python's `** 0.5` is pow()
+  s.eps = static_cast<T>(h.eps);
+  return s;
+}
+
+// One element. `grad` is in/out: with UNSCALE it is replaced by grad / grad_scale, which the caller stores.
+// `max_exp_avg_sq` is only read and written when AMSGRAD.
+template <typename T, WeightDecay WD, bool AMSGRAD, bool MAXIMIZE, bool UNSCALE>
+FA_HOST_DEVICE void adam_update(T& param, T& grad, T& exp_avg, T& exp_avg_sq, T& max_exp_avg_sq,
+                                const StepScalars<T>& s, T grad_scale) {
+  if (UNSCALE) grad = grad / grad_scale;
+  T g = MAXIMIZE ? -grad : grad;
+  if (WD == WeightDecay::kDecoupled) param = param * s.decay;
+  if (WD == WeightDecay::kL2) g = g + s.weight_decay * param;
+  // at::lerp(m, g, w): m + w*(g - m) for small w, else g + (w - 1)*(g - m); one fma, as ATen's vector path.
+  exp_avg = fa_fma(s.lerp_coeff, g - exp_avg, s.lerp_small ? exp_avg : g);
+  exp_avg_sq = exp_avg_sq * s.beta2;
+  exp_avg_sq = exp_avg_sq + s.one_minus_beta2 * g * g;
+  T second = exp_avg_sq;
+  if (AMSGRAD) {
+    // torch.maximum propagates NaN; so does this form.
+    max_exp_avg_sq = (max_exp_avg_sq != max_exp_avg_sq || max_exp_avg_sq > exp_avg_sq) ? max_exp_avg_sq : exp_avg_sq;
+    second = max_exp_avg_sq;
+  }
+  const T denom = fa_sqrt(second) / s.bias_correction2_sqrt + s.eps;
+  param = param + s.neg_step_size * exp_avg / denom;
+}
+
+}  // namespace fused_adam

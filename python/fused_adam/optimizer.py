@@ -1,0 +1,444 @@
+"""FusedAdam / FusedAdamW: drop-in torch.optim.Adam / AdamW whose step runs on a fused backend.
+
+This file owns everything that is not arithmetic: argument checks (torch's wording), param groups, lazy state
+in torch's layout, AMP plumbing, and dispatch of each (device, dtype) partition of a group to a backend.
+
+NOTE [backend step contract]: see fused_adam/backends/__init__.py. The optimizer guarantees a backend gets one
+device and one real dtype per call (complex params arrive as view_as_real views), float32 0-dim step tensors
+(on the param's device when capturable, else on the CPU), and grads that are neither None nor sparse.
+
+NOTE [step plan]: building the per-group lists (params with grads, their states, partitions, chosen backends)
+is the per-parameter Python work that dominates torch's step() for many small tensors. It is done once and
+cached in a _Plan. A step then only reads the grads ([p.grad for p in params]) and checks that nothing the plan
+depends on has changed: the group's params list, which params have grads, the options that change state or
+backend choice, and the state tensors (the per-parameter state dicts are _State objects that bump a generation
+counter whenever a tensor in them is replaced; load_state_dict and add_param_group drop every plan).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import backends
+from .backends import Hyper
+
+log = logging.getLogger("fused_adam")
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """Which backend ran one (device, dtype) partition of a param group, and why the others did not."""
+
+    device: torch.device
+    dtype: torch.dtype
+    backend: str
+    skipped: dict[str, str] = field(default_factory=dict)
+    num_params: int = 0
+
+
+class _State(dict):
+    """A parameter's state. Replacing or removing a tensor in it invalidates every cached step plan."""
+
+    generation = 0
+
+    def _bump(self) -> None:
+        _State.generation += 1
+
+    def __setitem__(self, key, value):
+        _State.generation += 1
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key):
+        _State.generation += 1
+        super().__delitem__(key)
+
+    def update(self, *args, **kwargs):
+        _State.generation += 1
+        super().update(*args, **kwargs)
+
+    def pop(self, *args):
+        _State.generation += 1
+        return super().pop(*args)
+
+    def clear(self):
+        _State.generation += 1
+        super().clear()
+
+    def setdefault(self, key, default=None):
+        _State.generation += 1
+        return super().setdefault(key, default)
+
+    def __reduce__(self):  # pickles as a plain dict's contents; unpickles as a _State
+        return (_State, (dict(self),))
+
+
+@dataclass
+class _Part:
+    device: torch.device
+    dtype: torch.dtype
+    backend: Any  # the backend module
+    dispatch: Dispatch
+    index: list[int] | None  # positions in the group's params; None: all of them, in order
+    params: list[Tensor]
+    exp_avgs: list[Tensor]
+    exp_avg_sqs: list[Tensor]
+    max_exp_avg_sqs: list[Tensor]
+    state_steps: list[Tensor]
+    complex_pos: list[int]  # positions in this part whose grads need view_as_real
+
+
+@dataclass
+class _Plan:
+    params: list[Tensor]  # the group's params list object this plan was built from
+    num_params: int
+    has_grad: list[bool]
+    key: tuple
+    generation: int
+    parts: list[_Part]
+
+
+def _check_args(lr, betas, eps, weight_decay, foreach, capturable, fused, differentiable) -> None:
+    """torch.optim.Adam's checks, with its exception types and messages."""
+    if isinstance(lr, Tensor):
+        if foreach and not capturable:
+            raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    if not 0.0 <= betas[0] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+    if not 0.0 <= betas[1] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+    if not (
+        (isinstance(betas[0], float) and isinstance(betas[1], float))
+        or (isinstance(betas[0], Tensor) and isinstance(betas[1], Tensor))
+    ):
+        raise ValueError("betas must be either both floats or both Tensors")
+    for i in (0, 1):
+        if isinstance(betas[i], Tensor):
+            if not capturable and foreach:
+                raise ValueError(f"betas[{i}] as a Tensor is not supported for capturable=False and foreach=True")
+            if betas[i].numel() != 1:
+                raise ValueError(f"Tensor betas[{i}] must be 1-element")
+    if fused:
+        if differentiable:
+            raise RuntimeError("`fused` does not support `differentiable`")
+        if foreach:
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+
+
+def _scalar(x):
+    """torch's _to_scalar: a 1-element Tensor hyperparameter becomes 0-dim; a number stays a number."""
+    return x.squeeze() if isinstance(x, Tensor) and x.dim() != 0 else x
+
+
+class FusedAdam(Optimizer):
+    """Adam with a fused step. Same arguments, defaults, errors and state_dict as torch.optim.Adam, plus
+    `backend`: "auto" (the fastest backend that can run each (device, dtype) partition), or one of
+    "cpu", "cuda", "triton", "reference", which then runs or raises.
+
+    `foreach` and `fused` are accepted for drop-in compatibility (and validated as torch does); every backend
+    is a one-pass multi-tensor step. After a step, `dispatch` tells which backend ran each partition of each
+    group and why the others were skipped.
+    """
+
+    _step_supports_amp_scaling = True  # GradScaler hands grad_scale/found_inf to step() instead of unscaling
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        amsgrad: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        _check_args(lr, betas, eps, weight_decay, foreach, capturable, fused, differentiable)
+        if backend != "auto":
+            reason = backends.unavailable(backend)  # raises ValueError for an unknown name
+            if reason is not None:
+                raise RuntimeError(
+                    f"FusedAdam: backend={backend!r} is unavailable: {reason}. "
+                    f"Available backends: {', '.join(backends.available_backends())} (or backend='auto')"
+                )
+        self._backend = backend
+        self._plans: dict[int, _Plan] = {}
+        defaults = dict(
+            lr=lr,
+            betas=tuple(map(_scalar, betas)),
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            foreach=foreach,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=decoupled_weight_decay,
+        )
+        super().__init__(params, defaults)
+
+    # ---- pickling, state_dict ------------------------------------------------------------------------------
+
+    @property
+    def backend(self) -> str:
+        """The backend asked for: "auto" or a backend name."""
+        return self._backend
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_backend"] = self._backend
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("_backend", "auto")
+        self._plans = {}
+        for group in self.param_groups:
+            group.setdefault("amsgrad", False)
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("capturable", False)
+            group.setdefault("differentiable", False)
+            group.setdefault("decoupled_weight_decay", False)
+            group.setdefault("fused", None)
+        for p, s in list(self.state.items()):
+            if not isinstance(s, _State):
+                self.state[p] = _State(s)
+        _State.generation += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["state"] = {k: dict(v) for k, v in sd["state"].items()}  # plain dicts: loadable anywhere
+        return sd
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        self.__dict__.get("_plans", {}).clear()
+
+    @property
+    def dispatch(self) -> list[list[Dispatch]]:
+        """Per param group, the backend that ran each (device, dtype) partition in the last step, and why the
+        backends before it in auto's order were skipped. Empty for a group that has not stepped."""
+        return [
+            [part.dispatch for part in self._plans[i].parts] if i in self._plans else []
+            for i in range(len(self.param_groups))
+        ]
+
+    # ---- the step ------------------------------------------------------------------------------------------
+
+    def _hyper(self, group: dict[str, Any]) -> Hyper:
+        beta1, beta2 = group["betas"]
+        return Hyper(
+            lr=_scalar(group["lr"]),
+            beta1=_scalar(beta1),
+            beta2=_scalar(beta2),
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            amsgrad=group["amsgrad"],
+            maximize=group["maximize"],
+            decoupled=group["decoupled_weight_decay"],
+            capturable=group["capturable"],
+            differentiable=group["differentiable"],
+        )
+
+    @torch.no_grad()
+    def _new_state(self, p: Tensor, group: dict[str, Any]) -> _State:
+        zeros = lambda: torch.zeros_like(p, memory_format=torch.preserve_format)  # noqa: E731
+        state = _State(
+            step=torch.zeros((), dtype=torch.float32, device=p.device if group["capturable"] else "cpu"),
+            exp_avg=zeros(),
+            exp_avg_sq=zeros(),
+        )
+        if group["amsgrad"]:
+            state["max_exp_avg_sq"] = zeros()
+        return state
+
+    def _param_state(self, p: Tensor, group: dict[str, Any]) -> _State:
+        state = self.state[p]
+        if len(state) == 0:
+            state = self.state[p] = self._new_state(p, group)
+        elif not isinstance(state, _State):
+            state = self.state[p] = _State(state)
+        if group["amsgrad"] and "max_exp_avg_sq" not in state:
+            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        step = state["step"]
+        step_device = p.device if group["capturable"] else torch.device("cpu")
+        if not torch.is_tensor(step) or step.dtype != torch.float32 or step.device != step_device or step.dim():
+            state["step"] = torch.tensor(float(step), dtype=torch.float32, device=step_device)
+        return state
+
+    def _choose_backend(self, group_index: int, device: torch.device, dtype: torch.dtype, hp: Hyper, n: int):
+        skipped: dict[str, str] = {}
+        names = backends.candidates(device) if self._backend == "auto" else (self._backend,)
+        for name in names:
+            reason = backends.unavailable(name)
+            if reason is None:
+                reason = backends.get(name).unsupported(device, dtype, hp)
+            if reason is None:
+                log.debug("group %d, %s %s: backend %s (skipped: %s)", group_index, device, dtype, name, skipped)
+                return backends.get(name), Dispatch(device, dtype, name, skipped, n)
+            skipped[name] = reason
+        if self._backend != "auto":
+            raise RuntimeError(
+                f"FusedAdam: backend={self._backend!r} cannot run param group {group_index} "
+                f"(params of dtype {dtype} on {device}): {skipped[self._backend]}. "
+                f"Available backends: {', '.join(backends.available_backends())} (or backend='auto')"
+            )
+        raise RuntimeError(f"FusedAdam: no backend can run {dtype} params on {device}: {skipped}")  # unreachable: reference runs anywhere
+
+    def _plan_key(self, group: dict[str, Any]) -> tuple:
+        return (group["amsgrad"], group["capturable"], group["differentiable"], torch.is_tensor(group["lr"]))
+
+    def _build_plan(self, gi: int, group: dict[str, Any], grads: list[Tensor | None], has_grad: list[bool], hp: Hyper) -> _Plan:
+        params = group["params"]
+        by_key: dict[tuple, list[int]] = {}
+        for i, p in enumerate(params):
+            if has_grad[i]:
+                dtype = torch.view_as_real(p).dtype if p.is_complex() else p.dtype
+                by_key.setdefault((p.device, dtype), []).append(i)
+        parts = []
+        for (device, dtype), index in by_key.items():
+            mod, dispatch = self._choose_backend(gi, device, dtype, hp, len(index))
+            lists: dict[str, list[Tensor]] = {k: [] for k in ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps")}
+            complex_pos = []
+            for pos, i in enumerate(index):
+                p = params[i]
+                state = self._param_state(p, group)
+                real = torch.view_as_real if p.is_complex() else (lambda t: t)
+                if p.is_complex():
+                    complex_pos.append(pos)
+                lists["params"].append(real(p))
+                lists["exp_avgs"].append(real(state["exp_avg"]))
+                lists["exp_avg_sqs"].append(real(state["exp_avg_sq"]))
+                if group["amsgrad"]:
+                    lists["max_exp_avg_sqs"].append(real(state["max_exp_avg_sq"]))
+                lists["state_steps"].append(state["step"])
+            everything = len(by_key) == 1 and len(index) == len(params)
+            parts.append(_Part(device, dtype, mod, dispatch, None if everything else index, complex_pos=complex_pos, **lists))
+        return _Plan(params, len(params), has_grad, self._plan_key(group), _State.generation, parts)
+
+    @torch.no_grad()
+    def _check_grads(self, gi: int, part: _Part, grads: list[Tensor]) -> None:
+        for pos, g in enumerate(grads):
+            if g.is_sparse:
+                i = part.index[pos] if part.index is not None else pos
+                raise RuntimeError(
+                    f"FusedAdam does not support sparse gradients (grad of param {i} in group {gi} is sparse), "
+                    "please consider torch.optim.SparseAdam instead"
+                )
+
+    def step(self, closure: Callable[[], Any] | None = None, *, grad_scale: Tensor | None = None, found_inf: Tensor | None = None):
+        """Perform a single optimization step.
+
+        Args:
+            closure: a closure that reevaluates the model and returns the loss.
+            grad_scale, found_inf: AMP's scale and inf flag (torch.amp.GradScaler sets them as attributes of the
+                optimizer instead; either way works). With grad_scale the grads are unscaled in place; a nonzero
+                found_inf skips the step entirely, as torch's fused Adam does.
+        """
+        health_check = getattr(self, "_accelerator_graph_capture_health_check", None) or getattr(self, "_cuda_graph_capture_health_check", None)
+        if health_check is not None:
+            health_check()
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if grad_scale is None:
+            grad_scale = getattr(self, "grad_scale", None)
+        if found_inf is None:
+            found_inf = getattr(self, "found_inf", None)
+        moved: dict[tuple[int, torch.device], Tensor] = {}
+
+        def on(device: torch.device, t: Tensor | None) -> Tensor | None:
+            if t is None or t.device == device:
+                return t
+            key = (id(t), device)
+            if key not in moved:
+                moved[key] = t.to(device, non_blocking=True)
+            return moved[key]
+
+        with torch.set_grad_enabled(self.defaults["differentiable"]):
+            for gi, group in enumerate(self.param_groups):
+                params = group["params"]
+                grads = [p.grad for p in params]
+                has_grad = [g is not None for g in grads]
+                plan = self._plans.get(gi)
+                if (
+                    plan is None
+                    or plan.params is not params
+                    or plan.num_params != len(params)
+                    or plan.generation != _State.generation
+                    or plan.has_grad != has_grad
+                    or plan.key != self._plan_key(group)
+                ):
+                    plan = self._plans[gi] = self._build_plan(gi, group, grads, has_grad, self._hyper(group))
+                hp = self._hyper(group)
+                for part in plan.parts:
+                    part_grads = grads if part.index is None else [grads[i] for i in part.index]
+                    self._check_grads(gi, part, part_grads)
+                    if part.complex_pos:
+                        part_grads = list(part_grads)
+                        for pos in part.complex_pos:
+                            part_grads[pos] = torch.view_as_real(part_grads[pos])
+                    part.backend.step(
+                        part.params,
+                        part_grads,
+                        part.exp_avgs,
+                        part.exp_avg_sqs,
+                        part.max_exp_avg_sqs,
+                        part.state_steps,
+                        hp,
+                        on(part.device, grad_scale),
+                        on(part.device, found_inf),
+                    )
+        return loss
+
+
+class FusedAdamW(FusedAdam):
+    """AdamW (decoupled weight decay) with a fused step; drop-in for torch.optim.AdamW."""
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(
+            params, lr, betas, eps, weight_decay, amsgrad,
+            foreach=foreach, maximize=maximize, capturable=capturable, differentiable=differentiable,
+            fused=fused, decoupled_weight_decay=True, backend=backend,
+        )
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True
