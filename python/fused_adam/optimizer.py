@@ -109,6 +109,9 @@ def _check_args(lr, betas, eps, weight_decay, foreach, capturable, fused, differ
             raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
         if lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
+    for i in (0, 1):  # before the range checks, which cannot compare a multi-element tensor
+        if isinstance(betas[i], Tensor) and betas[i].numel() != 1:
+            raise ValueError(f"Tensor betas[{i}] must be 1-element")
     if not 0.0 <= lr:
         raise ValueError(f"Invalid learning rate: {lr}")
     if not 0.0 <= eps:
@@ -128,8 +131,6 @@ def _check_args(lr, betas, eps, weight_decay, foreach, capturable, fused, differ
         if isinstance(betas[i], Tensor):
             if not capturable and foreach:
                 raise ValueError(f"betas[{i}] as a Tensor is not supported for capturable=False and foreach=True")
-            if betas[i].numel() != 1:
-                raise ValueError(f"Tensor betas[{i}] must be 1-element")
     if fused:
         if differentiable:
             raise RuntimeError("`fused` does not support `differentiable`")
@@ -172,8 +173,9 @@ class FusedAdam(Optimizer):
         backend: str = "auto",
     ) -> None:
         _check_args(lr, betas, eps, weight_decay, foreach, capturable, fused, differentiable)
+        backends.check_name(backend)
         if backend != "auto":
-            reason = backends.unavailable(backend)  # raises ValueError for an unknown name
+            reason = backends.unavailable(backend)
             if reason is not None:
                 raise RuntimeError(
                     f"FusedAdam: backend={backend!r} is unavailable: {reason}. "

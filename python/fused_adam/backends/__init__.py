@@ -53,10 +53,14 @@ class Hyper:
 _modules: dict[str, ModuleType | BaseException] = {}
 
 
+def check_name(name: str) -> None:
+    if name != "auto" and name not in BACKEND_NAMES:
+        raise ValueError(f"Invalid backend: {name!r}; expected 'auto' or one of {', '.join(BACKEND_NAMES)}")
+
+
 def get(name: str) -> ModuleType:
     """The backend module, or raise the error that importing it raised."""
-    if name not in BACKEND_NAMES:
-        raise ValueError(f"Invalid backend: {name!r}; expected 'auto' or one of {', '.join(BACKEND_NAMES)}")
+    check_name(name)
     if name not in _modules:
         try:
             _modules[name] = importlib.import_module(f"{__name__}.{name}")

@@ -1,0 +1,415 @@
+"""The optimizer layer: torch's argument checks and errors, state_dict both ways, pickling, AMP, schedulers,
+param groups, odd params (no grad, sparse, complex, non-contiguous, mixed dtypes) and backend dispatch.
+Runs on the default backend ("auto") unless a test names one."""
+import copy
+import io
+import pickle
+import re
+import warnings
+
+import pytest
+import torch
+from torch.testing._internal.common_optimizers import optim_error_inputs_func_adam
+
+import fused_adam
+from fused_adam import FusedAdam, FusedAdamW, backends
+from parity import make_grads, make_params
+
+BACKENDS_HERE = ["auto", "reference"] + (["cpu"] if backends.unavailable("cpu") is None else [])
+
+
+def _train(opt, params, steps, start=0, seed=0):
+    for s in range(start, start + steps):
+        for p, g in zip(params, make_grads(params, s, seed)):
+            p.grad = g
+        opt.step()
+
+
+def _clone(ps):
+    return [p.detach().clone().requires_grad_() for p in ps]
+
+
+def _assert_same(opt_a, pa, opt_b, pb, exact=True):
+    tol = dict(atol=0, rtol=0) if exact else {}
+    for a, b in zip(pa, pb):
+        torch.testing.assert_close(a.detach(), b.detach(), **tol)
+        sa, sb = opt_a.state[a], opt_b.state[b]
+        assert set(sa) == set(sb)
+        for k in sa:
+            torch.testing.assert_close(sa[k].float() if k == "step" else sa[k], sb[k].float() if k == "step" else sb[k], **tol)
+
+
+# ---- torch's own error inputs ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [FusedAdam, FusedAdamW])
+@pytest.mark.parametrize(
+    "error_input", optim_error_inputs_func_adam("cpu", torch.float32), ids=lambda e: e.optimizer_error_input.desc
+)
+def test_torch_error_inputs(cls, error_input):
+    oi = error_input.optimizer_error_input
+    params = oi.params if oi.params is not None else [torch.nn.Parameter(torch.randn(2, 2))]
+    if issubclass(error_input.error_type, Warning):
+        with pytest.warns(error_input.error_type, match=error_input.error_regex):
+            cls(params, **oi.kwargs)
+    else:
+        with pytest.raises(error_input.error_type, match=error_input.error_regex):
+            cls(params, **oi.kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(lr=-1.0), "Invalid learning rate: -1.0"),
+        (dict(eps=-1e-8), "Invalid epsilon value: -1e-08"),
+        (dict(betas=(0.9, 1.0)), "Invalid beta parameter at index 1: 1.0"),
+        (dict(fused=True, differentiable=True), "`fused` does not support `differentiable`"),
+        (dict(fused=True, foreach=True), "`fused` and `foreach` cannot be `True` together"),
+    ],
+)
+def test_errors_match_torch(kwargs, message):
+    p = [torch.nn.Parameter(torch.randn(3))]
+    with pytest.raises(Exception) as theirs:
+        torch.optim.Adam(p, **kwargs)
+    with pytest.raises(type(theirs.value), match=message):
+        FusedAdam(p, **kwargs)
+    assert re.search(message, str(theirs.value))
+
+
+def test_multi_element_tensor_beta_names_the_argument():
+    # torch.optim.Adam compares the whole tensor with 0 first and fails with "Boolean value of Tensor ... is
+    # ambiguous"; we check the size first and say which argument is wrong.
+    with pytest.raises(ValueError, match=r"Tensor betas\[1\] must be 1-element"):
+        FusedAdam([torch.nn.Parameter(torch.randn(3))], betas=(torch.tensor(0.9), torch.tensor([0.9, 0.8])))
+
+
+def test_defaults_match_torch():
+    p = [torch.nn.Parameter(torch.randn(3))]
+    for ours, theirs in ((FusedAdam(p), torch.optim.Adam(p)), (FusedAdamW(p), torch.optim.AdamW(p))):
+        assert ours.defaults == theirs.defaults
+        assert ours.param_groups[0].keys() == theirs.param_groups[0].keys()
+
+
+def test_unknown_backend_names_the_value():
+    with pytest.raises(ValueError, match=r"Invalid backend: 'gpu'.*reference"):
+        FusedAdam([torch.nn.Parameter(torch.randn(2))], backend="gpu")
+
+
+# ---- backends and dispatch ------------------------------------------------------------------------------------
+
+
+def test_auto_records_backend_and_reasons():
+    p = torch.nn.Parameter(torch.randn(5))
+    opt = FusedAdam([p])
+    assert opt.dispatch == [[]]
+    p.grad = torch.randn(5)
+    opt.step()
+    (d,) = opt.dispatch[0]
+    expected = backends.candidates(torch.device("cpu"))
+    assert d.backend in expected and d.device.type == "cpu" and d.dtype == torch.float32 and d.num_params == 1
+    for skipped_name in expected[: expected.index(d.backend)]:
+        assert d.skipped[skipped_name]  # every backend auto passed over says why
+
+
+def test_explicit_backend_that_cannot_run_raises_with_reason_and_list():
+    p = torch.nn.Parameter(torch.randn(5))
+    p.grad = torch.randn(5)
+    for name in ("cuda", "triton", "cpu"):
+        reason = backends.unavailable(name)
+        if reason is not None:
+            with pytest.raises(RuntimeError, match=rf"backend='{name}' is unavailable: .*Available backends: .*reference"):
+                FusedAdam([p], backend=name)
+        else:
+            mod = backends.get(name)
+            hp = FusedAdam([p])._hyper(FusedAdam([p]).param_groups[0])
+            why = mod.unsupported(p.device, p.dtype, hp)
+            if why is not None:
+                opt = FusedAdam([p], backend=name)
+                with pytest.raises(RuntimeError, match=rf"backend='{name}' cannot run param group 0.*Available backends"):
+                    opt.step()
+
+
+def test_available_backends_lists_reference():
+    assert "reference" in fused_adam.available_backends()
+
+
+# ---- params: no grad, sparse, complex, layouts, dtypes ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+def test_params_without_grad_are_skipped_and_get_no_state(backend):
+    a, b = torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(4))
+    before = b.detach().clone()
+    opt = FusedAdam([a, b], backend=backend)
+    a.grad = torch.randn(4)
+    opt.step()
+    assert len(opt.state[a]) > 0 and b not in opt.state
+    assert torch.equal(b, before)
+    b.grad = torch.randn(4)  # a param that gains a grad later starts its own step count
+    opt.step()
+    assert float(opt.state[a]["step"]) == 2 and float(opt.state[b]["step"]) == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+def test_sparse_grad_points_to_sparse_adam(backend):
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    p.grad = torch.randn(4, 3).to_sparse()
+    with pytest.raises(RuntimeError, match=r"does not support sparse gradients.*param 0.*torch\.optim\.SparseAdam"):
+        FusedAdam([p], backend=backend).step()
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+@pytest.mark.parametrize("kwargs", [{}, dict(weight_decay=0.1, amsgrad=True, maximize=True)])
+def test_complex_params(backend, kwargs):
+    params = [torch.randn(3, 4, dtype=torch.complex64), torch.randn(5, dtype=torch.complex64)]
+    ours_p, ref_p = _clone(params), _clone(params)
+    ours, ref = FusedAdam(ours_p, backend=backend, **kwargs), torch.optim.Adam(ref_p, **kwargs)
+    _train(ours, ours_p, 10)
+    _train(ref, ref_p, 10)
+    # torch adds L2 weight decay in complex arithmetic (wd * p as a complex product), we on the real view:
+    # the same value up to an ulp.
+    _assert_same(ours, ours_p, ref, ref_p, exact=backend == "reference" and not kwargs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+def test_non_contiguous_params_and_grads(backend):
+    base = torch.randn(6, 8)
+    params = [base.t().contiguous().t(), torch.randn(8, 6)[:, ::2], torch.randn(5, 7).t()]  # transposed, strided
+    ours_p = [p.detach().clone(memory_format=torch.preserve_format).requires_grad_() for p in params]
+    ref_p = [p.detach().clone(memory_format=torch.preserve_format).requires_grad_() for p in params]
+    ours, ref = FusedAdamW(ours_p, backend=backend), torch.optim.AdamW(ref_p, foreach=False)
+    for s in range(5):
+        for a, b, g in zip(ours_p, ref_p, make_grads(params, s)):
+            a.grad, b.grad = g.contiguous(), g.contiguous()  # grad strides differ from the param's
+        ours.step()
+        ref.step()
+    _assert_same(ours, ours_p, ref, ref_p, exact=backend == "reference")
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+def test_mixed_dtypes_in_one_group(backend):
+    params = make_params(torch.float32, [(3,), (4, 2)]) + make_params(torch.float64, [(5,)]) + make_params(torch.bfloat16, [(7,)])
+    ours_p, ref_p = _clone(params), _clone(params)
+    ours = FusedAdam(ours_p, weight_decay=0.1, backend=backend)
+    ref = torch.optim.Adam(ref_p, weight_decay=0.1)
+    _train(ours, ours_p, 5)
+    _train(ref, ref_p, 5)
+    assert {d.dtype for d in ours.dispatch[0]} == {torch.float32, torch.float64, torch.bfloat16}
+    _assert_same(ours, ours_p[:3], ref, ref_p[:3], exact=backend == "reference")
+    torch.testing.assert_close(ours_p[3].detach(), ref_p[3].detach(), atol=2e-2, rtol=2e-2)
+
+
+def test_many_groups_with_own_options():
+    params = make_params(torch.float32, [(3,), (4,), (5,)])
+    groups = lambda ps: [{"params": [ps[0]]}, {"params": [ps[1]], "lr": 0.1, "amsgrad": True}, {"params": [ps[2]], "weight_decay": 0.5}]  # noqa: E731
+    ours_p, ref_p = _clone(params), _clone(params)
+    ours, ref = FusedAdam(groups(ours_p)), torch.optim.Adam(groups(ref_p))
+    _train(ours, ours_p, 8)
+    _train(ref, ref_p, 8)
+    _assert_same(ours, ours_p, ref, ref_p, exact=False)
+
+
+def test_changing_options_between_steps():
+    """lr from a scheduler, amsgrad switched on, a param group added: the cached step plan follows."""
+    params = make_params(torch.float32, [(4,), (6,)])
+    ours_p, ref_p = _clone(params), _clone(params)
+    ours, ref = FusedAdam(ours_p[:1]), torch.optim.Adam(ref_p[:1])
+    _train(ours, ours_p[:1], 3)
+    _train(ref, ref_p[:1], 3)
+    for o in (ours, ref):
+        o.param_groups[0]["lr"] = 0.05
+    ours.add_param_group({"params": [ours_p[1]], "weight_decay": 0.1})
+    ref.add_param_group({"params": [ref_p[1]], "weight_decay": 0.1})
+    _train(ours, ours_p, 3, start=3)
+    _train(ref, ref_p, 3, start=3)
+    _assert_same(ours, ours_p, ref, ref_p, exact=False)
+
+
+def test_replaced_state_tensor_is_used():
+    p = torch.nn.Parameter(torch.randn(4))
+    opt = FusedAdam([p])
+    p.grad = torch.ones(4)
+    opt.step()
+    opt.state[p]["exp_avg"] = torch.full((4,), 7.0)  # the cached plan must not keep the old tensor
+    opt.step()
+    assert torch.allclose(opt.state[p]["exp_avg"], torch.full((4,), 0.9 * 7.0 + 0.1))
+
+
+# ---- state_dict, pickle, deepcopy ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("direction", ["torch->ours", "ours->torch"])
+def test_state_dict_round_trip_with_torch(direction, amsgrad):
+    params = make_params(torch.float32, [(3, 4), (5,)])
+    kw = dict(lr=0.01, weight_decay=0.1, amsgrad=amsgrad)
+    first_cls, second_cls = (torch.optim.AdamW, FusedAdamW) if direction == "torch->ours" else (FusedAdamW, torch.optim.AdamW)
+    first_p = _clone(params)
+    first = first_cls(first_p, **kw)
+    _train(first, first_p, 5)
+    sd = first.state_dict()
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    sd = torch.load(buf, weights_only=True)  # plain tensors and dicts only: loadable without our classes
+    second_p = [p.detach().clone().requires_grad_() for p in first_p]
+    second = second_cls(second_p, **kw)
+    second.load_state_dict(sd)
+    _train(first, first_p, 5, start=5)
+    _train(second, second_p, 5, start=5)
+    _assert_same(first, first_p, second, second_p, exact=False)
+
+
+def test_state_dict_layout_is_torchs():
+    params = make_params(torch.float32, [(3,), (2, 2)])
+    ours_p, ref_p = _clone(params), _clone(params)
+    ours, ref = FusedAdam(ours_p, amsgrad=True), torch.optim.Adam(ref_p, amsgrad=True)
+    _train(ours, ours_p, 2)
+    _train(ref, ref_p, 2)
+    a, b = ours.state_dict(), ref.state_dict()
+    assert a["param_groups"] == b["param_groups"]
+    assert a["state"].keys() == b["state"].keys()
+    for k in a["state"]:
+        assert type(a["state"][k]) is dict
+        assert a["state"][k].keys() == b["state"][k].keys()
+        for name, t in a["state"][k].items():
+            u = b["state"][k][name]
+            assert (t.shape, t.dtype, t.device) == (u.shape, u.dtype, u.device), name
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_deepcopy_and_pickle(how):
+    model = torch.nn.Linear(4, 3)
+    opt = FusedAdamW(model.parameters(), lr=0.01, backend="reference")
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    if how == "deepcopy":
+        model2, opt2 = copy.deepcopy((model, opt))
+    else:
+        model2, opt2 = pickle.loads(pickle.dumps((model, opt)))
+    assert opt2.backend == "reference"
+    for m, o in ((model, opt), (model2, opt2)):
+        o.zero_grad()
+        m(torch.ones(2, 4)).sum().backward()
+        o.step()
+    for a, b in zip(model.parameters(), model2.parameters()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_load_state_dict_keeps_backend_and_forces_decoupled():
+    p = [torch.nn.Parameter(torch.randn(3))]
+    adam = torch.optim.Adam(p)
+    ours = FusedAdamW([torch.nn.Parameter(torch.randn(3))], backend="reference")
+    ours.load_state_dict(adam.state_dict())
+    assert ours.backend == "reference"
+    assert ours.param_groups[0]["decoupled_weight_decay"] is True
+
+
+# ---- AMP, schedulers, hooks, closures --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grad_scaler_matches_torch_fused(backend, dtype):
+    """Under torch.amp.GradScaler("cpu"), including a step whose grads hold an inf: the step is skipped,
+    the scale backs off, and training continues exactly as torch's fused Adam."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1)).to(dtype)
+    model2 = copy.deepcopy(model)
+    ours = FusedAdam(model.parameters(), lr=0.01, weight_decay=0.1, backend=backend)
+    ref = torch.optim.Adam(model2.parameters(), lr=0.01, weight_decay=0.1, fused=True)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2) for _ in range(2)]
+    data = [(torch.randn(4, 8, dtype=dtype), torch.randn(4, 1, dtype=dtype)) for _ in range(8)]
+    for i, (x, y) in enumerate(data):
+        for m, o, sc in ((model, ours, scalers[0]), (model2, ref, scalers[1])):
+            o.zero_grad()
+            loss = ((m(x) - y) ** 2).mean()
+            sc.scale(loss).backward()
+            if i == 3:
+                next(m.parameters()).grad[0, 0] = float("inf")
+            sc.step(o)
+            sc.update()
+    assert scalers[0].get_scale() == scalers[1].get_scale()
+    tol = dict(atol=0, rtol=0) if dtype == torch.float32 and backend == "reference" else dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    for a, b in zip(model.parameters(), model2.parameters()):
+        torch.testing.assert_close(a, b, **(tol if dtype != torch.float32 or backend != "reference" else dict(atol=1e-6, rtol=1e-5)))
+        assert float(ours.state[a]["step"]) == float(ref.state[b]["step"]) == 7  # the inf step did not count
+        torch.testing.assert_close(a.grad, b.grad, **(tol if dtype != torch.float32 else dict(atol=1e-6, rtol=1e-5)))  # unscaled in place
+
+
+def test_explicit_grad_scale_and_found_inf_arguments():
+    p = torch.nn.Parameter(torch.randn(4))
+    opt = FusedAdam([p], backend="reference")
+    p.grad = torch.full((4,), 8.0)
+    before = p.detach().clone()
+    opt.step(grad_scale=torch.tensor(4.0), found_inf=torch.tensor(1.0))
+    assert torch.equal(p, before) and torch.equal(p.grad, torch.full((4,), 8.0)) and float(opt.state[p]["step"]) == 0
+    opt.step(grad_scale=torch.tensor(4.0), found_inf=torch.tensor(0.0))
+    assert torch.equal(p.grad, torch.full((4,), 2.0)) and float(opt.state[p]["step"]) == 1
+
+
+@pytest.mark.parametrize("cls, torch_cls", [(FusedAdam, torch.optim.Adam), (FusedAdamW, torch.optim.AdamW)])
+def test_lr_scheduler(cls, torch_cls):
+    params = make_params(torch.float32, [(5,), (2, 3)])
+    runs = []
+    for c in (cls, torch_cls):
+        ps = _clone(params)
+        opt = c(ps, lr=0.1)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=12)
+        lrs = []
+        for s in range(12):
+            for p, g in zip(ps, make_grads(ps, s)):
+                p.grad = g
+            opt.step()
+            sched.step()
+            lrs.append(opt.param_groups[0]["lr"])
+        runs.append((ps, opt, lrs))
+    assert runs[0][2] == runs[1][2]
+    _assert_same(runs[0][1], runs[0][0], runs[1][1], runs[1][0], exact=False)
+
+
+def test_closure_hooks_and_zero_grad():
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = FusedAdam([p])
+    calls = []
+    opt.register_step_pre_hook(lambda o, a, k: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, a, k: calls.append("post"))
+
+    def closure():
+        opt.zero_grad()
+        loss = (p**2).sum()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert calls == ["pre", "post"] and loss.item() > 0
+    opt.zero_grad()
+    assert p.grad is None
+
+
+def test_differentiable_step_matches_torch():
+    """differentiable=True: the step is part of the autograd graph, as torch's (reference backend)."""
+    p = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(5, dtype=torch.float64)
+
+    def stepped(cls):
+        x = p.clone()  # a non-leaf, as in torch's own differentiable-optimizer tests
+        x.grad = grad.clone()
+        opt = cls([x], lr=0.1, weight_decay=0.1, amsgrad=True, differentiable=True)
+        opt.step()
+        return x, opt
+
+    (a, ours), (b, _) = stepped(FusedAdam), stepped(torch.optim.Adam)
+    assert ours.dispatch[0][0].backend == "reference"
+    torch.testing.assert_close(a, b)
+    (ga,) = torch.autograd.grad(a.sum(), p)
+    (gb,) = torch.autograd.grad(b.sum(), p)
+    torch.testing.assert_close(ga, gb)
+
+
+def test_duplicate_params_warn_like_torch():
+    p = torch.nn.Parameter(torch.randn(2))
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        FusedAdam([p, p])
+    assert any("duplicate parameters" in str(x.message) for x in w)
