@@ -4,7 +4,8 @@ This file owns everything that is not arithmetic: argument checks (torch's wordi
 in torch's layout, AMP plumbing, and dispatch of each (device, dtype) partition of a group to a backend.
 
 NOTE [backend step contract]: see fused_adam/backends/__init__.py. The optimizer guarantees a backend gets one
-device and one real dtype per call (complex params arrive as view_as_real views), float32 0-dim step tensors
+device and one real dtype per call (complex params arrive as view_as_real views, DTensor params as their local
+shards, whose states are DTensors with the param's placement as torch's are), float32 0-dim step tensors
 (on the param's device when capturable, else on the CPU), and grads that are neither None nor sparse.
 
 NOTE [step plan]: building the per-group lists (params with grads, their states, partitions, chosen backends)
@@ -89,7 +90,7 @@ class _Part:
     exp_avg_sqs: list[Tensor]
     max_exp_avg_sqs: list[Tensor]
     state_steps: list[Tensor]
-    complex_pos: list[int]  # positions in this part whose grads need view_as_real
+    view_pos: list[int]  # positions in this part whose grads need _kernel_view (complex or DTensor params)
 
 
 @dataclass
@@ -136,6 +137,24 @@ def _check_args(lr, betas, eps, weight_decay, foreach, capturable, fused, differ
             raise RuntimeError("`fused` does not support `differentiable`")
         if foreach:
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+
+
+try:
+    from torch.distributed.tensor import DTensor
+except Exception:  # torch built without distributed
+    DTensor = ()  # isinstance(x, ()) is False
+
+
+def _needs_view(t: Tensor) -> bool:
+    return isinstance(t, DTensor) or t.is_complex()
+
+
+def _kernel_view(t: Tensor) -> Tensor:
+    """What a backend sees of a tensor: a DTensor's local shard, a complex tensor's view_as_real. Both are views
+    of the same storage, so the backend's in-place updates land in the optimizer's tensors."""
+    if isinstance(t, DTensor):
+        t = t._local_tensor
+    return torch.view_as_real(t) if t.is_complex() else t
 
 
 def _scalar(x):
@@ -315,27 +334,26 @@ class FusedAdam(Optimizer):
         by_key: dict[tuple, list[int]] = {}
         for i, p in enumerate(params):
             if has_grad[i]:
-                dtype = torch.view_as_real(p).dtype if p.is_complex() else p.dtype
-                by_key.setdefault((p.device, dtype), []).append(i)
+                view = _kernel_view(p)
+                by_key.setdefault((view.device, view.dtype), []).append(i)
         parts = []
         for (device, dtype), index in by_key.items():
             mod, dispatch = self._choose_backend(gi, device, dtype, hp, len(index))
             lists: dict[str, list[Tensor]] = {k: [] for k in ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps")}
-            complex_pos = []
+            view_pos = []
             for pos, i in enumerate(index):
                 p = params[i]
                 state = self._param_state(p, group)
-                real = torch.view_as_real if p.is_complex() else (lambda t: t)
-                if p.is_complex():
-                    complex_pos.append(pos)
-                lists["params"].append(real(p))
-                lists["exp_avgs"].append(real(state["exp_avg"]))
-                lists["exp_avg_sqs"].append(real(state["exp_avg_sq"]))
+                if _needs_view(p):
+                    view_pos.append(pos)
+                lists["params"].append(_kernel_view(p))
+                lists["exp_avgs"].append(_kernel_view(state["exp_avg"]))
+                lists["exp_avg_sqs"].append(_kernel_view(state["exp_avg_sq"]))
                 if group["amsgrad"]:
-                    lists["max_exp_avg_sqs"].append(real(state["max_exp_avg_sq"]))
+                    lists["max_exp_avg_sqs"].append(_kernel_view(state["max_exp_avg_sq"]))
                 lists["state_steps"].append(state["step"])
             everything = len(by_key) == 1 and len(index) == len(params)
-            parts.append(_Part(device, dtype, mod, dispatch, None if everything else index, complex_pos=complex_pos, **lists))
+            parts.append(_Part(device, dtype, mod, dispatch, None if everything else index, view_pos=view_pos, **lists))
         return _Plan(params, len(params), has_grad, self._plan_key(group), _State.generation, parts)
 
     @torch.no_grad()
@@ -397,10 +415,10 @@ class FusedAdam(Optimizer):
                 for part in plan.parts:
                     part_grads = grads if part.index is None else [grads[i] for i in part.index]
                     self._check_grads(gi, part, part_grads)
-                    if part.complex_pos:
+                    if part.view_pos:
                         part_grads = list(part_grads)
-                        for pos in part.complex_pos:
-                            part_grads[pos] = torch.view_as_real(part_grads[pos])
+                        for pos in part.view_pos:
+                            part_grads[pos] = _kernel_view(part_grads[pos])
                     part.backend.step(
                         part.params,
                         part_grads,
