@@ -366,6 +366,11 @@ class FusedAdam(Optimizer):
                     "please consider torch.optim.SparseAdam instead"
                 )
 
+    # NOTE [torch.compile]: a compiled training step runs the optimizer step eagerly (one graph break). Tracing
+    # the step would bake lr, the step counts and the plan's Python decisions into guards: a scheduler changing
+    # lr would recompile every step, and the plan cache's bookkeeping does not trace. The kernels do the work
+    # either way; what the graph break costs is one return to Python per training step.
+    @torch.compiler.disable
     def step(self, closure: Callable[[], Any] | None = None, *, grad_scale: Tensor | None = None, found_inf: Tensor | None = None):
         """Perform a single optimization step.
 
