@@ -18,7 +18,7 @@ counter whenever a tensor in them is replaced; load_state_dict and add_param_gro
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -91,6 +91,8 @@ class _Part:
     max_exp_avg_sqs: list[Tensor]
     state_steps: list[Tensor]
     view_pos: list[int]  # positions in this part whose grads need _kernel_view (complex or DTensor params)
+    master_params: list[Tensor]  # fp32 masters (master_weights), else empty
+    tensor_ids: list[int]  # each param's index over all groups (stochastic rounding's stream id)
 
 
 @dataclass
@@ -101,6 +103,27 @@ class _Plan:
     key: tuple
     generation: int
     parts: list[_Part]
+
+
+# Options beyond torch's (see README "Beyond torch"). They appear in param_groups only when set, so that a
+# FusedAdam used as a plain drop-in has exactly torch's param_groups and state_dict.
+EXTENSIONS = {"master_weights": False, "state_dtype": None, "stochastic_rounding": False, "seed": 0}
+_STATE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+_STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def _check_extensions(master_weights, state_dtype, stochastic_rounding, seed, max_grad_norm, differentiable) -> None:
+    if state_dtype is not None and state_dtype not in _STATE_DTYPES:
+        raise ValueError(f"Invalid state_dtype: {state_dtype}; expected None (the param's dtype) or one of {_STATE_DTYPES}")
+    if not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ValueError(f"Invalid seed: {seed!r}; expected an int in [0, 2**64)")
+    if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and 0.0 < max_grad_norm < float("inf")):
+        raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm}; expected None or a finite number > 0")
+    used = [n for n, v in (("master_weights", master_weights), ("state_dtype", state_dtype is not None),
+                           ("stochastic_rounding", stochastic_rounding), ("max_grad_norm", max_grad_norm is not None)) if v]
+    if differentiable and used:
+        raise ValueError(f"differentiable=True does not support {', '.join(used)}")
 
 
 def _check_args(lr, betas, eps, weight_decay, foreach, capturable, fused, differentiable) -> None:
@@ -170,6 +193,18 @@ class FusedAdam(Optimizer):
     `foreach` and `fused` are accepted for drop-in compatibility (and validated as torch does); every backend
     is a one-pass multi-tensor step. After a step, `dispatch` tells which backend ran each partition of each
     group and why the others were skipped.
+
+    Beyond torch (per group, except max_grad_norm):
+      master_weights: bf16/fp16 params keep an fp32 copy in state["master_param"]; the update runs on it and
+          the param gets it rounded to nearest.
+      state_dtype: dtype of exp_avg/exp_avg_sq/max_exp_avg_sq (default: the param's, as torch). fp32 math,
+          one rounding per store; state_dict() stays loadable by torch.optim.Adam.
+      stochastic_rounding, seed: bf16 stores that are the only copy of a value (params without a master,
+          states) round stochastically, with bits drawn from (seed, step, param index, element index):
+          unbiased, and a resumed run is bitwise the uninterrupted one.
+      max_grad_norm: clip grads by their global L2 norm over all groups (torch.nn.utils.clip_grad_norm_'s
+          coefficient), applied inside the Adam pass; the norm is `grad_norm` after the step. The grads
+          themselves are left as they are (unscaled under AMP, not clipped).
     """
 
     _step_supports_amp_scaling = True  # GradScaler hands grad_scale/found_inf to step() instead of unscaling
@@ -190,8 +225,14 @@ class FusedAdam(Optimizer):
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
         backend: str = "auto",
+        master_weights: bool = False,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
+        seed: int = 0,
+        max_grad_norm: float | None = None,
     ) -> None:
         _check_args(lr, betas, eps, weight_decay, foreach, capturable, fused, differentiable)
+        _check_extensions(master_weights, state_dtype, stochastic_rounding, seed, max_grad_norm, differentiable)
         backends.check_name(backend)
         if backend != "auto":
             reason = backends.unavailable(backend)
@@ -202,6 +243,8 @@ class FusedAdam(Optimizer):
                 )
         self._backend = backend
         self._plans: dict[int, _Plan] = {}
+        self.max_grad_norm = max_grad_norm
+        self.grad_norm: Tensor | None = None
         defaults = dict(
             lr=lr,
             betas=tuple(map(_scalar, betas)),
@@ -215,6 +258,8 @@ class FusedAdam(Optimizer):
             fused=fused,
             decoupled_weight_decay=decoupled_weight_decay,
         )
+        chosen = dict(master_weights=master_weights, state_dtype=state_dtype, stochastic_rounding=stochastic_rounding, seed=seed)
+        defaults.update({k: v for k, v in chosen.items() if v != EXTENSIONS[k]})
         super().__init__(params, defaults)
 
     # ---- pickling, state_dict ------------------------------------------------------------------------------
@@ -227,11 +272,14 @@ class FusedAdam(Optimizer):
     def __getstate__(self):
         state = super().__getstate__()
         state["_backend"] = self._backend
+        state["max_grad_norm"] = self.max_grad_norm
         return state
 
     def __setstate__(self, state):
         super().__setstate__(state)
         self.__dict__.setdefault("_backend", "auto")
+        self.__dict__.setdefault("max_grad_norm", None)
+        self.__dict__.setdefault("grad_norm", None)
         self._plans = {}
         for group in self.param_groups:
             group.setdefault("amsgrad", False)
@@ -250,6 +298,24 @@ class FusedAdam(Optimizer):
         sd = super().state_dict()
         sd["state"] = {k: dict(v) for k, v in sd["state"].items()}  # plain dicts: loadable anywhere
         return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's, except that fp32 masters and states kept in a state_dtype are not cast to the param's dtype
+        on the way in (torch's loader casts every floating-point state to it, which would round the master)."""
+        keep = {
+            pid: {k: v for k, v in s.items() if k == "master_param" or (k in _STATE_KEYS and torch.is_tensor(v))}
+            for pid, s in state_dict["state"].items()
+        }
+        super().load_state_dict(state_dict)
+        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        groups = [g for g in self.param_groups for _ in g["params"]]
+        for pid, p, group in zip(saved_ids, params, groups):
+            for key, value in keep.get(pid, {}).items():
+                if key == "master_param":
+                    self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
+                elif group.get("state_dtype") is not None:
+                    self.state[p][key] = value.to(device=p.device, dtype=group["state_dtype"], copy=True)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -279,28 +345,41 @@ class FusedAdam(Optimizer):
             decoupled=group["decoupled_weight_decay"],
             capturable=group["capturable"],
             differentiable=group["differentiable"],
+            master_weights=group.get("master_weights", False),
+            state_dtype=group.get("state_dtype"),
+            stochastic_rounding=group.get("stochastic_rounding", False),
+            seed=group.get("seed", 0),
+            clip=self.max_grad_norm is not None,
         )
+
+    @staticmethod
+    def _part_hyper(hp: Hyper, dtype: torch.dtype) -> Hyper:
+        """The options as one (device, dtype) partition needs them: features that change nothing for this dtype
+        are off, so that a backend without them can still run it."""
+        master = hp.master_weights and dtype in _LOW_PRECISION
+        state_dtype = hp.state_dtype if hp.state_dtype not in (None, dtype) else None
+        narrow_only_copy = (dtype == torch.bfloat16 and not master) or (state_dtype or dtype) == torch.bfloat16
+        return replace(hp, master_weights=master, state_dtype=state_dtype,
+                       stochastic_rounding=hp.stochastic_rounding and narrow_only_copy)
 
     @torch.no_grad()
-    def _new_state(self, p: Tensor, group: dict[str, Any]) -> _State:
-        zeros = lambda: torch.zeros_like(p, memory_format=torch.preserve_format)  # noqa: E731
-        state = _State(
-            step=torch.zeros((), dtype=torch.float32, device=p.device if group["capturable"] else "cpu"),
-            exp_avg=zeros(),
-            exp_avg_sq=zeros(),
-        )
-        if group["amsgrad"]:
-            state["max_exp_avg_sq"] = zeros()
-        return state
-
     def _param_state(self, p: Tensor, group: dict[str, Any]) -> _State:
+        """p's state, created (lazily, as torch does) or brought to what the group's options need."""
         state = self.state[p]
-        if len(state) == 0:
-            state = self.state[p] = self._new_state(p, group)
-        elif not isinstance(state, _State):
+        if not isinstance(state, _State):
             state = self.state[p] = _State(state)
-        if group["amsgrad"] and "max_exp_avg_sq" not in state:
-            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if "step" not in state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if group["capturable"] else "cpu")
+        state_dtype = group.get("state_dtype") or p.dtype
+        for key in _STATE_KEYS:
+            if key == "max_exp_avg_sq" and not group["amsgrad"]:
+                continue
+            if key not in state:
+                state[key] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.preserve_format)
+            elif state[key].dtype != state_dtype:
+                state[key] = state[key].to(state_dtype)
+        if group.get("master_weights", False) and p.dtype in _LOW_PRECISION and "master_param" not in state:
+            state["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
         step = state["step"]
         step_device = p.device if group["capturable"] else torch.device("cpu")
         if not torch.is_tensor(step) or step.dtype != torch.float32 or step.device != step_device or step.dim():
@@ -313,7 +392,7 @@ class FusedAdam(Optimizer):
         for name in names:
             reason = backends.unavailable(name)
             if reason is None:
-                reason = backends.get(name).unsupported(device, dtype, hp)
+                reason = backends.get(name).unsupported(device, dtype, hp) or backends.missing_features(backends.get(name), hp)
             if reason is None:
                 log.debug("group %d, %s %s: backend %s (skipped: %s)", group_index, device, dtype, name, skipped)
                 return backends.get(name), Dispatch(device, dtype, name, skipped, n)
@@ -327,7 +406,8 @@ class FusedAdam(Optimizer):
         raise RuntimeError(f"FusedAdam: no backend can run {dtype} params on {device}: {skipped}")  # unreachable: reference runs anywhere
 
     def _plan_key(self, group: dict[str, Any]) -> tuple:
-        return (group["amsgrad"], group["capturable"], group["differentiable"], torch.is_tensor(group["lr"]))
+        return (group["amsgrad"], group["capturable"], group["differentiable"], torch.is_tensor(group["lr"]),
+                self.max_grad_norm is not None, *(group.get(k, v) for k, v in EXTENSIONS.items()))
 
     def _build_plan(self, gi: int, group: dict[str, Any], grads: list[Tensor | None], has_grad: list[bool], hp: Hyper) -> _Plan:
         params = group["params"]
@@ -337,9 +417,11 @@ class FusedAdam(Optimizer):
                 view = _kernel_view(p)
                 by_key.setdefault((view.device, view.dtype), []).append(i)
         parts = []
+        first_id = sum(len(g["params"]) for g in self.param_groups[:gi])  # params' index over all groups
         for (device, dtype), index in by_key.items():
-            mod, dispatch = self._choose_backend(gi, device, dtype, hp, len(index))
-            lists: dict[str, list[Tensor]] = {k: [] for k in ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps")}
+            part_hp = self._part_hyper(hp, dtype)
+            mod, dispatch = self._choose_backend(gi, device, dtype, part_hp, len(index))
+            lists: dict[str, list[Tensor]] = {k: [] for k in ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps", "master_params")}
             view_pos = []
             for pos, i in enumerate(index):
                 p = params[i]
@@ -352,9 +434,27 @@ class FusedAdam(Optimizer):
                 if group["amsgrad"]:
                     lists["max_exp_avg_sqs"].append(_kernel_view(state["max_exp_avg_sq"]))
                 lists["state_steps"].append(state["step"])
+                if part_hp.master_weights:
+                    lists["master_params"].append(_kernel_view(state["master_param"]))
             everything = len(by_key) == 1 and len(index) == len(params)
-            parts.append(_Part(device, dtype, mod, dispatch, None if everything else index, view_pos=view_pos, **lists))
+            tensor_ids = [first_id + i for i in index]
+            parts.append(_Part(device, dtype, mod, dispatch, None if everything else index, view_pos=view_pos, tensor_ids=tensor_ids, **lists))
         return _Plan(params, len(params), has_grad, self._plan_key(group), _State.generation, parts)
+
+    @torch.no_grad()
+    def _clip_coef(self, group_grads: list[list[Tensor | None]], grad_scale: Tensor | None) -> Tensor | None:
+        """torch.nn.utils.clip_grad_norm_'s coefficient over every grad of the optimizer, as a tensor (no host
+        synchronisation): one multi-tensor norm pass reads the grads; the Adam pass applies the coefficient."""
+        if self.max_grad_norm is None:
+            return None
+        grads = [g for grads in group_grads for g in grads if g is not None]
+        total = torch.nn.utils.get_total_norm(grads)
+        if isinstance(total, DTensor):
+            total = total.full_tensor()  # the shards' partial norms, reduced
+        if grad_scale is not None:
+            total = total / grad_scale.to(total.device)  # the norm of the unscaled grads
+        self.grad_norm = total
+        return torch.clamp(self.max_grad_norm / (total.float() + 1e-6), max=1.0)
 
     @torch.no_grad()
     def _check_grads(self, gi: int, part: _Part, grads: list[Tensor]) -> None:
@@ -402,9 +502,10 @@ class FusedAdam(Optimizer):
             return moved[key]
 
         with torch.set_grad_enabled(self.defaults["differentiable"]):
+            group_grads = [[p.grad for p in group["params"]] for group in self.param_groups]
+            clip_coef = self._clip_coef(group_grads, grad_scale)
             for gi, group in enumerate(self.param_groups):
-                params = group["params"]
-                grads = [p.grad for p in params]
+                params, grads = group["params"], group_grads[gi]
                 has_grad = [g is not None for g in grads]
                 plan = self._plans.get(gi)
                 if (
@@ -424,6 +525,14 @@ class FusedAdam(Optimizer):
                         part_grads = list(part_grads)
                         for pos in part.view_pos:
                             part_grads[pos] = _kernel_view(part_grads[pos])
+                    part_hp = self._part_hyper(hp, part.dtype)
+                    extra: dict[str, Any] = {}
+                    if part_hp.master_weights:
+                        extra["master_params"] = part.master_params
+                    if part_hp.stochastic_rounding:
+                        extra["tensor_ids"] = part.tensor_ids
+                    if clip_coef is not None:
+                        extra["clip_coef"] = on(part.device, clip_coef)
                     part.backend.step(
                         part.params,
                         part_grads,
@@ -431,9 +540,10 @@ class FusedAdam(Optimizer):
                         part.exp_avg_sqs,
                         part.max_exp_avg_sqs,
                         part.state_steps,
-                        hp,
+                        part_hp,
                         on(part.device, grad_scale),
                         on(part.device, found_inf),
+                        **extra,
                     )
         return loss
 
@@ -456,11 +566,14 @@ class FusedAdamW(FusedAdam):
         differentiable: bool = False,
         fused: bool | None = None,
         backend: str = "auto",
+        **beyond_torch,
     ) -> None:
+        """torch.optim.AdamW's arguments, plus FusedAdam's `backend` and its options beyond torch
+        (master_weights, state_dtype, stochastic_rounding, seed, max_grad_norm)."""
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad,
             foreach=foreach, maximize=maximize, capturable=capturable, differentiable=differentiable,
-            fused=fused, decoupled_weight_decay=True, backend=backend,
+            fused=fused, decoupled_weight_decay=True, backend=backend, **beyond_torch,
         )
 
     def __setstate__(self, state):

@@ -16,6 +16,19 @@ The `step` contract (the same for every backend, see NOTE [backend step contract
   * state_steps are float32 0-dim tensors: each is incremented by one and the update uses the new value;
   * grad_scale (AMP): grads are divided by it in place, and the update uses the unscaled grad;
   * found_inf (AMP): if nonzero, nothing changes at all (params, grads, states and steps).
+
+Optional features (the options beyond torch's). A backend lists the ones it implements in `FEATURES`; the
+optimizer never hands a backend a partition that needs one it lacks (auto skips it, saying which), and passes
+the extra keyword arguments only when the feature is on:
+  * "master_weights": hp.master_weights; kwarg master_params (fp32 copies of the low-precision params): the
+    update runs on the master and the param gets the master rounded to nearest;
+  * "state_dtype": hp.state_dtype is not None: exp_avg/exp_avg_sq/max_exp_avg_sq are stored in that dtype
+    (fp32 math, one rounding per store);
+  * "stochastic_rounding": hp.stochastic_rounding; kwarg tensor_ids (one int per tensor): bf16 stores that are
+    the only copy of a value (params without a master, states) round stochastically with the bits of
+    csrc/rounding.h, a pure function of (hp.seed, step, tensor id, stream, element index);
+  * "clip": kwarg clip_coef, a 0-dim fp32 tensor on the partition's device: the (unscaled) grad is multiplied
+    by it inside the pass (gradient clipping by global norm without another pass over the grads).
 """
 from __future__ import annotations
 
@@ -48,6 +61,21 @@ class Hyper:
     decoupled: bool
     capturable: bool
     differentiable: bool
+    master_weights: bool = False
+    state_dtype: torch.dtype | None = None
+    stochastic_rounding: bool = False
+    seed: int = 0
+    clip: bool = False
+
+    def features(self) -> tuple[str, ...]:
+        """The optional features (see above) this partition needs."""
+        wanted = {
+            "master_weights": self.master_weights,
+            "state_dtype": self.state_dtype is not None,
+            "stochastic_rounding": self.stochastic_rounding,
+            "clip": self.clip,
+        }
+        return tuple(name for name, on in wanted.items() if on)
 
 
 _modules: dict[str, ModuleType | BaseException] = {}
@@ -84,6 +112,12 @@ def unavailable(name: str) -> str | None:
 def available_backends() -> list[str]:
     """The backends that can run in this process (each may still decline some devices or dtypes)."""
     return [n for n in BACKEND_NAMES if unavailable(n) is None]
+
+
+def missing_features(mod: ModuleType, hp: Hyper) -> str | None:
+    """Why backend `mod` cannot run a partition that needs hp.features(), or None."""
+    missing = [f for f in hp.features() if f not in getattr(mod, "FEATURES", ())]
+    return f"does not implement {', '.join(missing)}" if missing else None
 
 
 def candidates(device: torch.device) -> tuple[str, ...]:

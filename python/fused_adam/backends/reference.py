@@ -2,7 +2,8 @@
 
 It is the fallback wherever no kernel can run and the oracle the kernels are tested against.
 fp32/fp64 params follow torch.optim.adam._single_tensor_adam op for op (so the result is bitwise torch's for-loop
-path); fp16/bf16 params are computed in fp32 and rounded once on store, as torch's fused path does.
+path); fp16/bf16 params, and any state stored in a narrower dtype than the math (state_dtype), are computed in
+fp32 and rounded once on store, as torch's fused path does. It implements every optional feature.
 The kernels (csrc/adam_math.h, backends/triton.py) follow the same order of operations.
 """
 from __future__ import annotations
@@ -13,8 +14,11 @@ from torch import Tensor
 from . import Hyper
 
 NAME = "reference"
+FEATURES = ("master_weights", "state_dtype", "stochastic_rounding", "clip")
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+_M32 = 0xFFFFFFFF
+_STREAMS = {"param": 0, "exp_avg": 1, "exp_avg_sq": 2, "max_exp_avg_sq": 3}  # csrc/rounding.h's Stream
 
 
 def unavailable() -> str | None:
@@ -35,6 +39,10 @@ def step(
     hp: Hyper,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
+    *,
+    master_params: list[Tensor] | None = None,
+    tensor_ids: list[int] | None = None,
+    clip_coef: Tensor | None = None,
 ) -> None:
     if not params:
         return
@@ -44,17 +52,57 @@ def step(
         grad = grads[i]
         if grad_scale is not None:
             grad.div_(grad_scale.to(grad.device))
+        if clip_coef is not None:
+            grad = grad * clip_coef  # torch.nn.utils.clip_grad_norm_'s mul_, without writing the grad back
         max_exp_avg_sq = max_exp_avg_sqs[i] if hp.amsgrad else None
+        master = master_params[i] if master_params else None
         state_steps[i] += 1
-        if param.dtype in _LOW_PRECISION and not hp.differentiable:
-            wide = [t.float() for t in (param, grad, exp_avgs[i], exp_avg_sqs[i])]
-            wide_max = max_exp_avg_sq.float() if max_exp_avg_sq is not None else None
-            _update(*wide, wide_max, state_steps[i], hp)
-            for narrow, w in zip((param, exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sq), (wide[0], wide[2], wide[3], wide_max)):
-                if narrow is not None:
-                    narrow.copy_(w)
-        else:
+        stored = {"param": param, "exp_avg": exp_avgs[i], "exp_avg_sq": exp_avg_sqs[i], "max_exp_avg_sq": max_exp_avg_sq}
+        if hp.differentiable or all(t is None or t.dtype == param.dtype not in _LOW_PRECISION for t in stored.values()) and master is None:
             _update(param, grad, exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sq, state_steps[i], hp)
+            continue
+        # Some store is narrower than the math: compute in fp32 (fp64 for fp64 params), round once per store.
+        wide_dtype = torch.promote_types(param.dtype, torch.float32)
+        wide = {k: (t.to(wide_dtype) if t is not None else None) for k, t in stored.items()}
+        if master is not None:
+            wide["param"] = master  # updated in place; the param is its rounding
+        _update(wide["param"], grad.to(wide_dtype), wide["exp_avg"], wide["exp_avg_sq"], wide["max_exp_avg_sq"], state_steps[i], hp)
+        for k, narrow in stored.items():
+            if narrow is None:
+                continue
+            sr = hp.stochastic_rounding and narrow.dtype == torch.bfloat16 and not (k == "param" and master is not None)
+            if sr:
+                salt = sr_salt(hp.seed, int(state_steps[i].item()), tensor_ids[i], _STREAMS[k])
+                narrow.copy_(bf16_stochastic(wide[k].float(), salt))
+            else:
+                narrow.copy_(wide[k])
+
+
+def _fmix32(h):
+    """MurmurHash3's finalizer on uint32 values (Python ints, or int64 tensors holding them)."""
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & _M32
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & _M32
+    return h ^ (h >> 16)
+
+
+def sr_salt(seed: int, step: int, tensor: int, stream: int) -> int:
+    """csrc/rounding.h's sr_salt."""
+    h = _fmix32((seed & _M32) ^ _fmix32(((seed >> 32) + 0x9E3779B9) & _M32))
+    h = _fmix32(h ^ (step & _M32))
+    return _fmix32(h ^ ((tensor * 4 + stream) & _M32))
+
+
+def bf16_stochastic(x: Tensor, salt: int) -> Tensor:
+    """csrc/rounding.h's bf16_bits_sr over a float32 tensor: element i gets the bits sr_bits(salt, i)."""
+    index = torch.arange(x.numel(), dtype=torch.int64, device=x.device).view(x.shape)
+    rand = _fmix32((index & _M32) ^ salt ^ (((index >> 32) * 0x27D4EB2F) & _M32)) & 0xFFFF
+    u = x.contiguous().view(torch.int32).to(torch.int64) & _M32
+    rounded = (u + rand) >> 16
+    rounded = torch.where(rounded >= 0x8000, rounded - 0x10000, rounded).to(torch.int16).view(torch.bfloat16)
+    special = (u & 0x7F800000) == 0x7F800000  # inf and NaN round to nearest (they are already exact)
+    return torch.where(special, x.to(torch.bfloat16), rounded)
 
 
 def _update(
