@@ -1,0 +1,156 @@
+"""The Triton kernels compiled ahead of time for sm_80 and sm_90 (no GPU needed): 128-bit global accesses on the
+16-byte-aligned path, and no spills, from the PTX and the ptxas shipped in the triton wheel.
+
+Each variant is compiled once per session (about 0.5 s each; 26 variants). Run with the interpreter off.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from functools import lru_cache
+
+import pytest
+
+from conftest import requires_triton
+
+pytestmark = [
+    requires_triton,
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="ahead-of-time compilation, not the interpreter"),
+]
+
+ARCHS = (80, 90)
+DTYPES = ("fp32", "bf16", "fp16")
+# Every mode flag off (AdamW, decoupled weight decay), and every flag on (the widest kernel: 5 arrays, grad store).
+MODES = {
+    "plain": dict(WD_MODE=2, AMSGRAD=False, MAXIMIZE=False, UNSCALE=False, HAS_FOUND_INF=False, DEVICE_SCALARS=False),
+    "everything": dict(WD_MODE=1, AMSGRAD=True, MAXIMIZE=True, UNSCALE=True, HAS_FOUND_INF=True, DEVICE_SCALARS=True),
+}
+_VEC4_LOAD = re.compile(r"ld\.global(?:\.[\w:]+)*\.v4\.(?:b32|f32|u32)")
+_VEC4_STORE = re.compile(r"st\.global(?:\.[\w:]+)*\.v4\.(?:b32|f32|u32)")
+
+
+def _compile(fn, signature: dict, constexprs: dict, arch: int, num_warps: int):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = dict(signature)
+    sig.update({k: "constexpr" for k in constexprs})
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps, enable_fp_fusion=False))
+
+
+def _ptxas_report(ptx: str, arch: int) -> dict:
+    """Registers, spills and stack of the kernel, from `ptxas -v` (the ptxas triton itself uses)."""
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        out = subprocess.run(
+            [get_ptxas(arch).path, "-v", f"--gpu-name={sm_arch_from_capability(arch)}", path, "-o", path + ".o"],
+            capture_output=True, text=True, check=True,
+        )
+    log = out.stdout + out.stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    stack = re.search(r"(\d+) bytes stack frame", log)
+    assert regs and spills and stack, log
+    return dict(regs=int(regs.group(1)), spill_stores=int(spills.group(1)), spill_loads=int(spills.group(2)),
+                stack=int(stack.group(1)), log=log)
+
+
+@lru_cache(maxsize=None)
+def _adam(dtype: str, aligned: bool, mode: str, arch: int):
+    import triton.language as tl
+
+    from fused_adam.backends import triton as tb
+
+    ty = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}[dtype]
+    signature = {"table": "*i64", "n_tensors": "i32", "n_chunks": "i32", "scal": "*fp32", "grad_scale_ptr": "*fp32",
+                 "found_inf_ptr": "*fp32"}
+    for name in ("neg_step_size", "bc2_sqrt", "one_minus_beta1", "beta2", "one_minus_beta2", "decay", "eps", "weight_decay"):
+        signature[name] = "fp32"
+    constexprs = dict(P_TY=ty, G_TY=ty, M_TY=ty, V_TY=ty, X_TY=ty, **MODES[mode], ALIGNED=aligned,
+                      CHUNK=tb.GPU_CHUNK, BLOCK=tb.GPU_BLOCK, SOFT_BF16=False)
+    k = _compile(tb._adam_kernel, signature, constexprs, arch, tb.GPU_WARPS)
+    return k.asm["ptx"], _ptxas_report(k.asm["ptx"], arch)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_aligned_path_is_128_bit(dtype, mode, arch):
+    """Full tiles of the aligned variant load and store every array with 128-bit accesses (v4 of b32: 4 fp32 or
+    8 bf16/fp16 per access); the masked tail tile stays scalar."""
+    from fused_adam.backends import triton as tb
+
+    ptx, _ = _adam(dtype, True, mode, arch)
+    n_arrays_read = 5 if MODES[mode]["AMSGRAD"] else 4  # p, g, m, v (+ vmax)
+    n_arrays_written = n_arrays_read - 1 + (1 if MODES[mode]["UNSCALE"] else 0)
+    bytes_per_thread = tb.GPU_BLOCK // (32 * tb.GPU_WARPS) * {"fp32": 4, "bf16": 2, "fp16": 2}[dtype]
+    per_array = bytes_per_thread // 16
+    assert len(_VEC4_LOAD.findall(ptx)) == n_arrays_read * per_array
+    assert len(_VEC4_STORE.findall(ptx)) == n_arrays_written * per_array
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_generic_path_compiles_without_vector_accesses(dtype, mode, arch):
+    """Without the alignment promise the compiler cannot use 128-bit accesses: this is the variant that runs
+    when some address of a launch is not 16-byte aligned."""
+    ptx, report = _adam(dtype, False, mode, arch)
+    assert not _VEC4_LOAD.search(ptx) and not _VEC4_STORE.search(ptx)
+    assert report["spill_stores"] == report["spill_loads"] == report["stack"] == 0, report["log"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_no_spills(dtype, mode, arch):
+    _, report = _adam(dtype, True, mode, arch)
+    assert report["spill_stores"] == report["spill_loads"] == report["stack"] == 0, report["log"]
+    assert report["regs"] <= 128, report["log"]  # 4 warps: well inside the 255-register limit, full occupancy at <= 64
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_capturable_step_kernel_compiles(arch):
+    from fused_adam.backends import triton as tb
+
+    signature = {"table": "*i64", "n_tensors": "i32", "scal": "*fp32", "found_inf_ptr": "*fp32", "lr_ptr": "*fp32",
+                 "beta1_ptr": "*fp64", "beta2_ptr": "*fp64", "weight_decay_ptr": "*fp64"}
+    k = _compile(tb._capturable_step_kernel, signature, dict(HAS_FOUND_INF=True, BLOCK=tb.STEP_BLOCK), arch, 4)
+    report = _ptxas_report(k.asm["ptx"], arch)
+    assert report["spill_stores"] == report["spill_loads"] == report["stack"] == 0, report["log"]
+
+
+def test_aligned_fp32_sass_uses_128_bit_instructions():
+    """The same promise one level down: the sm_90 cubin's SASS has LDG.E.128 / STG.E.128."""
+    import triton.language as tl
+
+    from fused_adam.backends import triton as tb
+
+    cuobjdump = os.path.join(os.path.dirname(__import__("triton").__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(cuobjdump):
+        pytest.skip("cuobjdump not shipped with this triton")
+    signature = {"table": "*i64", "n_tensors": "i32", "n_chunks": "i32", "scal": "*fp32", "grad_scale_ptr": "*fp32",
+                 "found_inf_ptr": "*fp32"}
+    for name in ("neg_step_size", "bc2_sqrt", "one_minus_beta1", "beta2", "one_minus_beta2", "decay", "eps", "weight_decay"):
+        signature[name] = "fp32"
+    ty = tl.float32
+    constexprs = dict(P_TY=ty, G_TY=ty, M_TY=ty, V_TY=ty, X_TY=ty, **MODES["plain"], ALIGNED=True,
+                      CHUNK=tb.GPU_CHUNK, BLOCK=tb.GPU_BLOCK, SOFT_BF16=False)
+    k = _compile(tb._adam_kernel, signature, constexprs, 90, tb.GPU_WARPS)
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(k.asm["cubin"])
+        out = subprocess.run([cuobjdump, "--dump-sass", path], capture_output=True, text=True)
+    if out.returncode != 0:
+        pytest.skip(f"cuobjdump cannot read this cubin: {out.stderr.strip()[:200]}")
+    assert re.search(r"LDG\.E\.128", out.stdout), out.stdout[:2000]
+    assert re.search(r"STG\.E\.128", out.stdout), out.stdout[:2000]
