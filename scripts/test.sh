@@ -15,8 +15,6 @@ run() {
   fi
 }
 
-run "$PY" -m pytest -q tests --ignore=tests/test_triton_backend.py "$@"
-if [ -f tests/test_triton_backend.py ]; then
-  run env TRITON_INTERPRET=1 "$PY" -m pytest -q tests/test_triton_backend.py
-fi
+run "$PY" -m pytest -q tests "$@"
+run env TRITON_INTERPRET=1 "$PY" -m pytest -q tests/test_triton_backend.py "$@"
 exit $status

@@ -1,18 +1,15 @@
 """The Triton backend: parity with torch on CPU tensors under the Triton interpreter, and on CUDA when there is one.
 
 The interpreter tests need TRITON_INTERPRET=1 before triton is first imported, and that must not leak into the
-other test modules of a pytest process (test_triton_ptx.py compiles for real). So in an ordinary run
-`test_interpreter_suite` re-runs this file in a subprocess with TRITON_INTERPRET=1, where the interpreter tests
-run and the subprocess driver is skipped. Either of:
-    .venv/bin/python -m pytest -q tests/test_triton_backend.py                     (driver + CUDA tests)
-    TRITON_INTERPRET=1 .venv/bin/python -m pytest -q tests/test_triton_backend.py  (the interpreter tests directly)
+other test modules of a pytest process (test_triton_ptx.py compiles for real). So scripts/test.sh runs this
+file in its own pytest process:
+    TRITON_INTERPRET=1 .venv/bin/python -m pytest -q tests/test_triton_backend.py   (interpreter tests)
+    .venv/bin/python -m pytest -q tests/test_triton_backend.py                      (CUDA tests, on a GPU machine)
 """
 from __future__ import annotations
 
 import gc
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -39,21 +36,6 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(tb, "INTERPRET_CHUNK", 64)
     monkeypatch.setattr(tb, "INTERPRET_BLOCK", 16)
     return tb
-
-
-# ---- the subprocess driver -------------------------------------------------------------------------------------
-
-
-@requires_triton
-@pytest.mark.skipif(INTERPRETING, reason="already running under the interpreter")
-def test_interpreter_suite():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)],
-        cwd=root, env=env, capture_output=True, text=True, timeout=900,
-    )
-    assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
 
 
 # ---- interpreter: parity ---------------------------------------------------------------------------------------
