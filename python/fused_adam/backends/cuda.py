@@ -1,0 +1,74 @@
+"""CUDA backend: the multi-tensor-apply kernel of csrc/cuda (extension module fused_adam._C_cuda).
+
+One launch per 320 chunks of 64K elements spanning all tensors of a partition, metadata in the kernel parameters,
+128-bit accesses where every buffer is 16-byte aligned; the per-element math is csrc/adam_math.h, shared with the
+CPU kernel. Non-capturable steps (CPU step tensors) get their bias corrections from the host; capturable steps read
+step and lr on the device, so step() can be captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import Hyper
+
+NAME = "cuda"
+
+_SUPPORTED = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+try:
+    from .. import _C_cuda  # type: ignore[attr-defined]
+
+    _IMPORT_ERROR: BaseException | None = None
+except Exception as e:  # not built here (no CUDA torch or no nvcc), or a broken build
+    _C_cuda = None
+    _IMPORT_ERROR = e
+
+
+def unavailable() -> str | None:
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is built without CUDA"
+    if _C_cuda is None:
+        return f"extension fused_adam._C_cuda is not built: {type(_IMPORT_ERROR).__name__}: {_IMPORT_ERROR}"
+    return None
+
+
+def unsupported(device: torch.device, dtype: torch.dtype, hp: Hyper) -> str | None:
+    if device.type != "cuda":
+        return f"runs on CUDA devices only, got {device}"
+    if dtype not in _SUPPORTED:
+        return f"dtype {dtype} is not supported (float32, float64, bfloat16, float16)"
+    if hp.differentiable:
+        return "differentiable=True needs autograd through the step (the reference backend does it)"
+    return None
+
+
+def step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    hp: Hyper,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+) -> None:
+    if not params:
+        return
+    device = params[0].device
+    lr, lr_tensor = hp.lr, None
+    if isinstance(lr, Tensor):
+        if hp.capturable and lr.device.type == "cuda":
+            lr_tensor = lr.to(device=device, dtype=torch.float64, non_blocking=True)  # read by the kernel
+            lr = 0.0
+        else:
+            lr = lr.item()  # a host read, as torch's fused Adam does for a CPU lr
+    # Betas are host scalars (torch's fused kernel takes them as doubles too): a Tensor beta is read here.
+    beta1 = hp.beta1.item() if isinstance(hp.beta1, Tensor) else hp.beta1
+    beta2 = hp.beta2.item() if isinstance(hp.beta2, Tensor) else hp.beta2
+    _C_cuda.adam_step(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+        float(lr), lr_tensor, float(beta1), float(beta2), float(hp.eps), float(hp.weight_decay),
+        hp.amsgrad, hp.maximize, hp.decoupled, hp.capturable, grad_scale, found_inf,
+    )

@@ -1,0 +1,331 @@
+"""The CUDA backend (csrc/cuda, fused_adam._C_cuda) on a GPU: parity with torch.optim.Adam/AdamW over the option
+table, agreement with the reference (and triton, cpu) backends on the sizes that find bugs, CUDA-graph capture,
+AMP. Without CUDA these skip with the reason; the backend's availability and refusals are checked everywhere.
+The same kernel runs on the CPU in tests/test_cuda_build.py (host emulation), which needs no GPU.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import requires_cuda
+from fused_adam import FusedAdam, FusedAdamW, Hyper, backends
+from test_cuda_build import xfail_tensor_lr_fp64
+from parity import DTYPES, K_LOW_PRECISION, LOW_PRECISION, OPTIM_INPUTS, _adjust, make_grads, make_params
+
+_REASON = backends.unavailable("cuda")
+requires_cuda_backend = pytest.mark.skipif(
+    not torch.cuda.is_available() or _REASON is not None,
+    reason="no CUDA device" if not torch.cuda.is_available() else f"cuda backend unavailable: {_REASON}",
+)
+DEVICE = "cuda"
+CHUNK = 65536  # kDefaultChunkSize
+HP = Hyper(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
+           decoupled=False, capturable=False, differentiable=False)
+
+
+# ---- everywhere --------------------------------------------------------------------------------------------------
+
+def test_unavailable_says_why():
+    reason = backends.unavailable("cuda")
+    if torch.version.cuda is None:
+        assert reason is not None and "without CUDA" in reason
+    elif reason is not None:
+        assert "_C_cuda" in reason  # the extension's import error
+
+
+def test_explicit_backend_raises_with_the_reason():
+    if backends.unavailable("cuda") is None:
+        pytest.skip("the cuda backend is available here")
+    with pytest.raises(RuntimeError, match="backend='cuda' is unavailable"):
+        FusedAdam([torch.zeros(3, requires_grad=True)], backend="cuda")
+
+
+def test_unsupported_declines_cpu_and_differentiable():
+    try:
+        mod = backends.get("cuda")
+    except Exception as e:  # pragma: no cover - an import error is reported by unavailable()
+        pytest.skip(f"cuda backend module not importable: {e}")
+    assert "CUDA devices only" in mod.unsupported(torch.device("cpu"), torch.float32, HP)
+    diff = Hyper(**{**HP.__dict__, "differentiable": True})
+    assert "differentiable" in mod.unsupported(torch.device("cuda", 0), torch.float32, diff)
+    assert mod.unsupported(torch.device("cuda", 0), torch.float32, HP) is None
+    assert "not supported" in mod.unsupported(torch.device("cuda", 0), torch.int32, HP)
+
+
+# ---- on a GPU ----------------------------------------------------------------------------------------------------
+
+def _run(opt_cls, kwargs, params0, steps, dtype=None, grad_seed=0, make=None, **extra):
+    """Train params0 (moved to the GPU) for `steps` steps on make_grads' grads; return (params, optimizer).
+    `make()` builds the params instead (views, odd layouts)."""
+    params = make() if make else [p.detach().clone().to(device=DEVICE, dtype=dtype or p.dtype) for p in params0]
+    params = [p.requires_grad_() for p in params]
+    opt = opt_cls(params, **kwargs, **extra)
+    for s in range(steps):
+        for p, g in zip(params, make_grads(params0, s, grad_seed)):
+            p.grad = g.to(device=DEVICE, dtype=p.dtype)
+        opt.step()
+    return params, opt
+
+
+def _state(opt, p, name):
+    return p.detach() if name == "param" else opt.state[p][name]
+
+
+def assert_parity_cuda(cls_name, kwargs, dtype, steps=20, shapes=None):
+    """tests/parity.py's assert_parity with the params on the GPU; torch's for-loop path on the GPU is the oracle."""
+    kwargs = _adjust(kwargs, dtype)
+    if cls_name == "AdamW":
+        kwargs.pop("decoupled_weight_decay", None)
+    ours_cls = FusedAdamW if cls_name == "AdamW" else FusedAdam
+    torch_cls = torch.optim.AdamW if cls_name == "AdamW" else torch.optim.Adam
+    params0 = make_params(dtype, shapes) if shapes else make_params(dtype)
+    ours_p, ours = _run(ours_cls, kwargs, params0, steps, backend="cuda")
+    ref_p, ref = _run(torch_cls, kwargs, params0, steps, foreach=False)
+    assert all(d.backend == "cuda" for d in ours.dispatch[0]), ours.dispatch
+    names = ["param"] + [k for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if k in ref.state[ref_p[0]]]
+    if dtype not in LOW_PRECISION:
+        for i in range(len(params0)):
+            for name in names:
+                torch.testing.assert_close(_state(ours, ours_p[i], name), _state(ref, ref_p[i], name),
+                                           msg=lambda m: f"{name} of param {i}: {m}")
+            assert float(ours.state[ours_p[i]]["step"]) == float(ref.state[ref_p[i]]["step"]) == steps
+        return
+    wide_p, wide = _run(torch_cls, kwargs, [p.double() for p in params0], steps, dtype=torch.float64, foreach=False)
+    for i in range(len(params0)):
+        if params0[i].numel() == 0:
+            continue
+        for name in names:
+            exact = _state(wide, wide_p[i], name)
+            ours_err = (_state(ours, ours_p[i], name).double() - exact).abs().max().item()
+            torch_err = (_state(ref, ref_p[i], name).double() - exact).abs().max().item()
+            floor = torch.finfo(dtype).eps / 2 * exact.abs().max().item()
+            assert ours_err <= K_LOW_PRECISION * torch_err + floor, (
+                f"{name} of param {i}: error vs fp64 {ours_err:.3g} > {K_LOW_PRECISION} x torch's {torch_err:.3g} + {floor:.3g}"
+            )
+
+
+@requires_cuda
+@requires_cuda_backend
+@pytest.mark.parametrize("cls_name", ["Adam", "AdamW"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("optim_input", OPTIM_INPUTS, ids=repr)
+def test_parity_with_torch(request, optim_input, dtype, cls_name):
+    xfail_tensor_lr_fp64(request, optim_input.kwargs, dtype, cls_name)
+    assert_parity_cuda(cls_name, optim_input.kwargs, dtype)
+
+
+@requires_cuda
+@requires_cuda_backend
+@pytest.mark.parametrize("capturable", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_parity_capturable(dtype, capturable):
+    assert_parity_cuda("AdamW", {"weight_decay": 0.1, "amsgrad": True, "capturable": capturable}, dtype)
+
+
+# Sizes that find bugs: 1, odd, empty, chunk boundaries +-1, a 16-byte vector +-1, more tensors than one launch
+# (32) and more chunks than one launch (320).
+BUG_SHAPES = [(1,), (3,), (7,), (8,), (9,), (0,), (CHUNK - 1,), (CHUNK,), (CHUNK + 1,), (2, CHUNK + 3), (67, 3)]
+MANY_SHAPES = BUG_SHAPES + [(n,) for n in range(1, 40)] + [(CHUNK * 321 + 5,)]
+
+
+def _compare_backends(dtype, shapes, kwargs, other="reference", steps=3, make=None, other_device=DEVICE):
+    params0 = make_params(dtype, shapes)
+    ours_p, ours = _run(FusedAdam, kwargs, params0, steps, backend="cuda", make=make)
+    if other_device == DEVICE:
+        ref_p, ref = _run(FusedAdam, kwargs, params0, steps, backend=other, make=make)
+    else:  # the cpu backend: same math header, CPU tensors
+        ref_p = [p.detach().clone().requires_grad_() for p in params0]
+        ref = FusedAdam(ref_p, backend=other, **kwargs)
+        for s in range(steps):
+            for p, g in zip(ref_p, make_grads(params0, s)):
+                p.grad = g
+            ref.step()
+    tol = {} if dtype not in LOW_PRECISION else dict(atol=2 * torch.finfo(dtype).eps, rtol=2 * torch.finfo(dtype).eps)
+    for i, (a, b) in enumerate(zip(ours_p, ref_p)):
+        torch.testing.assert_close(a.detach().cpu(), b.detach().cpu(), **tol, msg=lambda m: f"param {i}: {m}")
+        for k, v in ref.state[b].items():
+            torch.testing.assert_close(ours.state[a][k].cpu(), v.cpu(), **tol, msg=lambda m: f"{k} of param {i}: {m}")
+
+
+@requires_cuda
+@requires_cuda_backend
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kwargs", [{}, {"weight_decay": 0.1, "amsgrad": True, "maximize": True},
+                                    {"weight_decay": 0.1, "decoupled_weight_decay": True}], ids=["default", "ams-max", "adamw"])
+def test_matches_reference_many_tensors_and_launches(dtype, kwargs):
+    _compare_backends(dtype, MANY_SHAPES, kwargs)
+
+
+@requires_cuda
+@requires_cuda_backend
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_misaligned_views_and_odd_layouts(dtype):
+    """Views at odd offsets (scalar path beside vector launches), transposed (dense) params, non-dense params."""
+    base0, extra0 = make_params(dtype, [(CHUNK * 3,), (33, 17)])
+
+    def make():
+        base = base0.to(DEVICE)  # a fresh copy per run; the params are views into it
+        return [base[1:CHUNK + 2], base[CHUNK + 8: 2 * CHUNK + 8], base[:600].view(20, 30).t(),
+                base[2 * CHUNK: 2 * CHUNK + 1000].view(10, 100)[:, ::3], extra0.to(DEVICE)]
+
+    params0 = [p.cpu() for p in make()]
+    kwargs = {"weight_decay": 0.1, "amsgrad": True}
+    ours_p, ours = _run(FusedAdam, kwargs, params0, 3, backend="cuda", make=make)
+    ref_p, ref = _run(FusedAdam, kwargs, params0, 3, backend="reference", make=make)
+    assert ours_p[0].storage_offset() == 1 and not ours_p[3].is_contiguous()
+    tol = {} if dtype not in LOW_PRECISION else dict(atol=2 * torch.finfo(dtype).eps, rtol=2 * torch.finfo(dtype).eps)
+    for a, b in zip(ours_p, ref_p):
+        torch.testing.assert_close(a.detach(), b.detach(), **tol)
+
+
+@requires_cuda
+@requires_cuda_backend
+def test_grads_with_other_strides():
+    """A param and its grad with different strides (torch 2.13's fused CPU path gets this wrong)."""
+    params = [torch.randn(30, 20, device=DEVICE).t().requires_grad_(), torch.randn(64, 64, device=DEVICE).requires_grad_()]
+    ref = [p.detach().clone().requires_grad_() for p in params]
+    opt, ref_opt = FusedAdam(params, backend="cuda", amsgrad=True), torch.optim.Adam(ref, amsgrad=True, foreach=False)
+    for s in range(3):
+        for p, r in zip(params, ref):
+            g = torch.randn(p.shape, device=DEVICE)
+            p.grad = g.t().contiguous().t() if p.is_contiguous() else g.contiguous()
+            r.grad = g.clone()
+        opt.step()
+        ref_opt.step()
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p, r)
+        for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            torch.testing.assert_close(opt.state[p][k], ref_opt.state[r][k])
+
+
+@requires_cuda
+@requires_cuda_backend
+@pytest.mark.parametrize("other", ["triton", "cpu"])
+def test_agrees_with_other_kernels(other):
+    if backends.unavailable(other) is not None:
+        pytest.skip(f"{other} backend unavailable: {backends.unavailable(other)}")
+    kwargs = {"weight_decay": 0.1, "amsgrad": True}
+    _compare_backends(torch.float32, BUG_SHAPES, kwargs, other=other, other_device=DEVICE if other == "triton" else "cpu")
+
+
+@requires_cuda
+@requires_cuda_backend
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_graph_capture_matches_eager(dtype):
+    """capturable=True: step() captured once and replayed matches eager steps, with a device lr changed between
+    replays (as an LR scheduler writing into a Tensor lr does)."""
+    params0 = make_params(dtype, BUG_SHAPES[:9] + [(33, 5)] * 40)
+    grads = [[g.to(DEVICE, dtype) for g in make_grads(params0, s)] for s in range(6)]
+    lrs = [1e-3, 1e-3, 5e-4, 5e-4, 2e-4, 1e-4]
+
+    def fresh():
+        params = [p.detach().clone().to(DEVICE).requires_grad_() for p in params0]
+        lr = torch.tensor(lrs[0], device=DEVICE)
+        return params, lr, FusedAdamW(params, lr=lr, capturable=True, amsgrad=True, backend="cuda")
+
+    eager_p, eager_lr, eager = fresh()
+    for s in range(6):
+        eager_lr.fill_(lrs[s])
+        for p, g in zip(eager_p, grads[s]):
+            p.grad = g.clone()
+        eager.step()
+
+    params, lr, opt = fresh()
+    static_grads = [torch.zeros_like(p) for p in params]
+    for p, g in zip(params, static_grads):
+        p.grad = g
+    # Warm up on a side stream (lazy state, plan building), as torch's capture recipe does: that is step 1.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for g, new in zip(static_grads, grads[0]):
+            g.copy_(new)
+        opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for s in range(1, 6):
+        lr.fill_(lrs[s])
+        for g, new in zip(static_grads, grads[s]):
+            g.copy_(new)
+        graph.replay()
+    torch.cuda.synchronize()
+    for i, (a, b) in enumerate(zip(params, eager_p)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m: f"param {i}: {m}")
+        for k, v in eager.state[b].items():
+            torch.testing.assert_close(opt.state[a][k], v, rtol=0, atol=0, msg=lambda m: f"{k} of param {i}: {m}")
+
+
+@requires_cuda
+@requires_cuda_backend
+@pytest.mark.parametrize("capturable", [False, True])
+def test_amp_grad_scaler(capturable):
+    """GradScaler hands grad_scale/found_inf to the kernel: grads unscaled in place; an inf skips everything."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(37, 64), torch.nn.ReLU(), torch.nn.Linear(64, 5)).to(DEVICE)
+    ref_model = __import__("copy").deepcopy(model)
+    opt = FusedAdam(model.parameters(), backend="cuda", capturable=capturable, weight_decay=0.1)
+    ref_opt = FusedAdam(ref_model.parameters(), backend="reference", capturable=capturable, weight_decay=0.1)
+    scaler, ref_scaler = torch.amp.GradScaler("cuda", init_scale=2.0**10), torch.amp.GradScaler("cuda", init_scale=2.0**10)
+    for s in range(4):
+        x = torch.randn(16, 37, device=DEVICE)
+        if s == 2:
+            x[0, 0] = float("inf")  # found_inf: this step changes nothing
+        for m, o, sc in ((model, opt, scaler), (ref_model, ref_opt, ref_scaler)):
+            o.zero_grad()
+            sc.scale(m(x).square().mean()).backward()
+            sc.step(o)
+            sc.update()
+    for p, r in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, r)
+        torch.testing.assert_close(p.grad, r.grad)
+        assert float(opt.state[p]["step"]) == float(ref_opt.state[r]["step"]) == 3
+
+
+@requires_cuda
+@requires_cuda_backend
+def test_binding_errors_name_the_argument():
+    from fused_adam import _C_cuda
+
+    p = [torch.zeros(4, device=DEVICE), torch.zeros(5, device=DEVICE)]
+    g = [torch.zeros(4, device=DEVICE), torch.zeros(5, device=DEVICE)]
+    m = [torch.zeros(4, device=DEVICE), torch.zeros(6, device=DEVICE)]
+    v = [torch.zeros(4, device=DEVICE), torch.zeros(5, device=DEVICE)]
+    steps = [torch.zeros(()), torch.zeros(())]
+    args = (1e-3, None, 0.9, 0.999, 1e-8, 0.0, False, False, False, False, None, None)
+    with pytest.raises(RuntimeError, match=r"exp_avg of param 1 has shape \[6\], expected \[5\]"):
+        _C_cuda.adam_step(p, g, m, v, [], steps, *args)
+    m[1] = torch.zeros(5, device=DEVICE, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="exp_avg of param 1 has dtype Double"):
+        _C_cuda.adam_step(p, g, m, v, [], steps, *args)
+    m[1] = torch.zeros(5, device=DEVICE)
+    with pytest.raises(RuntimeError, match="step of param 0 is on cuda"):
+        _C_cuda.adam_step(p, g, m, v, [], [steps[0].to(DEVICE), steps[1]], *args)
+    assert float(steps[0]) == 0.0  # nothing changed on a refused call
+
+
+@requires_cuda
+@requires_cuda_backend
+@pytest.mark.slow
+def test_tensor_over_2_31_elements():
+    """64-bit offsets: a 2^31 + 5 element bf16 param (4 GiB per buffer, ~17 GiB in all). Elements are independent,
+    so the head and the tail are checked against the reference backend on copies of those slices."""
+    n = 2**31 + 5
+    free, _ = torch.cuda.mem_get_info()
+    if free < 20 * 2**30:
+        pytest.skip(f"needs ~20 GiB of free GPU memory, {free / 2**30:.1f} GiB free")
+    p = torch.randn(n, device=DEVICE, dtype=torch.bfloat16).requires_grad_()
+    p.grad = torch.randn(n, device=DEVICE, dtype=torch.bfloat16)
+    ends = [slice(0, 4096), slice(n - 70_000, n)]
+    ref = [p.detach()[s].clone().requires_grad_() for s in ends]
+    for r, s in zip(ref, ends):
+        r.grad = p.grad[s].clone()
+    opt, ref_opt = FusedAdam([p], backend="cuda", weight_decay=0.1), FusedAdam(ref, backend="reference", weight_decay=0.1)
+    opt.step()
+    ref_opt.step()
+    tol = dict(atol=2 * torch.finfo(torch.bfloat16).eps, rtol=2 * torch.finfo(torch.bfloat16).eps)
+    for r, s in zip(ref, ends):
+        torch.testing.assert_close(p.detach()[s], r.detach(), **tol)
+        torch.testing.assert_close(opt.state[p]["exp_avg_sq"][s], ref_opt.state[r]["exp_avg_sq"], **tol)
