@@ -10,7 +10,6 @@ import torch
 
 from conftest import requires_cuda
 from fused_adam import FusedAdam, FusedAdamW, Hyper, backends
-from test_cuda_build import xfail_tensor_lr_fp64
 from parity import DTYPES, K_LOW_PRECISION, LOW_PRECISION, OPTIM_INPUTS, _adjust, make_grads, make_params
 
 _REASON = backends.unavailable("cuda")
@@ -110,8 +109,7 @@ def assert_parity_cuda(cls_name, kwargs, dtype, steps=20, shapes=None):
 @pytest.mark.parametrize("cls_name", ["Adam", "AdamW"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("optim_input", OPTIM_INPUTS, ids=repr)
-def test_parity_with_torch(request, optim_input, dtype, cls_name):
-    xfail_tensor_lr_fp64(request, optim_input.kwargs, dtype, cls_name)
+def test_parity_with_torch(optim_input, dtype, cls_name):
     assert_parity_cuda(cls_name, optim_input.kwargs, dtype)
 
 

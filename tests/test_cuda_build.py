@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import sysconfig
 from pathlib import Path
 
@@ -413,6 +412,7 @@ extern "C" int fa_emulate_step(int dtype, int64_t n, void** params, void** grads
     o.grad_scale = grad_scale;
     o.found_inf = found_inf;
     o.chunk_size = chunk_size;
+    o.decay = hyper[5];
     const std::vector<PlannedLaunch> plan = plan_step(tensors.data(), n, o);
     stats[0] = static_cast<int64_t>(plan.size());
     stats[1] = stats[2] = stats[3] = 0;
@@ -473,6 +473,9 @@ class EmulatedCuda:
         if n == 0:
             return
         lr, lr_device = hp.lr, None
+        decay = float("nan")
+        if isinstance(lr, torch.Tensor) and hp.decoupled and hp.weight_decay != 0 and not hp.capturable:
+            decay = (1 - lr * hp.weight_decay).item()  # as backends/cuda.py: in lr's dtype, as torch does
         if isinstance(lr, torch.Tensor):
             if hp.capturable:
                 lr_device, lr = lr.to(torch.float64).reshape(()).clone(), 0.0
@@ -514,7 +517,7 @@ class EmulatedCuda:
             (c.c_int64 * n)(*(p.numel() for p in params)),
             ptrs([s.data_ptr() for s in state_steps]),
             (c.c_double * n)(*(new_steps or [0.0] * n)),
-            (c.c_double * 5)(float(lr), beta1, beta2, float(hp.eps), float(hp.weight_decay)),
+            (c.c_double * 6)(float(lr), beta1, beta2, float(hp.eps), float(hp.weight_decay), decay),
             c.c_void_p(lr_device.data_ptr() if lr_device is not None else None),
             int(hp.decoupled), int(hp.amsgrad), int(hp.maximize), int(hp.capturable),
             c.c_void_p(scale.data_ptr() if scale is not None else None),
@@ -563,26 +566,11 @@ def emulated(emulator_lib, monkeypatch):
     return install
 
 
-TENSOR_LR_FP64 = (
-    "with a Tensor lr, torch computes AdamW's decay 1 - lr*wd as a float32 tensor; make_step_scalars "
-    "(csrc/adam_math.h) computes it in double: fp64 params drift ~3e-7 relative over 20 steps (the fp64 "
-    "tolerance is 1e-7). The same for every backend that uses adam_math.h; reported to the lead."
-)
-
-
-def xfail_tensor_lr_fp64(request, kwargs, dtype, cls_name):
-    decoupled = cls_name == "AdamW" or kwargs.get("decoupled_weight_decay", False)
-    wd = kwargs.get("weight_decay", 1e-2 if cls_name == "AdamW" else 0)
-    if dtype == torch.float64 and isinstance(kwargs.get("lr"), torch.Tensor) and decoupled and wd != 0:
-        request.applymarker(pytest.mark.xfail(reason=TENSOR_LR_FP64, strict=True))
-
-
 @pytest.mark.parametrize("cls_name", ["Adam", "AdamW"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("optim_input", OPTIM_INPUTS, ids=repr)
-def test_emulated_kernel_parity(request, emulated, optim_input, dtype, cls_name):
+def test_emulated_kernel_parity(emulated, optim_input, dtype, cls_name):
     """tests/parity.py's table, 20 steps, through FusedAdam(backend="cuda") with the emulated kernel."""
-    xfail_tensor_lr_fp64(request, optim_input.kwargs, dtype, cls_name)
     emu = emulated()
     assert_parity("cuda", cls_name, optim_input.kwargs, dtype)
     assert emu.stats and all(s[4] <= 4096 for s in emu.stats)  # sizeof(LaunchArgs): the 4 KB parameter limit

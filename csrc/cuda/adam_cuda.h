@@ -5,6 +5,7 @@
 
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <cstdint>
 
 #include "adam_math.h"
@@ -39,6 +40,9 @@ struct AdamStepOptions {
   const float* grad_scale = nullptr; // AMP: grads are divided by *grad_scale (and stored back unscaled)
   const float* found_inf = nullptr;  // AMP: if *found_inf != 0 the launch changes nothing, steps included
   int64_t chunk_size = 0;            // elements per block; 0 picks kDefaultChunkSize (must be a multiple of 8)
+  // AdamW's decay factor 1 - lr*wd when the caller computed it (with a Tensor lr torch computes it in the lr's
+  // dtype, and fp64 parity needs the same value); NaN: computed from `hyper` in double. Not capturable.
+  double decay = NAN;
 };
 
 constexpr int64_t kDefaultChunkSize = 65536;

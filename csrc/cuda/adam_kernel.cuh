@@ -304,6 +304,7 @@ cudaError_t run_plan(const AdamTensor* tensors, const std::vector<PlannedLaunch>
   args.chunk_size = o.chunk_size;
   args.device_scalars = o.capturable;
   args.scalars = make_step_scalars<O>(o.hyper, 1.0);  // step-independent fields; the others are per slot
+  if (!std::isnan(o.decay)) args.scalars.decay = static_cast<O>(o.decay);
   for (const PlannedLaunch& launch : plan) {
     IncrementArgs inc{};
     inc.found_inf = o.found_inf;

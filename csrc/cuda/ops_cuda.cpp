@@ -80,7 +80,7 @@ void adam_step(const std::vector<Tensor>& params, const std::vector<Tensor>& gra
                const std::vector<Tensor>& max_exp_avg_sqs, const std::vector<Tensor>& state_steps, double lr,
                const std::optional<Tensor>& lr_tensor, double beta1, double beta2, double eps, double weight_decay,
                bool amsgrad, bool maximize, bool decoupled, bool capturable, const std::optional<Tensor>& grad_scale,
-               const std::optional<Tensor>& found_inf) {
+               const std::optional<Tensor>& found_inf, std::optional<double> decay) {
   const size_t n = params.size();
   TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && state_steps.size() == n,
               "fused_adam cuda: list lengths differ: ", n, " params, ", grads.size(), " grads, ", exp_avgs.size(),
@@ -172,6 +172,7 @@ void adam_step(const std::vector<Tensor>& params, const std::vector<Tensor>& gra
   o.amsgrad = amsgrad;
   o.maximize = maximize;
   o.capturable = capturable;
+  if (decay.has_value() && !capturable) o.decay = *decay;
   o.lr_device = lr_device.defined() ? lr_device.data_ptr<double>() : nullptr;
   o.grad_scale = scale.defined() ? scale.data_ptr<float>() : nullptr;
   o.found_inf = inf.defined() ? inf.data_ptr<float>() : nullptr;
@@ -200,5 +201,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("max_exp_avg_sqs"),
         py::arg("state_steps"), py::arg("lr"), py::arg("lr_tensor"), py::arg("beta1"), py::arg("beta2"),
         py::arg("eps"), py::arg("weight_decay"), py::arg("amsgrad"), py::arg("maximize"), py::arg("decoupled"),
-        py::arg("capturable"), py::arg("grad_scale"), py::arg("found_inf"));
+        py::arg("capturable"), py::arg("grad_scale"), py::arg("found_inf"), py::arg("decay") = py::none());
 }

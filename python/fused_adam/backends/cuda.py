@@ -67,8 +67,11 @@ def step(
     # Betas are host scalars (torch's fused kernel takes them as doubles too): a Tensor beta is read here.
     beta1 = hp.beta1.item() if isinstance(hp.beta1, Tensor) else hp.beta1
     beta2 = hp.beta2.item() if isinstance(hp.beta2, Tensor) else hp.beta2
+    decay = None
+    if isinstance(hp.lr, Tensor) and hp.decoupled and hp.weight_decay != 0 and lr_tensor is None:
+        decay = (1 - hp.lr * hp.weight_decay).item()  # in lr's dtype, as torch.optim.AdamW computes it
     _C_cuda.adam_step(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
         float(lr), lr_tensor, float(beta1), float(beta2), float(hp.eps), float(hp.weight_decay),
-        hp.amsgrad, hp.maximize, hp.decoupled, hp.capturable, grad_scale, found_inf,
+        hp.amsgrad, hp.maximize, hp.decoupled, hp.capturable, grad_scale, found_inf, decay,
     )
