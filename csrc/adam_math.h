@@ -7,9 +7,9 @@
 //   g  = grad / grad_scale                       (AMP: the unscaled grad is also stored back, as torch fused does)
 //   g  = maximize ? -g : g
 //   p  = p * (1 - lr*wd)                         (decoupled weight decay, AdamW)
-//   g  = g + wd * p                              (L2 weight decay, Adam)
+//   g  = fma(wd, p, g)                           (L2 weight decay, Adam; at::add with alpha is one fma)
 //   m  = lerp(m, g, 1 - beta1)                   (at::lerp's vector form: one fma)
-//   v  = v * beta2;  v = v + (1 - beta2) * g * g
+//   v  = fma((1 - beta2) * g, g, v * beta2)      (at::addcmul's form)
 //   vmax = max(vmax, v)                          (amsgrad; the denominator then uses vmax)
 //   p  = p + (-lr / (1 - beta1^t)) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
 // The per-tensor scalars are computed in double, as torch's Python code does, then rounded once to T.
@@ -86,11 +86,11 @@ FA_HOST_DEVICE void adam_update(T& param, T& grad, T& exp_avg, T& exp_avg_sq, T&
   if (UNSCALE) grad = grad / grad_scale;
   T g = MAXIMIZE ? -grad : grad;
   if (WD == WeightDecay::kDecoupled) param = param * s.decay;
-  if (WD == WeightDecay::kL2) g = g + s.weight_decay * param;
+  if (WD == WeightDecay::kL2) g = fa_fma(s.weight_decay, param, g);  // grad.add(param, alpha=wd): ATen's is an fma
   // at::lerp(m, g, w): m + w*(g - m) for small w, else g + (w - 1)*(g - m); one fma, as ATen's vector path.
   exp_avg = fa_fma(s.lerp_coeff, g - exp_avg, s.lerp_small ? exp_avg : g);
-  exp_avg_sq = exp_avg_sq * s.beta2;
-  exp_avg_sq = exp_avg_sq + s.one_minus_beta2 * g * g;
+  // v.mul_(beta2).addcmul_(g, g, value=1 - beta2): ATen's addcmul is fma(value * g, g, v), vector and scalar paths.
+  exp_avg_sq = fa_fma(s.one_minus_beta2 * g, g, exp_avg_sq * s.beta2);
   T second = exp_avg_sq;
   if (AMSGRAD) {
     // torch.maximum propagates NaN; so does this form.

@@ -1,0 +1,44 @@
+// Torch-facing entry points of the CPU backend (bound in csrc/ops.cpp).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace fused_adam {
+namespace cpu {
+
+// Chunks of 64K elements: 256 KiB of fp32 per array, 7 arrays in flight fit the 2 MiB L2 per core; a 64M
+// tensor makes 1024 entries, enough for any thread count; small enough that a 1M-param cache-resident step
+// still splits across two threads.
+constexpr int64_t kDefaultChunkSize = 1 << 16;
+
+// One Adam/AdamW step over every tensor of one (CPU, dtype) partition; see the step contract in
+// python/fused_adam/backends/__init__.py. Hyperparameters are host values (Tensor lr/betas read by the caller).
+// `decay`, when given, replaces AdamW's 1 - lr * weight_decay: with a Tensor lr torch computes that factor in the
+// tensor's dtype (float32), which is 3e-8 away from the double one, too far for fp64 parity over many steps.
+void adam_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
+                double lr, double beta1, double beta2, double eps, double weight_decay, bool amsgrad,
+                bool maximize, bool decoupled, const std::optional<at::Tensor>& grad_scale,
+                const std::optional<at::Tensor>& found_inf, const std::optional<double>& decay,
+                int64_t chunk_size);
+
+// One pass with Adam's access pattern over contiguous fp32 tensors (the bandwidth roofline of this machine).
+void roofline_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+               const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
+               int64_t chunk_size);
+
+// The chunk table (csrc/chunk_table.h) as (tensor, start, size) tuples, for tests.
+std::vector<std::tuple<int64_t, int64_t, int64_t>> chunk_table(const std::vector<int64_t>& numels, int64_t chunk_size);
+
+// The instruction set the loops run with: "avx512", "avx2" or "baseline". set_isa() takes one of those or "auto"
+// (the best this CPU supports) and refuses one the CPU lacks; tests use it to run every build of the loop.
+std::string isa();
+void set_isa(const std::string& name);
+
+}  // namespace cpu
+}  // namespace fused_adam

@@ -1,0 +1,453 @@
+"""The CPU backend (fused_adam._C, csrc/cpu): parity with torch, and the sizes, layouts, threads, ISAs and inputs
+that a SIMD loop over a chunk table can get wrong."""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from conftest import requires_native
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from parity import DTYPES, OPTIM_INPUTS, assert_parity
+
+from fused_adam import FusedAdam, FusedAdamW, Hyper
+from fused_adam.backends import cpu as cpu_backend
+
+pytestmark = requires_native
+
+EVERYTHING = dict(weight_decay=0.1, amsgrad=True, maximize=True)  # + decoupled via FusedAdamW
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _C():
+    from fused_adam import _C
+
+    return _C
+
+
+@contextlib.contextmanager
+def num_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def cpu_isa(name: str):
+    C = _C()
+    before = C.cpu_isa()
+    C.set_cpu_isa(name)
+    try:
+        yield
+    finally:
+        C.set_cpu_isa(before)
+
+
+def supported_isas() -> list[str]:
+    out = []
+    for name in ("avx512", "avx2", "baseline"):
+        try:
+            with cpu_isa(name):
+                out.append(name)
+        except RuntimeError:
+            pass
+    return out
+
+
+def train(backend: str, params0, steps: int = 3, cls=FusedAdamW, seed: int = 0, **kwargs):
+    """Copies of params0 after `steps` steps on seeded grads; returns (params, optimizer)."""
+    params = [p.detach().clone().requires_grad_() for p in params0]
+    opt = cls(params, backend=backend, **kwargs)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype)
+        opt.step()
+    return params, opt
+
+
+def tensors_of(params, opt) -> list[torch.Tensor]:
+    out = []
+    for p in params:
+        out.append(p.detach())
+        out.extend(v for k, v in sorted(opt.state[p].items()))
+    return out
+
+
+def assert_bitwise(a: list[torch.Tensor], b: list[torch.Tensor]):
+    assert len(a) == len(b)
+    for i, (x, y) in enumerate(zip(a, b)):
+        assert x.dtype == y.dtype and x.shape == y.shape, i
+        assert torch.equal(x, y), f"tensor {i}: max diff {(x.double() - y.double()).abs().max().item()}"
+
+
+def assert_close_to_reference(ours: list[torch.Tensor], ref: list[torch.Tensor], max_ulps: int = 2):
+    """fp32/fp64: assert_close's defaults. bf16/fp16: both backends compute in fp32 and round once per store, so
+    they may differ only where a last-bit difference in fp32 flips a rounding: a few ulps of the storage dtype."""
+    for i, (x, y) in enumerate(zip(ours, ref)):
+        if x.dtype in LOW_PRECISION:
+            d = ulp_distance(x, y)
+            assert d.numel() == 0 or d.max().item() <= max_ulps, f"tensor {i}: {d.max().item()} ulps apart"
+        else:
+            torch.testing.assert_close(x, y, msg=lambda m: f"tensor {i}: {m}")
+
+
+def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """How many representable values of a's 16-bit dtype lie between a and b (+0 and -0 count as one)."""
+
+    def key(t):
+        u = t.contiguous().view(torch.int16).int() & 0xFFFF
+        return torch.where(u >= 0x8000, -(u & 0x7FFF), u)
+
+    return (key(a) - key(b)).abs()
+
+
+# ---- parity with torch.optim.Adam/AdamW: the shared table -----------------------------------------------------
+
+
+@pytest.mark.parametrize("cls_name", ["Adam", "AdamW"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("optim_input", OPTIM_INPUTS, ids=repr)
+def test_cpu_matches_torch(optim_input, dtype, cls_name):
+    assert_parity("cpu", cls_name, optim_input.kwargs, dtype)
+
+
+def test_auto_picks_cpu():
+    p = torch.zeros(3, requires_grad=True)
+    opt = FusedAdam([p])
+    p.grad = torch.ones(3)
+    opt.step()
+    assert [d.backend for d in opt.dispatch[0]] == ["cpu"]
+
+
+def test_unsupported_reasons():
+    hp = Hyper(1e-3, 0.9, 0.999, 1e-8, 0.0, False, False, False, False, False)
+    assert cpu_backend.unsupported(torch.device("cpu"), torch.float32, hp) is None
+    assert "cpu tensors only" in cpu_backend.unsupported(torch.device("cuda"), torch.float32, hp)
+    assert "int" in cpu_backend.unsupported(torch.device("cpu"), torch.int32, hp)
+    diff = Hyper(1e-3, 0.9, 0.999, 1e-8, 0.0, False, False, False, False, True)
+    assert "reference" in cpu_backend.unsupported(torch.device("cpu"), torch.float32, diff)
+    capturable = Hyper(1e-3, 0.9, 0.999, 1e-8, 0.0, False, False, False, True, False)
+    assert cpu_backend.unsupported(torch.device("cpu"), torch.float32, capturable) is None
+
+
+# ---- sizes: SIMD tails, chunk boundaries, many tensors ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_every_tail_size(dtype):
+    """Sizes 1..67 cover every vector tail of 16-wide fp32 and 8-wide fp64 (main loop, masked/scalar epilogue).
+    Element j of every tensor starts from the same values, so it must end bitwise the same in all of them."""
+    base = torch.randn(67, dtype=torch.float64)
+    params0 = [base[:n].clone().to(dtype) for n in range(1, 68)]
+    params = [p.clone().requires_grad_() for p in params0]
+    opt = FusedAdamW(params, backend="cpu", lr=0.01, **EVERYTHING)
+    ref_p, ref = train("reference", params0, steps=0, lr=0.01, **EVERYTHING)
+    g = torch.randn(67, dtype=torch.float64)
+    for _ in range(3):
+        for p, r in zip(params, ref_p):
+            p.grad = g[: p.numel()].to(dtype)
+            r.grad = g[: r.numel()].to(dtype)
+        opt.step()
+        ref.step()
+    longest = tensors_of(params[-1:], opt)
+    for p in params:
+        for t, full in zip(tensors_of([p], opt), longest):
+            assert torch.equal(t, full if full.dim() == 0 else full[: t.numel()]), p.numel()
+    assert_close_to_reference(tensors_of(params, opt), tensors_of(ref_p, ref))
+
+
+def test_chunk_boundaries():
+    """chunk_size +-1, exact multiples and one past two chunks, through the optimizer (default chunk size) and
+    with a tiny chunk size through the op, which must not change a single bit."""
+    C = _C()
+    cs = C.DEFAULT_CHUNK_SIZE
+    sizes = [cs - 1, cs, cs + 1, 2 * cs + 1, 2 * cs, 3]
+    params0 = [torch.randn(n) for n in sizes]
+    ours_p, ours = train("cpu", params0, steps=2, **EVERYTHING)
+    ref_p, ref = train("reference", params0, steps=2, **EVERYTHING)
+    assert_close_to_reference(tensors_of(ours_p, ours), tensors_of(ref_p, ref))
+
+    def direct(chunk_size):
+        ps = [p.clone() for p in params0]
+        gs = [torch.full_like(p, 0.5) for p in ps]
+        ms, vs = [torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps]
+        steps = [torch.tensor(0.0) for _ in ps]
+        C.adam_step_(ps, gs, ms, vs, [], steps, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0,
+                     amsgrad=False, maximize=False, decoupled=False, chunk_size=chunk_size)
+        return ps + ms + vs
+
+    assert_bitwise(direct(cs), direct(7))
+    assert_bitwise(direct(cs), direct(cs - 1))
+
+
+def test_many_tensors_and_threads():
+    """800 tensors (empty ones among them) whose elements split across threads inside and between tensors:
+    1 and 2 threads give the same bits."""
+    gen = torch.Generator().manual_seed(1)
+    sizes = torch.randint(0, 200, (800,), generator=gen).tolist() + [100_003]
+    params0 = [torch.randn(n, generator=gen) for n in sizes]
+    with num_threads(1):
+        one_p, one = train("cpu", params0, steps=2, **EVERYTHING)
+    with num_threads(2):
+        two_p, two = train("cpu", params0, steps=2, **EVERYTHING)
+    assert_bitwise(tensors_of(one_p, one), tensors_of(two_p, two))
+    ref_p, ref = train("reference", params0, steps=2, **EVERYTHING)
+    assert_close_to_reference(tensors_of(two_p, two), tensors_of(ref_p, ref))
+
+
+def test_mixed_dtypes_in_one_group():
+    shapes = [(5,), (3, 4), (67,), (2, 0)]
+    params0 = [torch.randn(s).to(dt) for dt in DTYPES for s in shapes]
+    ours_p, ours = train("cpu", params0, steps=3, cls=FusedAdam, **EVERYTHING)
+    ref_p, ref = train("reference", params0, steps=3, cls=FusedAdam, **EVERYTHING)
+    assert sorted(str(d.dtype) for d in ours.dispatch[0]) == sorted(str(d) for d in DTYPES)
+    assert {d.backend for d in ours.dispatch[0]} == {"cpu"}
+    assert_close_to_reference(tensors_of(ours_p, ours), tensors_of(ref_p, ref))
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
+def test_every_isa_gives_the_same_bits(isa):
+    if isa not in supported_isas():
+        pytest.skip(f"this CPU has no {isa}")
+    params0 = [torch.randn(n).to(dt) for dt in DTYPES for n in (1, 15, 17, 33, 67, 1000)]
+    auto_p, auto = train("cpu", params0, steps=2, **EVERYTHING)
+    with cpu_isa(isa):
+        assert _C().cpu_isa() == isa
+        isa_p, isa_opt = train("cpu", params0, steps=2, **EVERYTHING)
+    assert_bitwise(tensors_of(auto_p, auto), tensors_of(isa_p, isa_opt))
+
+
+def test_bad_isa_name():
+    with pytest.raises(ValueError, match="unknown ISA 'sse9'"):
+        _C().set_cpu_isa("sse9")
+
+
+# ---- layouts --------------------------------------------------------------------------------------------------
+
+
+def test_non_contiguous_params_and_grads():
+    """Transposed params with contiguous grads (torch 2.13's fused CPU Adam gets this wrong), channels_last params,
+    and params that are strided views of a bigger buffer; against the reference."""
+    buf = torch.randn(6, 20)
+    params0 = [
+        torch.randn(7, 5).t(),
+        torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last),
+        buf[:, ::3],
+        torch.randn(64, 33).t(),
+    ]
+
+    def run(backend):
+        params = [p.detach().clone().requires_grad_() for p in params0]
+        params[0] = params0[0].detach().clone().t().contiguous().t().requires_grad_()  # keep the transposed layout
+        params[2] = torch.randn(6, 20)[:, ::3].copy_(params0[2]).requires_grad_()
+        opt = FusedAdamW(params, backend=backend, **EVERYTHING)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).contiguous()  # strides differ from the param's
+            opt.step()
+        return params, opt
+
+    ours_p, ours = run("cpu")
+    ref_p, ref = run("reference")
+    assert not ours_p[0].is_contiguous() and not ours_p[2].is_contiguous()
+    assert_close_to_reference(tensors_of(ours_p, ours), tensors_of(ref_p, ref))
+
+
+def test_non_contiguous_grad_is_unscaled_in_place():
+    p = torch.randn(4, 6)
+    g_buf = torch.randn(6, 4) * 1024
+    g = g_buf.t()  # a view: the unscaled grad must land in g_buf
+    expected = g.clone() / 1024
+    C = _C()
+    C.adam_step_([p], [g], [torch.zeros_like(p)], [torch.zeros_like(p)], [], [torch.tensor(0.0)], lr=0.1, beta1=0.9,
+                 beta2=0.99, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False, decoupled=False,
+                 grad_scale=torch.tensor(1024.0))
+    assert torch.equal(g_buf.t(), expected)
+
+
+# ---- AMP: grad_scale and found_inf, against torch's fused Adam ----------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("inf", [False, True])
+def test_grad_scale_and_found_inf_match_torch_fused(dtype, inf):
+    params0 = [torch.randn(n).to(dtype) for n in (1, 17, 300)]
+
+    def run(make):
+        params = [p.clone().requires_grad_() for p in params0]
+        opt = make(params)
+        gen = torch.Generator().manual_seed(0)
+        grads = []
+        for s in range(3):
+            for p in params:
+                p.grad = (torch.randn(p.shape, generator=gen) * 512).to(dtype)
+            opt.grad_scale = torch.tensor(512.0)
+            opt.found_inf = torch.tensor(1.0 if inf and s == 2 else 0.0)
+            opt.step()
+            grads.append([p.grad.clone() for p in params])
+        return params, opt, grads
+
+    kw = dict(lr=0.01, weight_decay=0.1, amsgrad=True)
+    ours_p, ours, ours_g = run(lambda ps: FusedAdamW(ps, backend="cpu", **kw))
+    ref_p, ref, ref_g = run(lambda ps: torch.optim.AdamW(ps, fused=True, **kw))
+    for a, b in zip(ours_g, ref_g):  # the unscaled grad is written back (and not written on the skipped step)
+        assert_bitwise(a, b)
+    assert_close_to_reference(tensors_of(ours_p, ours), tensors_of(ref_p, ref))
+    assert all(float(ours.state[p]["step"]) == (2.0 if inf else 3.0) for p in ours_p)
+
+
+def test_found_inf_changes_nothing():
+    p = torch.randn(100)
+    tensors = [p, torch.randn(100), torch.randn(100), torch.rand(100), torch.rand(100)]
+    before = [t.clone() for t in tensors]
+    step = torch.tensor(5.0)
+    _C().adam_step_([tensors[0]], [tensors[1]], [tensors[2]], [tensors[3]], [tensors[4]], [step], lr=0.1, beta1=0.9,
+                    beta2=0.99, eps=1e-8, weight_decay=0.1, amsgrad=True, maximize=False, decoupled=True,
+                    grad_scale=torch.tensor(2.0), found_inf=torch.tensor(1.0))
+    assert_bitwise(tensors, before)
+    assert float(step) == 5.0
+
+
+# ---- per-tensor steps ---------------------------------------------------------------------------------------------
+
+
+def test_each_tensor_uses_its_own_step():
+    """Tensors at different step counts in one call: each gets its own bias corrections."""
+    params0 = [torch.randn(33) for _ in range(3)]
+    C = _C()
+
+    def one(p, step0):
+        ps, ms, vs = [p.clone()], [torch.full_like(p, 0.1)], [torch.full_like(p, 0.2)]
+        C.adam_step_(ps, [torch.ones_like(p)], ms, vs, [], [torch.tensor(step0)], lr=0.1, beta1=0.9, beta2=0.99,
+                     eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False, decoupled=False)
+        return ps[0]
+
+    steps = [torch.tensor(s) for s in (0.0, 4.0, 99.0)]
+    ps = [p.clone() for p in params0]
+    C.adam_step_(ps, [torch.ones_like(p) for p in ps], [torch.full_like(p, 0.1) for p in ps],
+                 [torch.full_like(p, 0.2) for p in ps], [], steps, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8,
+                 weight_decay=0.0, amsgrad=False, maximize=False, decoupled=False)
+    assert [float(s) for s in steps] == [1.0, 5.0, 100.0]
+    for p, p0, s0 in zip(ps, params0, (0.0, 4.0, 99.0)):
+        assert torch.equal(p, one(p0, s0))
+
+
+# ---- bad input ----------------------------------------------------------------------------------------------------
+
+
+def _call(params, grads, ms=None, vs=None, maxs=(), steps=None, amsgrad=False):
+    ms = ms if ms is not None else [torch.zeros_like(p) for p in params]
+    vs = vs if vs is not None else [torch.zeros_like(p) for p in params]
+    steps = steps if steps is not None else [torch.tensor(0.0) for _ in params]
+    _C().adam_step_(params, grads, ms, vs, list(maxs), steps, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8,
+                    weight_decay=0.0, amsgrad=amsgrad, maximize=False, decoupled=False)
+    return steps
+
+
+def test_bad_inputs_raise_clear_errors():
+    ps = [torch.zeros(3), torch.zeros(2, 5)]
+    steps = [torch.tensor(0.0), torch.tensor(0.0)]
+    with pytest.raises(RuntimeError, match=r"grads\[1\] has shape \[5, 2\], but params\[1\] has shape \[2, 5\]"):
+        _call(ps, [torch.zeros(3), torch.zeros(5, 2)], steps=steps)
+    assert [float(s) for s in steps] == [0.0, 0.0]  # nothing changed on error
+    with pytest.raises(TypeError, match=r"grads\[0\] has dtype Double, but params\[0\] has dtype Float"):
+        _call(ps, [torch.zeros(3, dtype=torch.float64), torch.zeros(2, 5)])
+    with pytest.raises(ValueError, match="grads has 1 tensors, expected 2"):
+        _call(ps, [torch.zeros(3)])
+    with pytest.raises(TypeError, match=r"params\[1\] has dtype Double, but params\[0\] has dtype Float"):
+        _call([torch.zeros(3), torch.zeros(2, dtype=torch.float64)], [torch.zeros(3), torch.zeros(2)])
+    with pytest.raises(RuntimeError, match=r"exp_avg_sqs\[0\] has shape \[4\]"):
+        _call(ps[:1], [torch.zeros(3)], vs=[torch.zeros(4)])
+    with pytest.raises(ValueError, match="max_exp_avg_sqs has 0 tensors, expected 1"):
+        _call(ps[:1], [torch.zeros(3)], amsgrad=True)
+    with pytest.raises(RuntimeError, match=r"state_steps\[0\] must be a one-element float32"):
+        _call(ps[:1], [torch.zeros(3)], steps=[torch.tensor(0, dtype=torch.int64)])
+    with pytest.raises(TypeError, match="supports float32, float64, bfloat16 and float16"):
+        _call([torch.zeros(3, dtype=torch.int32)], [torch.zeros(3, dtype=torch.int32)])
+    with pytest.raises(RuntimeError, match=r"grads\[0\] has layout Sparse"):
+        _call(ps[:1], [torch.zeros(3).to_sparse()])
+
+
+def test_wrong_state_shape_through_the_optimizer():
+    p = torch.zeros(4, requires_grad=True)
+    opt = FusedAdam([p], backend="cpu")
+    p.grad = torch.ones(4)
+    opt.step()
+    opt.state[p]["exp_avg"] = torch.zeros(5)
+    with pytest.raises(RuntimeError, match=r"exp_avgs\[0\] has shape \[5\], but params\[0\] has shape \[4\]"):
+        opt.step()
+
+
+# ---- property: random shapes, dtypes and hyperparameters against the reference ----------------------------------
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    shapes=st.lists(st.lists(st.integers(0, 40), min_size=0, max_size=3), min_size=1, max_size=4),
+    dtype=st.sampled_from(DTYPES),
+    lr=st.floats(1e-4, 0.1),
+    beta1=st.floats(0.0, 0.99),
+    beta2=st.floats(0.0, 0.9999),
+    eps=st.sampled_from([1e-8, 1e-6, 1e-3, 0.1]),
+    weight_decay=st.sampled_from([0.0, 1e-2, 0.3]),
+    amsgrad=st.booleans(),
+    maximize=st.booleans(),
+    decoupled=st.booleans(),
+    steps=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_property_cpu_matches_reference(shapes, dtype, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
+                                        decoupled, steps, seed):
+    if dtype == torch.float16:
+        eps = max(eps, 1e-3)  # as the parity table: smaller eps underflows in fp16 and both sides divide by ~0
+    gen = torch.Generator().manual_seed(seed)
+    params0 = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes]
+    kw = dict(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+              decoupled_weight_decay=decoupled)
+    ours_p, ours = train("cpu", params0, steps=steps, cls=FusedAdam, seed=seed, **kw)
+    ref_p, ref = train("reference", params0, steps=steps, cls=FusedAdam, seed=seed, **kw)
+    assert_close_to_reference(tensors_of(ours_p, ours), tensors_of(ref_p, ref), max_ulps=4)
+
+
+def test_op_schema_runs_the_same_kernel():
+    """torch.ops.fused_adam.adam_step_ (the dispatcher's way in) gives the bits of fused_adam._C.adam_step_."""
+    C = _C()
+    schema = str(torch.ops.fused_adam.adam_step_.default._schema)
+    assert f"int chunk_size={C.DEFAULT_CHUNK_SIZE}" in schema
+    params0 = [torch.randn(n) for n in (1, 17, 1000)]
+
+    def run(fn):
+        ps = [p.clone() for p in params0]
+        gs = [torch.full_like(p, 0.25) for p in ps]
+        ms, vs, xs = ([torch.zeros_like(p) for p in ps] for _ in range(3))
+        steps = [torch.tensor(0.0) for _ in ps]
+        fn(ps, gs, ms, vs, xs, steps, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, amsgrad=True,
+           maximize=True, decoupled=True, grad_scale=torch.tensor(2.0), found_inf=torch.tensor(0.0))
+        return ps + gs + ms + vs + xs + steps
+
+    assert_bitwise(run(C.adam_step_), run(torch.ops.fused_adam.adam_step_))
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_low_precision_stores_round_like_torch(dtype):
+    """One step from zero states: exp_avg = lerp(0, g, 1 - beta1) = 0.1f * g in fp32, rounded once on store. Bitwise
+    torch's conversion for subnormals, ties, overflow to inf, infinities and signed zeros; a NaN stays a NaN."""
+    info = torch.finfo(dtype)
+    special = [0.0, -0.0, 1.0, -3.0, info.tiny, info.tiny / 4, -info.tiny / 8, info.max, -info.max, 2 * info.max,
+               float("inf"), float("-inf"), 1e-40, 1 + 2**-8, 1 + 3 * 2**-9, 65519.0, 65520.0, 1e30]
+    g32 = torch.cat([torch.tensor(special), torch.randn(1000) * 10.0 ** torch.randint(-30, 30, (1000,))])
+    g = g32.to(dtype)
+    m = torch.zeros_like(g)
+    C = _C()
+    C.adam_step_([torch.zeros_like(g)], [g.clone()], [m], [torch.zeros_like(g)], [], [torch.tensor(0.0)], lr=0.0,
+                 beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False, decoupled=False)
+    expected = torch.zeros_like(g32).lerp_(g.float(), 1 - 0.9).to(dtype)  # torch's fp32 lerp, then torch's rounding
+    both_nan = m.isnan() & expected.isnan()
+    assert torch.equal(m[~both_nan].view(torch.int16), expected[~both_nan].view(torch.int16))
+    assert torch.equal(m.isnan(), expected.isnan())
