@@ -119,7 +119,8 @@ if triton is not None:
               WD_MODE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, UNSCALE: tl.constexpr,
               MASKED: tl.constexpr, SOFT_BF16: tl.constexpr):
         # Same order of operations as fused_adam::adam_update (csrc/adam_math.h), in fp32 with IEEE div and sqrt;
-        # launched with FP contraction off, so the lerp's tl.fma is the only fused multiply-add.
+        # launched with FP contraction off, so the three tl.fma (ATen's add-with-alpha, lerp, addcmul) are the only
+        # fused multiply-adds.
         g = _load(g_ptr + offs, mask, MASKED)
         if UNSCALE:
             g = tl.div_rn(g, grad_scale)
@@ -130,12 +131,11 @@ if triton is not None:
         if WD_MODE == 2:
             p = p * decay
         if WD_MODE == 1:
-            g = g + weight_decay * p
+            g = tl.fma(weight_decay, p, g)  # grad.add(param, alpha=wd)
         m = _load(m_ptr + offs, mask, MASKED)
         m = tl.fma(lerp_coeff, g - m, tl.where(lerp_small, m, g))  # at::lerp, one fma
         v = _load(v_ptr + offs, mask, MASKED)
-        v = v * beta2
-        v = v + one_minus_beta2 * g * g
+        v = tl.fma(one_minus_beta2 * g, g, v * beta2)  # v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         second = v
         if AMSGRAD:
             x = _load(x_ptr + offs, mask, MASKED)
