@@ -5,6 +5,7 @@
 // Order of operations = torch.optim.adam._single_tensor_adam (torch 2.13, capturable=False), in opmath T
 // (float for fp32/bf16/fp16 params, double for fp64):
 //   g  = grad / grad_scale                       (AMP: the unscaled grad is also stored back, as torch fused does)
+//   g  = g * clip_coef                           (max_grad_norm: clip_grad_norm_'s in-place mul, not stored)
 //   g  = maximize ? -g : g
 //   p  = p * (1 - lr*wd)                         (decoupled weight decay, AdamW)
 //   g  = fma(wd, p, g)                           (L2 weight decay, Adam; at::add with alpha is one fma)
@@ -79,12 +80,15 @@ FA_HOST_DEVICE StepScalars<T> make_step_scalars(const AdamHyper& h, double step)
 }
 
 // One element. `grad` is in/out: with UNSCALE it is replaced by grad / grad_scale, which the caller stores.
-// `max_exp_avg_sq` is only read and written when AMSGRAD.
-template <typename T, WeightDecay WD, bool AMSGRAD, bool MAXIMIZE, bool UNSCALE>
+// `max_exp_avg_sq` is only read and written when AMSGRAD. With CLIP the (unscaled) grad is multiplied by
+// clip_coef (clip_grad_norm_'s coefficient, min(1, max_norm / (norm + 1e-6))) for the update only; the stored
+// grad stays unclipped.
+template <typename T, WeightDecay WD, bool AMSGRAD, bool MAXIMIZE, bool UNSCALE, bool CLIP = false>
 FA_HOST_DEVICE void adam_update(T& param, T& grad, T& exp_avg, T& exp_avg_sq, T& max_exp_avg_sq,
-                                const StepScalars<T>& s, T grad_scale) {
+                                const StepScalars<T>& s, T grad_scale, T clip_coef = T(1)) {
   if (UNSCALE) grad = grad / grad_scale;
-  T g = MAXIMIZE ? -grad : grad;
+  T g = CLIP ? grad * clip_coef : grad;
+  if (MAXIMIZE) g = -g;
   if (WD == WeightDecay::kDecoupled) param = param * s.decay;
   if (WD == WeightDecay::kL2) g = fa_fma(s.weight_decay, param, g);  // grad.add(param, alpha=wd): ATen's is an fma
   // at::lerp(m, g, w): m + w*(g - m) for small w, else g + (w - 1)*(g - m); one fma, as ATen's vector path.
