@@ -18,6 +18,7 @@ counter whenever a tensor in them is replaced; load_state_dict and add_param_gro
 from __future__ import annotations
 
 import logging
+from operator import attrgetter
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
@@ -178,6 +179,9 @@ def _kernel_view(t: Tensor) -> Tensor:
     if isinstance(t, DTensor):
         t = t._local_tensor
     return torch.view_as_real(t) if t.is_complex() else t
+
+
+_IS_SPARSE = attrgetter("is_sparse")
 
 
 def _scalar(x):
@@ -458,6 +462,8 @@ class FusedAdam(Optimizer):
 
     @torch.no_grad()
     def _check_grads(self, gi: int, part: _Part, grads: list[Tensor]) -> None:
+        if not any(map(_IS_SPARSE, grads)):  # the per-step check, in C: ~35 ns a grad
+            return
         for pos, g in enumerate(grads):
             if g.is_sparse:
                 i = part.index[pos] if part.index is not None else pos
