@@ -9,6 +9,7 @@ file in its own pytest process:
 from __future__ import annotations
 
 import gc
+import importlib.util
 import os
 
 import pytest
@@ -285,6 +286,227 @@ def test_declines_with_reasons(monkeypatch):
         FusedAdam([q], backend="triton").step()
 
 
+# ---- interpreter: the options beyond torch (backends/__init__.py's FEATURES) -----------------------------------
+# tests/test_beyond_torch.py picks its backends on a CPU device, where triton runs only in this (interpreter)
+# process: its compositions run here with backend="triton".
+
+
+def _beyond():
+    import test_beyond_torch
+
+    return test_beyond_torch
+
+
+@requires_triton_interpreter
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_master_weights_match_torch_composition(dtype):
+    _beyond().test_master_weights_match_fp32_adam_on_the_master("triton", dtype)
+
+
+@requires_triton_interpreter
+@pytest.mark.parametrize("param_dtype, state_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)], ids=str)
+def test_state_dtype_matches_torch_composition(param_dtype, state_dtype):
+    _beyond().test_state_dtype_matches_torch_composition("triton", param_dtype, state_dtype)
+
+
+@requires_triton_interpreter
+@pytest.mark.parametrize("max_norm", [0.5, 1e6])
+def test_clip_matches_clip_grad_norm_then_adam(max_norm):
+    _beyond().test_max_grad_norm_matches_clip_grad_norm_then_adam("triton", max_norm)
+
+
+@requires_triton_interpreter
+def test_stochastic_rounding_resume_is_bitwise(tmp_path):
+    _beyond().test_stochastic_rounding_resume_is_bitwise("triton", tmp_path)
+
+
+@requires_triton_interpreter
+def test_stochastic_rounding_keeps_small_updates():
+    _beyond().test_stochastic_rounding_keeps_small_updates("triton")
+
+
+def _train(backend: str, dtype, kwargs: dict, steps: int = 6, grad_scale: float | None = None, device: str = "cpu"):
+    """Params of several layouts (a transposed one, a non-dense view: scratch copies) trained on one backend."""
+    g = torch.Generator().manual_seed(11)
+    init = [torch.randn(s, generator=g, dtype=torch.float64) for s in ((1,), (7,), (67,), (5, 13), (130,))]
+    init += [torch.randn(6, 40, generator=g, dtype=torch.float64).t(), torch.randn(8, 24, generator=g, dtype=torch.float64)[:, ::2]]
+    ps = [p.to(device, dtype).requires_grad_() for p in init]
+    opt = FusedAdamW([{"params": ps[:3]}, {"params": ps[3:], "lr": 3e-3}], lr=1e-2, weight_decay=0.1,
+                     backend=backend, **kwargs)
+    gg = torch.Generator().manual_seed(12)
+    for s in range(steps):
+        for i, p in enumerate(ps):
+            # param 1 skips steps 1 and 2: mixed per-tensor steps from step 3 on
+            has = not (i == 1 and s in (1, 2))
+            p.grad = torch.randn(p.shape, generator=gg, dtype=torch.float64).to(device, dtype) * 3 if has else None
+            if has and grad_scale is not None:
+                p.grad *= grad_scale
+        if grad_scale is not None:
+            opt.step(grad_scale=torch.tensor(grad_scale, device=device), found_inf=torch.tensor(0.0, device=device))
+        else:
+            opt.step()
+    return ps, opt
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+FEATURE_CASES = [  # (param dtype, options): each feature alone and in the combinations that share a store
+    (torch.bfloat16, dict(master_weights=True)),
+    (torch.float16, dict(master_weights=True, amsgrad=True)),
+    (torch.bfloat16, dict(master_weights=True, state_dtype=torch.bfloat16)),
+    (torch.float32, dict(state_dtype=torch.bfloat16, amsgrad=True)),
+    (torch.float32, dict(state_dtype=torch.float16)),
+    (torch.bfloat16, dict(state_dtype=torch.float32, amsgrad=True)),
+    (torch.float16, dict(state_dtype=torch.float32)),
+    (torch.bfloat16, dict(stochastic_rounding=True, seed=5, amsgrad=True)),
+    (torch.float32, dict(stochastic_rounding=True, state_dtype=torch.bfloat16, seed=2**40 + 3, amsgrad=True)),
+    (torch.bfloat16, dict(stochastic_rounding=True, master_weights=True, state_dtype=torch.bfloat16)),
+    (torch.bfloat16, dict(stochastic_rounding=True, capturable=True, amsgrad=True)),
+    (torch.float32, dict(max_grad_norm=0.5, amsgrad=True)),
+    (torch.float32, dict(max_grad_norm=0.5, state_dtype=torch.bfloat16, stochastic_rounding=True, capturable=True)),
+]
+
+
+def _case_id(x) -> str:
+    return str(x) if isinstance(x, torch.dtype) else ",".join(sorted(x))
+
+
+@requires_triton_interpreter
+@pytest.mark.parametrize("dtype, kwargs", FEATURE_CASES, ids=_case_id)
+def test_features_match_reference(dtype, kwargs):
+    """Every stored array against the reference backend (the oracle of each feature): the same fp32 math and
+    one rounding per store. Low-precision stores (round-to-nearest or stochastic) are bitwise the reference's;
+    fp32 values within a few ulps (the kernel's fma forms vs ATen's addcdiv: the existing fp32 parity bound)."""
+    (ours, o), (ref, r) = _train("triton", dtype, kwargs), _train("reference", dtype, kwargs)
+    assert [d.backend for d in o.dispatch[0]] == ["triton"] and [d.backend for d in o.dispatch[1]] == ["triton"]
+    for a, b in zip(ours, ref):
+        pairs = [("param", a.detach(), b.detach())] + [(k, o.state[a][k], r.state[b][k]) for k in r.state[b] if k != "step"]
+        assert {k for k, _, _ in pairs} - {"param"} == set(o.state[a]) - {"step"}
+        for k, x, y in pairs:
+            assert x.dtype == y.dtype, k
+            if x.dtype == torch.float32:
+                torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5, msg=k)
+            else:
+                assert torch.equal(_bits(x), _bits(y)), k
+        if "master_param" in o.state[a]:
+            assert torch.equal(_bits(a.detach()), _bits(o.state[a]["master_param"].to(dtype)))  # round to nearest
+
+
+@requires_triton_interpreter
+def test_clip_under_grad_scaler_matches_reference():
+    """AMP and clipping in one pass: the stored grad is the unscaled, unclipped one; the update uses the clipped."""
+    kwargs = dict(max_grad_norm=0.5, amsgrad=True)
+    ours, o = _train("triton", torch.float32, kwargs, grad_scale=1024.0)
+    ref, r = _train("reference", torch.float32, kwargs, grad_scale=1024.0)
+    torch.testing.assert_close(o.grad_norm, r.grad_norm, atol=0, rtol=0)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a.grad, b.grad, atol=0, rtol=0)
+        torch.testing.assert_close(a.detach(), b.detach(), atol=1e-6, rtol=1e-5)
+        for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):  # Adam's update is nearly scale-invariant: the
+            torch.testing.assert_close(o.state[a][k], r.state[b][k], atol=0, rtol=0)  # states show the coefficient
+
+
+if INTERPRETING and importlib.util.find_spec("triton") is not None:
+    import triton
+    import triton.language as tl
+
+    from fused_adam.backends import triton as _tbm
+
+    @triton.jit
+    def _sr_probe(x_ptr, out_ptr, seed_key, step, tensor_id, start, N: tl.constexpr):
+        # The kernel's stochastic store of N fp32 values as elements start.. of a tensor (exp_avg's stream).
+        offs = tl.arange(0, N)
+        seed_key, step = tl.full([], seed_key, tl.int32), tl.full([], step, tl.float32)
+        tensor_id, start = tl.full([], tensor_id, tl.int64), tl.full([], start, tl.int64)
+        elem_base, key_p, key_m, key_v, key_x = _tbm._sr_keys(seed_key, step, tensor_id, start)
+        _tbm._store(out_ptr + offs, tl.load(x_ptr + offs), None, False, True, True, elem_base + offs.to(tl.uint32), key_m)
+
+
+def _sr_expected(x: torch.Tensor, salt: int, start: int) -> torch.Tensor:
+    """reference.bf16_stochastic for elements start.. of a tensor (its indices start at 0)."""
+    from fused_adam.backends.reference import _fmix32
+
+    index = torch.arange(start, start + x.numel(), dtype=torch.int64)
+    rand = _fmix32((index & 0xFFFFFFFF) ^ salt ^ (((index >> 32) * 0x27D4EB2F) & 0xFFFFFFFF)) & 0xFFFF
+    u = x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    rounded = (u + rand) >> 16
+    rounded = torch.where(rounded >= 0x8000, rounded - 0x10000, rounded).to(torch.int16).view(torch.bfloat16)
+    return torch.where((u & 0x7F800000) == 0x7F800000, x.to(torch.bfloat16), rounded)
+
+
+@requires_triton_interpreter
+@pytest.mark.parametrize("start", [0, 3 << 16, (1 << 32) + (5 << 16), (7 << 32) - (1 << 16)], ids=hex)
+@pytest.mark.parametrize("seed", [0, 1234, 2**64 - 1])
+def test_stochastic_rounding_bits_equal_the_reference(seed, start):
+    """The kernel's salt (from the host's seed part, the step and the tensor id) and per-element bits round the
+    same fp32 values to the same bf16 bits as reference.bf16_stochastic, at element indices past 2^32 too
+    (the hi32 part of sr_bits), with inf, NaN, -0, subnormals and values that round up to inf."""
+    from fused_adam.backends.reference import bf16_stochastic, sr_salt
+
+    n = 4096
+    g = torch.Generator().manual_seed(seed % 1000)
+    x = torch.randn(n, generator=g) * torch.logspace(-40, 38, n)  # reaches fp32 subnormals and huge values
+    x[:8] = torch.tensor([float("inf"), -float("inf"), float("nan"), 0.0, -0.0, 3.3e38, -3.3e38, 1e-45])
+    step, tensor_id = 77.0, 5
+    salt = sr_salt(seed, int(step), tensor_id, 1)
+    expected = _sr_expected(x, salt, start)
+    if start == 0:
+        assert torch.equal(_bits(expected), _bits(bf16_stochastic(x, salt)))
+    out = torch.empty(n, dtype=torch.bfloat16)
+    _sr_probe[(1,)](x, out, _tbm._sr_seed_key(seed), step, tensor_id, start, N=n)
+    nan = expected.isnan()
+    assert torch.equal(out.isnan(), nan)
+    assert torch.equal(_bits(out[~nan]), _bits(expected[~nan]))
+
+
+@requires_triton_interpreter
+@pytest.mark.parametrize("capturable", [False, True])
+def test_stochastic_rounding_in_the_step_is_the_references(small_chunks, capturable):
+    """End to end: with beta1 = 0 the new exp_avg is the fp32 grad itself, so its bf16 store must be exactly
+    bf16_stochastic(grad, sr_salt(seed, step, tensor id, exp_avg's stream)): tensors of several chunks (64
+    elements here), ids over two param groups, per-tensor steps (mixed: host scalars; capturable: device)."""
+    from fused_adam.backends.reference import bf16_stochastic, sr_salt
+
+    g = torch.Generator().manual_seed(13)
+    ps = [torch.randn(n, generator=g).requires_grad_() for n in (1, 150, 64, 200)]
+    seed = 99
+    opt = FusedAdam([{"params": ps[:2]}, {"params": ps[2:]}], lr=1e-3, betas=(0.0, 0.999), state_dtype=torch.bfloat16,
+                    stochastic_rounding=True, seed=seed, capturable=capturable, backend="triton")
+    for s in range(4):
+        grads = [torch.randn(p.shape, generator=g) * 10.0 ** (s - 2) if (s != 1 or i != 2) else None for i, p in enumerate(ps)]
+        for p, gr in zip(ps, grads):
+            p.grad = gr
+        opt.step()
+        for i, (p, gr) in enumerate(zip(ps, grads)):
+            if gr is None:
+                continue
+            step = int(opt.state[p]["step"].item())
+            expected = bf16_stochastic(gr, sr_salt(seed, step, i, 1))
+            assert torch.equal(_bits(opt.state[p]["exp_avg"]), _bits(expected)), (s, i)
+    assert [int(opt.state[p]["step"]) for p in ps] == [4, 4, 3, 4]
+
+
+@requires_triton_interpreter
+def test_features_declared_and_declines_with_reasons():
+    tb = _tb()
+    from fused_adam.backends import Hyper, missing_features
+
+    hp = Hyper(1e-3, 0.9, 0.999, 1e-8, 0.0, False, False, False, False, False, master_weights=True,
+               state_dtype=torch.float32, stochastic_rounding=True, clip=True)
+    assert missing_features(tb, hp) is None and tb.unsupported(torch.device("cpu"), torch.bfloat16, hp) is None
+    fp64_states = Hyper(1e-3, 0.9, 0.999, 1e-8, 0.0, False, False, False, False, False, state_dtype=torch.float64)
+    assert "state_dtype=torch.float64" in tb.unsupported(torch.device("cpu"), torch.float32, fp64_states)
+    p = torch.randn(3, requires_grad=True)
+    p.grad = torch.randn(3)
+    with pytest.raises(RuntimeError, match="backend='triton' cannot run.*state_dtype=torch.float64"):
+        FusedAdam([p], state_dtype=torch.float64, backend="triton").step()
+    auto = FusedAdam([p], state_dtype=torch.float64)  # auto on a CPU device never picks triton; the reason is kept
+    auto.step()
+    assert auto.dispatch[0][0].backend != "triton"
+
+
 # ---- CUDA ------------------------------------------------------------------------------------------------------
 
 compiled = pytest.mark.skipif(INTERPRETING, reason="the CUDA tests run compiled kernels, not the interpreter")
@@ -427,3 +649,47 @@ def test_cuda_graph_capture_matches_eager(dtype):
         torch.testing.assert_close(a.detach(), b.detach(), atol=0, rtol=0)
         for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
             torch.testing.assert_close(opt.state[a][k], opt_e.state[b][k], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype, kwargs", FEATURE_CASES, ids=_case_id)
+@requires_cuda
+@requires_triton
+@compiled
+def test_cuda_features_match_reference(dtype, kwargs):
+    """The compiled kernels against the reference backend on CUDA. The reference's fp32 math runs as separate
+    torch CUDA kernels (no guarantee of the kernel's fma forms), so a stored value may differ by an ulp of the
+    math and then by one ulp of its dtype after rounding (either rounding mode); the SR bits themselves are
+    checked bitwise by the interpreter tests and by test_cuda_stochastic_rounding_bits."""
+    (ours, o), (ref, r) = _train("triton", dtype, kwargs, device="cuda"), _train("reference", dtype, kwargs, device="cuda")
+    assert [d.backend for d in o.dispatch[0]] == ["triton"]
+    for a, b in zip(ours, ref):
+        pairs = [("param", a.detach(), b.detach())] + [(k, o.state[a][k], r.state[b][k]) for k in r.state[b] if k != "step"]
+        for k, x, y in pairs:
+            assert x.dtype == y.dtype, k
+            tol = dict(atol=1e-5, rtol=1e-5) if x.dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+            torch.testing.assert_close(x.float(), y.float(), **tol, msg=k)
+        if "master_param" in o.state[a]:
+            assert torch.equal(_bits(a.detach()), _bits(o.state[a]["master_param"].to(dtype)))
+
+
+@requires_cuda
+@requires_triton
+@compiled
+@pytest.mark.parametrize("capturable", [False, True])
+def test_cuda_stochastic_rounding_bits(capturable):
+    """As test_stochastic_rounding_in_the_step_is_the_references, compiled: beta1 = 0 makes the new exp_avg the
+    fp32 grad, so its bf16 store is exactly bf16_stochastic(grad, salt), cvt and integer ops of the GPU included."""
+    from fused_adam.backends.reference import bf16_stochastic, sr_salt
+
+    g = torch.Generator().manual_seed(13)
+    ps = [torch.randn(n, generator=g).cuda().requires_grad_() for n in (1, 70000, 1000)]
+    opt = FusedAdam(ps, lr=1e-3, betas=(0.0, 0.999), state_dtype=torch.bfloat16, stochastic_rounding=True, seed=99,
+                    capturable=capturable, backend="triton")
+    for _ in range(3):
+        grads = [torch.randn(p.shape, generator=g) for p in ps]
+        for p, gr in zip(ps, grads):
+            p.grad = gr.cuda()
+        opt.step()
+        for i, (p, gr) in enumerate(zip(ps, grads)):
+            expected = bf16_stochastic(gr, sr_salt(99, int(opt.state[p]["step"].item()), i, 1))
+            assert torch.equal(_bits(opt.state[p]["exp_avg"].cpu()), _bits(expected)), i

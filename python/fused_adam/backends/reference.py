@@ -52,13 +52,13 @@ def step(
         grad = grads[i]
         if grad_scale is not None:
             grad.div_(grad_scale.to(grad.device))
-        if clip_coef is not None:
-            grad = grad * clip_coef  # torch.nn.utils.clip_grad_norm_'s mul_, without writing the grad back
         max_exp_avg_sq = max_exp_avg_sqs[i] if hp.amsgrad else None
         master = master_params[i] if master_params else None
         state_steps[i] += 1
         stored = {"param": param, "exp_avg": exp_avgs[i], "exp_avg_sq": exp_avg_sqs[i], "max_exp_avg_sq": max_exp_avg_sq}
         if hp.differentiable or all(t is None or t.dtype == param.dtype not in _LOW_PRECISION for t in stored.values()) and master is None:
+            if clip_coef is not None:
+                grad = grad * clip_coef  # torch.nn.utils.clip_grad_norm_'s mul_, without writing the grad back
             _update(param, grad, exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sq, state_steps[i], hp)
             continue
         # Some store is narrower than the math: compute in fp32 (fp64 for fp64 params), round once per store.
@@ -66,7 +66,10 @@ def step(
         wide = {k: (t.to(wide_dtype) if t is not None else None) for k, t in stored.items()}
         if master is not None:
             wide["param"] = master  # updated in place; the param is its rounding
-        _update(wide["param"], grad.to(wide_dtype), wide["exp_avg"], wide["exp_avg_sq"], wide["max_exp_avg_sq"], state_steps[i], hp)
+        grad = grad.to(wide_dtype)
+        if clip_coef is not None:
+            grad = grad * clip_coef  # in the math's precision, as csrc/adam_math.h
+        _update(wide["param"], grad, wide["exp_avg"], wide["exp_avg_sq"], wide["max_exp_avg_sq"], state_steps[i], hp)
         for k, narrow in stored.items():
             if narrow is None:
                 continue
