@@ -13,6 +13,39 @@
 namespace py = pybind11;
 using fused_adam::cpu::kDefaultChunkSize;
 
+namespace {
+
+at::ScalarType scalar_type(const std::string& name) {
+  for (at::ScalarType t : {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf}) {
+    const std::string short_name(c10::getDtypeNames(t).first);
+    if (name == short_name || name == "torch." + short_name) return t;
+  }
+  TORCH_CHECK_VALUE(false, "fused_adam: unknown dtype name '", name, "'; expected e.g. 'torch.float32'");
+}
+
+// The op's signature: the schema has no empty-list default for Tensor[], so master_params is optional there.
+void adam_step_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                  at::TensorList max_exp_avg_sqs, at::TensorList state_steps, double lr, double beta1, double beta2,
+                  double eps, double weight_decay, bool amsgrad, bool maximize, bool decoupled,
+                  const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                  std::optional<double> decay, int64_t chunk_size, std::optional<at::TensorList> master_params,
+                  bool stochastic_rounding, at::IntArrayRef tensor_ids, int64_t seed,
+                  const std::optional<at::Tensor>& clip_coef) {
+  fused_adam::cpu::adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2,
+                              eps, weight_decay, amsgrad, maximize, decoupled, grad_scale, found_inf, decay,
+                              chunk_size, master_params.value_or(at::TensorList{}), stochastic_rounding, tensor_ids,
+                              seed, clip_coef);
+}
+
+// The Meta (fake tensor) kernel: the op writes its arguments in place and returns nothing, so tracing it
+// (torch.compile, FakeTensorMode) needs no computation; the real kernel's checks run when it runs.
+void adam_step_meta(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
+                    double, double, double, double, double, bool, bool, bool, const std::optional<at::Tensor>&,
+                    const std::optional<at::Tensor>&, std::optional<double>, int64_t, std::optional<at::TensorList>,
+                    bool, at::IntArrayRef, int64_t, const std::optional<at::Tensor>&) {}
+
+}  // namespace
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fused_adam native kernels (CPU: SIMD loop over a chunk table spanning all tensors of a partition)";
   m.attr("DEFAULT_CHUNK_SIZE") = kDefaultChunkSize;
@@ -25,19 +58,34 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
          const std::vector<at::Tensor>& max_exp_avg_sqs, const std::vector<at::Tensor>& state_steps, double lr,
          double beta1, double beta2, double eps, double weight_decay, bool amsgrad, bool maximize, bool decoupled,
          const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-         const std::optional<double>& decay, int64_t chunk_size) {
+         const std::optional<double>& decay, int64_t chunk_size, const std::vector<at::Tensor>& master_params,
+         bool stochastic_rounding, const std::vector<int64_t>& tensor_ids, int64_t seed,
+         const std::optional<at::Tensor>& clip_coef) {
         fused_adam::cpu::adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1,
                                     beta2, eps, weight_decay, amsgrad, maximize, decoupled, grad_scale, found_inf,
-                                    decay, chunk_size);
+                                    decay, chunk_size, master_params, stochastic_rounding, tensor_ids, seed,
+                                    clip_coef);
       },
       py::call_guard<py::gil_scoped_release>(),
         "One Adam/AdamW step over every tensor of one (cpu, dtype) partition, in place (see the backend step "
-        "contract in fused_adam/backends/__init__.py).",
+        "contract in fused_adam/backends/__init__.py, and csrc/cpu/adam_cpu.h for the options beyond torch).",
         py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("max_exp_avg_sqs"),
         py::arg("state_steps"), py::kw_only(), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
         py::arg("weight_decay"), py::arg("amsgrad"), py::arg("maximize"), py::arg("decoupled"),
         py::arg("grad_scale") = py::none(), py::arg("found_inf") = py::none(),
-        py::arg("decay") = py::none(), py::arg("chunk_size") = kDefaultChunkSize);
+        py::arg("decay") = py::none(), py::arg("chunk_size") = kDefaultChunkSize,
+        py::arg("master_params") = std::vector<at::Tensor>{}, py::arg("stochastic_rounding") = false,
+        py::arg("tensor_ids") = std::vector<int64_t>{}, py::arg("seed") = 0, py::arg("clip_coef") = py::none());
+
+  m.def(
+      "cpu_unsupported",
+      [](const std::string& param_dtype, const std::string& state_dtype, bool master, bool stochastic_rounding) {
+        return fused_adam::cpu::unsupported_combination(scalar_type(param_dtype), scalar_type(state_dtype), master,
+                                                        stochastic_rounding);
+      },
+      "Why adam_step_ refuses params and states of these dtypes ('float32', 'bfloat16', ...) with these options, "
+      "or None.",
+      py::arg("param_dtype"), py::arg("state_dtype"), py::arg("master"), py::arg("stochastic_rounding"));
 
   const char* roofline_doc =
       "Bandwidth probe: one pass with Adam's access pattern (read p, g, m, v; write p, m, v; 28 B/param) over "
@@ -67,7 +115,10 @@ TORCH_LIBRARY(fused_adam, m) {
       "adam_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, "
       "Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] state_steps, *, float lr, float beta1, float beta2, float eps, "
       "float weight_decay, bool amsgrad, bool maximize, bool decoupled, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None, float? decay=None, int chunk_size=65536) -> ()");
+      "Tensor? found_inf=None, float? decay=None, int chunk_size=65536, Tensor(g!)[]? master_params=None, "
+      "bool stochastic_rounding=False, int[] tensor_ids=[], int seed=0, Tensor? clip_coef=None) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(fused_adam, CPU, m) { m.impl("adam_step_", &fused_adam::cpu::adam_step_); }
+TORCH_LIBRARY_IMPL(fused_adam, CPU, m) { m.impl("adam_step_", &adam_step_op); }
+
+TORCH_LIBRARY_IMPL(fused_adam, Meta, m) { m.impl("adam_step_", &adam_step_meta); }

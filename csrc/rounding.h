@@ -6,7 +6,7 @@
 // Implementation: add 16 random bits to the low half of x's fp32 bit pattern, then truncate. The random bits are
 // a pure function of (seed, step, tensor, stream, element index), so a run resumed from a checkpoint draws the
 // same bits as an uninterrupted one, and every thread/lane/block computes its own without shared RNG state.
-// The Python reference (python/fused_adam/backends/reference.py, _sr_bits/_round) computes the same bits.
+// The Python reference (python/fused_adam/backends/reference.py: sr_salt, bf16_stochastic) computes the same bits.
 #pragma once
 
 #include <cstdint>

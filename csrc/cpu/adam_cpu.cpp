@@ -22,6 +22,7 @@
 
 #include "adam_math.h"
 #include "chunk_table.h"
+#include "rounding.h"
 #include "cpu/kernel.h"
 
 namespace fused_adam {
@@ -121,7 +122,7 @@ ChunkFn roofline_chunk_fn() {
 
 // Runs `fn` over every element of every tensor. `scalars + t * scalar_stride` is tensor t's StepScalars.
 void run_chunks(const std::vector<TensorPtrs>& tensors, const std::vector<int64_t>& numels, ChunkFn fn,
-                const char* scalars, size_t scalar_stride, double grad_scale, int64_t chunk_size) {
+                const char* scalars, size_t scalar_stride, const StepArgs& args, int64_t chunk_size) {
   const std::vector<Chunk> table = build_chunk_table(numels, chunk_size);
   if (table.empty()) return;
   std::vector<int64_t> offset(table.size() + 1);  // offset[c]: elements before entry c, over the whole partition
@@ -138,14 +139,14 @@ void run_chunks(const std::vector<TensorPtrs>& tensors, const std::vector<int64_
       const int64_t begin = std::max(lo, offset[c]);
       const int64_t end = std::min(hi, offset[c + 1]);
       fn(tensors[chunk.tensor], chunk.start + (begin - offset[c]), end - begin,
-         scalars + chunk.tensor * scalar_stride, grad_scale);
+         scalars + chunk.tensor * scalar_stride, args);
     }
   });
 }
 
 // ---- the boundary --------------------------------------------------------------------------------------------
 
-ScalarKind scalar_kind(at::ScalarType dtype) {
+ScalarKind scalar_kind(at::ScalarType dtype, const char* what = "params[0]") {
   switch (dtype) {
     case at::kFloat:
       return ScalarKind::kFloat;
@@ -156,24 +157,34 @@ ScalarKind scalar_kind(at::ScalarType dtype) {
     case at::kHalf:
       return ScalarKind::kHalf;
     default:
-      TORCH_CHECK_TYPE(false, kWho, ": params[0] has dtype ", dtype,
+      TORCH_CHECK_TYPE(false, kWho, ": ", what, " has dtype ", dtype,
                        "; the cpu backend supports float32, float64, bfloat16 and float16 (use backend='reference')");
   }
 }
 
-void check_like_param(const at::Tensor& t, const char* list, size_t i, const at::Tensor& param) {
+// t must have the dtype of `like`, which is list `like_list`'s element `like_i` (grads: the param; states:
+// exp_avgs[0]; masters: none, float32).
+void check_like_param(const at::Tensor& t, const char* list, size_t i, const at::Tensor& param, const at::Tensor* like,
+                      const char* like_list, size_t like_i) {
   TORCH_CHECK(t.defined(), kWho, ": ", list, "[", i, "] is None");
   TORCH_CHECK(t.layout() == at::kStrided, kWho, ": ", list, "[", i, "] has layout ", t.layout(),
               "; only strided (dense) tensors are supported");
   TORCH_CHECK(t.device().is_cpu(), kWho, ": ", list, "[", i, "] is on ", t.device(), ", expected cpu");
-  TORCH_CHECK_TYPE(t.scalar_type() == param.scalar_type(), kWho, ": ", list, "[", i, "] has dtype ",
-                   t.scalar_type(), ", but params[", i, "] has dtype ", param.scalar_type());
+  if (like != nullptr) {
+    TORCH_CHECK_TYPE(t.scalar_type() == like->scalar_type(), kWho, ": ", list, "[", i, "] has dtype ",
+                     t.scalar_type(), ", but ", like_list, "[", like_i, "] has dtype ", like->scalar_type(),
+                     like == &param ? "" : " (the states share one dtype)");
+  } else {
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, kWho, ": ", list, "[", i, "] has dtype ", t.scalar_type(),
+                     ", expected float32");
+  }
   TORCH_CHECK(t.sizes() == param.sizes(), kWho, ": ", list, "[", i, "] has shape ", t.sizes(), ", but params[", i,
               "] has shape ", param.sizes());
 }
 
 void check_lists(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                 at::TensorList max_exp_avg_sqs, at::TensorList state_steps, bool amsgrad) {
+                 at::TensorList max_exp_avg_sqs, at::TensorList state_steps, bool amsgrad, at::TensorList master_params,
+                 bool stochastic_rounding, at::IntArrayRef tensor_ids) {
   const size_t n = params.size();
   auto check_len = [&](at::TensorList list, const char* name) {
     TORCH_CHECK_VALUE(list.size() == n, kWho, ": ", name, " has ", list.size(), " tensors, expected ", n,
@@ -189,8 +200,20 @@ void check_lists(at::TensorList params, at::TensorList grads, at::TensorList exp
     TORCH_CHECK_VALUE(max_exp_avg_sqs.empty(), kWho, ": max_exp_avg_sqs has ", max_exp_avg_sqs.size(),
                       " tensors, expected none when amsgrad=False");
   }
+  if (!master_params.empty()) check_len(master_params, "master_params");
+  if (stochastic_rounding) {
+    TORCH_CHECK_VALUE(tensor_ids.size() == n, kWho, ": tensor_ids has ", tensor_ids.size(), " ids, expected ", n,
+                      " (one per param: stochastic rounding draws each tensor's bits from its id)");
+  }
   if (n == 0) return;
   TORCH_CHECK(params[0].defined(), kWho, ": params[0] is None");
+  TORCH_CHECK(exp_avgs[0].defined(), kWho, ": exp_avgs[0] is None");
+  const bool master = !master_params.empty();
+  if (master) {
+    const at::ScalarType dt = params[0].scalar_type();
+    TORCH_CHECK_TYPE(dt == at::kBFloat16 || dt == at::kHalf, kWho, ": master_params given for params of dtype ", dt,
+                     "; master weights are for bfloat16 and float16 params");
+  }
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
     TORCH_CHECK(p.defined(), kWho, ": params[", i, "] is None");
@@ -200,10 +223,11 @@ void check_lists(at::TensorList params, at::TensorList grads, at::TensorList exp
     TORCH_CHECK_TYPE(p.scalar_type() == params[0].scalar_type(), kWho, ": params[", i, "] has dtype ",
                      p.scalar_type(), ", but params[0] has dtype ", params[0].scalar_type(),
                      "; one call takes one dtype");
-    check_like_param(grads[i], "grads", i, p);
-    check_like_param(exp_avgs[i], "exp_avgs", i, p);
-    check_like_param(exp_avg_sqs[i], "exp_avg_sqs", i, p);
-    if (amsgrad) check_like_param(max_exp_avg_sqs[i], "max_exp_avg_sqs", i, p);
+    check_like_param(grads[i], "grads", i, p, &p, "params", i);
+    check_like_param(exp_avgs[i], "exp_avgs", i, p, &exp_avgs[0], "exp_avgs", 0);
+    check_like_param(exp_avg_sqs[i], "exp_avg_sqs", i, p, &exp_avgs[0], "exp_avgs", 0);
+    if (amsgrad) check_like_param(max_exp_avg_sqs[i], "max_exp_avg_sqs", i, p, &exp_avgs[0], "exp_avgs", 0);
+    if (master) check_like_param(master_params[i], "master_params", i, p, nullptr, nullptr, 0);
     const at::Tensor& step = state_steps[i];
     TORCH_CHECK(step.defined(), kWho, ": state_steps[", i, "] is None");
     TORCH_CHECK(step.device().is_cpu() && step.scalar_type() == at::kFloat && step.numel() == 1, kWho,
@@ -217,7 +241,7 @@ double host_scalar(const at::Tensor& t, const char* name) {
   return t.item<double>();
 }
 
-// NOTE [cpu layout]: true when the five arrays of tensor i can be walked as one flat range each.
+// NOTE [cpu layout]: true when the arrays of tensor i (up to six, with a master) can be walked as one flat range each.
 bool is_flat(const at::Tensor& p, std::initializer_list<const at::Tensor*> others) {
   if (p.numel() <= 1) return true;
   if (!p.is_non_overlapping_and_dense()) return false;
@@ -229,41 +253,53 @@ bool is_flat(const at::Tensor& p, std::initializer_list<const at::Tensor*> other
 
 // Contiguous stand-ins for the arrays of one non-flat tensor, copied back after the step.
 struct Staged {
-  at::Tensor original[5];
-  at::Tensor flat[5];
+  at::Tensor original[6];
+  at::Tensor flat[6];
+};
+
+// What a step needs beyond torch's arguments (NOTE [cpu feature loops] in kernel.h).
+struct Extras {
+  at::TensorList master_params;  // empty unless mode.master
+  at::IntArrayRef tensor_ids;    // read only when mode.stochastic_rounding
+  uint64_t seed;
 };
 
 template <typename T>
 void step_with_opmath(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                       at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
-                      const AdamHyper& hyper, const std::optional<double>& decay, const Mode& mode, double grad_scale,
-                      int64_t chunk_size) {
+                      const AdamHyper& hyper, const std::optional<double>& decay, const Mode& mode,
+                      const StepArgs& args, const Extras& extras, int64_t chunk_size) {
   const size_t n = params.size();
   std::vector<TensorPtrs> ptrs(n);
   std::vector<int64_t> numels(n);
   std::vector<Staged> staged;
   for (size_t i = 0; i < n; ++i) {
-    const at::Tensor* arrays[5] = {&params[i], &grads[i], &exp_avgs[i], &exp_avg_sqs[i],
-                                   mode.amsgrad ? &max_exp_avg_sqs[i] : nullptr};
+    const at::Tensor* arrays[6] = {&params[i], &grads[i], &exp_avgs[i], &exp_avg_sqs[i],
+                                   mode.amsgrad ? &max_exp_avg_sqs[i] : nullptr,
+                                   mode.master ? &extras.master_params[i] : nullptr};
     numels[i] = params[i].numel();
     if (numels[i] == 0) {
       ptrs[i] = {};
       continue;
     }
-    void* data[5] = {};
-    if (is_flat(params[i], {arrays[1], arrays[2], arrays[3], arrays[4]})) {
-      for (int a = 0; a < 5; ++a) data[a] = arrays[a] != nullptr ? arrays[a]->data_ptr() : nullptr;
+    void* data[6] = {};
+    // Stochastic rounding draws element j's bits from j, its index in the tensor (row-major, as the reference
+    // backend): a permuted-but-dense tensor is walked in memory order, so it runs on contiguous copies.
+    const bool flat = is_flat(params[i], {arrays[1], arrays[2], arrays[3], arrays[4], arrays[5]}) &&
+                      (!mode.stochastic_rounding || params[i].is_contiguous());
+    if (flat) {
+      for (int a = 0; a < 6; ++a) data[a] = arrays[a] != nullptr ? arrays[a]->data_ptr() : nullptr;
     } else {
-      Staged s;
-      for (int a = 0; a < 5; ++a) {
+      Staged st;
+      for (int a = 0; a < 6; ++a) {
         if (arrays[a] == nullptr) continue;
-        s.original[a] = *arrays[a];
-        s.flat[a] = arrays[a]->contiguous();
-        data[a] = s.flat[a].data_ptr();
+        st.original[a] = *arrays[a];
+        st.flat[a] = arrays[a]->contiguous();
+        data[a] = st.flat[a].data_ptr();
       }
-      staged.push_back(std::move(s));
+      staged.push_back(std::move(st));
     }
-    ptrs[i] = {data[0], data[1], data[2], data[3], data[4]};
+    ptrs[i] = {data[0], data[1], data[2], data[3], data[4], static_cast<float*>(data[5]), {}};
   }
 
   // Every step moves on by one; each tensor's scalars come from its own count (they usually agree, so the
@@ -280,45 +316,120 @@ void step_with_opmath(at::TensorList params, at::TensorList grads, at::TensorLis
     } else {
       scalars[i] = scalars[i - 1];
     }
+    if (mode.stochastic_rounding) {  // the bits of this step: a function of (seed, step, tensor, stream, element)
+      const uint64_t s = static_cast<uint64_t>(*step);
+      const uint64_t id = static_cast<uint64_t>(extras.tensor_ids[i]);
+      for (Stream k : {Stream::kParam, Stream::kExpAvg, Stream::kExpAvgSq, Stream::kMaxExpAvgSq}) {
+        ptrs[i].salt[static_cast<int>(k)] = sr_salt(extras.seed, s, id, k);
+      }
+    }
   }
 
   run_chunks(ptrs, numels, adam_chunk_fn(mode), reinterpret_cast<const char*>(scalars.data()),
-             sizeof(StepScalars<T>), grad_scale, chunk_size);
+             sizeof(StepScalars<T>), args, chunk_size);
 
-  for (Staged& s : staged) {
-    for (int a = 0; a < 5; ++a) {
+  for (Staged& st : staged) {
+    for (int a = 0; a < 6; ++a) {
       const bool written = a != 1 || mode.unscale;  // the grad is written only when it is unscaled
-      if (s.original[a].defined() && written && !s.flat[a].is_same(s.original[a])) s.original[a].copy_(s.flat[a]);
+      if (st.original[a].defined() && written && !st.flat[a].is_same(st.original[a])) st.original[a].copy_(st.flat[a]);
     }
   }
 }
 
+const char* kind_name(ScalarKind k) {
+  switch (k) {
+    case ScalarKind::kFloat:
+      return "float32";
+    case ScalarKind::kDouble:
+      return "float64";
+    case ScalarKind::kBFloat16:
+      return "bfloat16";
+    case ScalarKind::kHalf:
+      return "float16";
+  }
+  return "?";
+}
+
+// The storage combinations the feature loop is instantiated for, as text (for error messages).
+std::string feature_kinds_text() {
+  std::string out;
+#define FA_CPU_KIND_TEXT(PK, SK, MASTER, SR)                                                                \
+  if (!(SR)) {                                                                                              \
+    out += out.empty() ? "" : ", ";                                                                         \
+    out += std::string(kind_name(PK)) + (MASTER ? " + fp32 master" : "") + " with " + kind_name(SK) + " states"; \
+  }
+  FA_CPU_FEATURE_KINDS(FA_CPU_KIND_TEXT)
+#undef FA_CPU_KIND_TEXT
+  return out;
+}
+
 }  // namespace
+
+std::optional<std::string> unsupported_combination(at::ScalarType param_dtype, at::ScalarType state_dtype,
+                                                   bool master, bool stochastic_rounding) {
+  ScalarKind pk, sk;
+  try {
+    pk = scalar_kind(param_dtype);
+    sk = scalar_kind(state_dtype, "exp_avgs[0]");
+  } catch (const c10::Error& e) {
+    return std::string(e.what_without_backtrace());
+  }
+  if (master && pk != ScalarKind::kBFloat16 && pk != ScalarKind::kHalf) {
+    return std::string("master weights are for bfloat16 and float16 params, not ") + kind_name(pk);
+  }
+  Mode mode{pk, sk, WeightDecay::kNone, false, false, false, master, stochastic_rounding, false};
+  // Stochastic rounding changes only bf16 stores that are the only copy of a value.
+  mode.stochastic_rounding = stochastic_rounding && ((pk == ScalarKind::kBFloat16 && !master) || sk == ScalarKind::kBFloat16);
+  if (!uses_feature_loop(mode) || feature_kind_instantiated(mode)) return std::nullopt;
+  return std::string("the cpu kernel is not instantiated for ") + kind_name(pk) + " params" +
+         (master ? " with an fp32 master" : "") + " and " + kind_name(sk) + " states" +
+         (mode.stochastic_rounding ? " with stochastic rounding" : "") + " (it has: " + feature_kinds_text() +
+         "; each also with stochastic rounding where a bfloat16 store is the only copy)";
+}
 
 void adam_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                 at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
                 double lr, double beta1, double beta2, double eps, double weight_decay, bool amsgrad,
                 bool maximize, bool decoupled, const std::optional<at::Tensor>& grad_scale,
                 const std::optional<at::Tensor>& found_inf, const std::optional<double>& decay,
-                int64_t chunk_size) {
+                int64_t chunk_size, at::TensorList master_params, bool stochastic_rounding,
+                at::IntArrayRef tensor_ids, int64_t seed, const std::optional<at::Tensor>& clip_coef) {
   TORCH_CHECK_VALUE(chunk_size > 0, kWho, ": chunk_size must be positive, got ", chunk_size);
-  check_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad);
+  check_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad, master_params,
+              stochastic_rounding, tensor_ids);
   if (params.empty()) return;
+  const bool master = !master_params.empty();
+  if (auto why = unsupported_combination(params[0].scalar_type(), exp_avgs[0].scalar_type(), master,
+                                         stochastic_rounding)) {
+    TORCH_CHECK_TYPE(false, kWho, ": ", *why, "; use backend='reference'");
+  }
   const ScalarKind kind = scalar_kind(params[0].scalar_type());
+  const ScalarKind state_kind = scalar_kind(exp_avgs[0].scalar_type(), "exp_avgs[0]");
   const double scale = grad_scale.has_value() ? host_scalar(*grad_scale, "grad_scale") : 1.0;
+  double clip = 1.0;
+  if (clip_coef.has_value()) {  // read once per call
+    TORCH_CHECK(clip_coef->device().is_cpu() && clip_coef->scalar_type() == at::kFloat, kWho,
+                ": clip_coef must be a float32 cpu tensor, got ", clip_coef->scalar_type(), " on ",
+                clip_coef->device());
+    clip = host_scalar(*clip_coef, "clip_coef");
+  }
   if (found_inf.has_value() && host_scalar(*found_inf, "found_inf") != 0.0) return;
 
   const WeightDecay wd = weight_decay == 0.0 ? WeightDecay::kNone
                          : decoupled         ? WeightDecay::kDecoupled
                                              : WeightDecay::kL2;
-  const Mode mode{kind, wd, amsgrad, maximize, grad_scale.has_value()};
+  const bool sr = stochastic_rounding &&
+                  ((kind == ScalarKind::kBFloat16 && !master) || state_kind == ScalarKind::kBFloat16);
+  const Mode mode{kind, state_kind, wd, amsgrad, maximize, grad_scale.has_value(), master, sr, clip_coef.has_value()};
+  const StepArgs args{scale, (maximize ? -1.0 : 1.0) * clip};
+  const Extras extras{master_params, tensor_ids, static_cast<uint64_t>(seed)};
   const AdamHyper hyper{lr, beta1, beta2, eps, weight_decay};
   if (kind == ScalarKind::kDouble) {
-    step_with_opmath<double>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, hyper, decay, mode, scale,
-                             chunk_size);
+    step_with_opmath<double>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, hyper, decay, mode,
+                             args, extras, chunk_size);
   } else {
-    step_with_opmath<float>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, hyper, decay, mode, scale,
-                            chunk_size);
+    step_with_opmath<float>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, hyper, decay, mode,
+                            args, extras, chunk_size);
   }
 }
 
@@ -343,10 +454,11 @@ void roofline_(const std::vector<at::Tensor>& params, const std::vector<at::Tens
                   " elements, but p[", i, "] has ", params[i].numel());
     }
     numels[i] = params[i].numel();
-    ptrs[i] = {params[i].data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(), exp_avg_sqs[i].data_ptr(), nullptr};
+    ptrs[i] = {params[i].data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(), exp_avg_sqs[i].data_ptr(), nullptr,
+               nullptr, {}};
   }
   const char no_scalars = 0;
-  run_chunks(ptrs, numels, roofline_chunk_fn(), &no_scalars, 0, 1.0, chunk_size);
+  run_chunks(ptrs, numels, roofline_chunk_fn(), &no_scalars, 0, StepArgs{1.0, 1.0}, chunk_size);
 }
 
 std::vector<std::tuple<int64_t, int64_t, int64_t>> chunk_table(const std::vector<int64_t>& numels,

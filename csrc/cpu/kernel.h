@@ -8,9 +8,12 @@
 // through a shared weak symbol. The per-ISA translation units include no torch header for the same reason.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "adam_math.h"
+#include "rounding.h"
 
 namespace fused_adam {
 namespace cpu {
@@ -18,28 +21,78 @@ namespace cpu {
 enum class ScalarKind : uint8_t { kFloat, kDouble, kBFloat16, kHalf };
 enum class Isa : uint8_t { kBaseline, kAvx2, kAvx512 };
 
-// One tensor of a multi-tensor step as raw memory: all five arrays share one flat layout (NOTE [cpu layout] in
-// adam_cpu.cpp). max_exp_avg_sq is null unless amsgrad.
+// One tensor of a multi-tensor step as raw memory: all six arrays share one flat layout (NOTE [cpu layout] in
+// adam_cpu.cpp). max_exp_avg_sq is null unless amsgrad, master null unless master weights.
 struct TensorPtrs {
   void* param;
   void* grad;
   void* exp_avg;
   void* exp_avg_sq;
   void* max_exp_avg_sq;
+  float* master;     // master weights: the fp32 copy the update runs on; `param` gets its rounding to nearest
+  uint32_t salt[4];  // stochastic rounding: sr_salt (csrc/rounding.h) of this tensor's step, per Stream
 };
 
 // The compile-time modes of one step; each combination is its own instantiation of the loop.
 struct Mode {
-  ScalarKind dtype;
+  ScalarKind dtype;        // params and grads
+  ScalarKind state_dtype;  // exp_avg, exp_avg_sq, max_exp_avg_sq
   WeightDecay weight_decay;
   bool amsgrad;
   bool maximize;
-  bool unscale;  // grad_scale given: grads are divided by it and the quotient is stored back
+  bool unscale;              // grad_scale given: grads are divided by it and the quotient is stored back
+  bool master;               // master weights (bf16/fp16 params only)
+  bool stochastic_rounding;  // bf16 stores that are the only copy of a value round stochastically
+  bool clip;                 // the grad is multiplied by StepArgs::grad_mul for the update (clip_grad_norm_)
+};
+
+// NOTE [cpu feature loops]: a step with none of the options beyond torch runs the torch-parity loop, one
+// instantiation per (dtype, weight decay, amsgrad, maximize, unscale). A step with any of them (state_dtype,
+// master weights, stochastic rounding, clip) runs the feature loop, which is templated on the storage types
+// instead, and keeps its mode count down with two exact rewrites:
+//   * maximize and clip are one multiply, grad * (maximize ? -c : c) with c = 1 when not clipping
+//     (-(g * c) == g * -c in round-to-nearest; only the sign of a NaN can differ from torch's -g);
+//   * no weight decay is decoupled decay by 1 - lr * 0 = 1 (p * 1 == p).
+// Only the storage combinations below are instantiated; adam_cpu.cpp declines the others with a reason, and the
+// Python backend (backends/cpu.py) declines them before the call so that auto falls back to the reference.
+// X(param kind, state kind, master, stochastic rounding)
+#define FA_CPU_FEATURE_KINDS(X)                                                            \
+  X(ScalarKind::kFloat, ScalarKind::kFloat, false, false)       /* fp32, clip */           \
+  X(ScalarKind::kDouble, ScalarKind::kDouble, false, false)     /* fp64, clip */           \
+  X(ScalarKind::kBFloat16, ScalarKind::kBFloat16, false, false) /* bf16, clip */           \
+  X(ScalarKind::kBFloat16, ScalarKind::kBFloat16, false, true)  /* bf16, SR: 14 B/param */ \
+  X(ScalarKind::kHalf, ScalarKind::kHalf, false, false)         /* fp16, clip */           \
+  X(ScalarKind::kFloat, ScalarKind::kBFloat16, false, false)    /* 20 B/param */           \
+  X(ScalarKind::kFloat, ScalarKind::kBFloat16, false, true)                                \
+  X(ScalarKind::kBFloat16, ScalarKind::kFloat, false, false)    /* 22 B/param */           \
+  X(ScalarKind::kBFloat16, ScalarKind::kFloat, false, true)                                \
+  X(ScalarKind::kHalf, ScalarKind::kFloat, false, false)                                   \
+  X(ScalarKind::kBFloat16, ScalarKind::kFloat, true, false)     /* master: 28 B/param */   \
+  X(ScalarKind::kHalf, ScalarKind::kFloat, true, false)                                    \
+  X(ScalarKind::kBFloat16, ScalarKind::kBFloat16, true, false)  /* master, bf16 states */  \
+  X(ScalarKind::kBFloat16, ScalarKind::kBFloat16, true, true)
+
+// Whether a step needs the feature loop, and whether its storage combination is instantiated.
+inline bool uses_feature_loop(const Mode& m) {
+  return m.state_dtype != m.dtype || m.master || m.stochastic_rounding || m.clip;
+}
+inline bool feature_kind_instantiated(const Mode& m) {
+#define FA_CPU_IS_KIND(PK, SK, MASTER, SR) \
+  if (m.dtype == PK && m.state_dtype == SK && m.master == MASTER && m.stochastic_rounding == SR) return true;
+  FA_CPU_FEATURE_KINDS(FA_CPU_IS_KIND)
+#undef FA_CPU_IS_KIND
+  return false;
+}
+
+// Runtime arguments of one step, the same for every tensor.
+struct StepArgs {
+  double grad_scale;  // read only when mode.unscale
+  double grad_mul;    // feature loop only: (maximize ? -1 : 1) * clip coefficient
 };
 
 // Elements [begin, begin + n) of one tensor. `scalars` points to the tensor's StepScalars<opmath> (float for
-// fp32/bf16/fp16, double for fp64); grad_scale is read only when mode.unscale.
-using ChunkFn = void (*)(const TensorPtrs& t, int64_t begin, int64_t n, const void* scalars, double grad_scale);
+// fp32/bf16/fp16 params, double for fp64).
+using ChunkFn = void (*)(const TensorPtrs& t, int64_t begin, int64_t n, const void* scalars, const StepArgs& args);
 
 // The loop for `mode`, compiled for one ISA. Defined in kernel_<isa>.cpp.
 ChunkFn adam_chunk_fn_avx512(const Mode& mode);

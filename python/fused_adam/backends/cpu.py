@@ -3,8 +3,15 @@
 The kernel checks the tensors, increments every step, computes each tensor's bias corrections from its own step
 and runs a SIMD loop (AVX-512 / AVX2 picked at run time) over a chunk table spanning all the partition's tensors,
 with threads splitting the work across tensors. This module only turns Tensor hyperparameters into host numbers.
+
+It implements every optional feature of backends/__init__.py (NOTE [cpu feature loops] in csrc/cpu/kernel.h):
+the kernel is instantiated for the storage combinations that are useful (fp32 params with bf16 states, bf16/fp16
+params with fp32 states or an fp32 master, ...) and unsupported() declines the others with the kernel's reason,
+so that auto falls back to the reference backend.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import Tensor
@@ -12,7 +19,7 @@ from torch import Tensor
 from . import Hyper
 
 NAME = "cpu"
-FEATURES: tuple[str, ...] = ()  # none of the optional features of backends/__init__.py yet: auto skips to reference
+FEATURES = ("master_weights", "state_dtype", "stochastic_rounding", "clip")
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -36,7 +43,16 @@ def unsupported(device: torch.device, dtype: torch.dtype, hp: Hyper) -> str | No
         return "differentiable=True needs autograd through the step, which only the reference backend keeps"
     if dtype not in SUPPORTED_DTYPES:
         return f"dtype {dtype} is not supported by the cpu kernel (float32, float64, bfloat16, float16 are)"
+    if hp.state_dtype is not None or hp.master_weights or hp.stochastic_rounding:
+        return _unsupported_combination(dtype, hp.state_dtype or dtype, hp.master_weights, hp.stochastic_rounding)
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def _unsupported_combination(dtype: torch.dtype, state_dtype: torch.dtype, master: bool, sr: bool) -> str | None:
+    if state_dtype not in SUPPORTED_DTYPES:
+        return f"state_dtype {state_dtype} is not supported by the cpu kernel"
+    return _C.cpu_unsupported(str(dtype), str(state_dtype), master, sr)
 
 
 def _host(x: float | Tensor) -> float:
@@ -53,9 +69,21 @@ def step(
     hp: Hyper,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
+    *,
+    master_params: list[Tensor] | None = None,
+    tensor_ids: list[int] | None = None,
+    clip_coef: Tensor | None = None,
 ) -> None:
     if not params:
         return
+    extra = {}
+    if master_params:
+        extra["master_params"] = master_params
+    if hp.stochastic_rounding:
+        seed = hp.seed & 0xFFFFFFFFFFFFFFFF
+        extra.update(stochastic_rounding=True, tensor_ids=tensor_ids, seed=seed - (1 << 64) if seed >= 1 << 63 else seed)
+    if clip_coef is not None:
+        extra["clip_coef"] = clip_coef
     decay = None
     if isinstance(hp.lr, Tensor) and hp.decoupled and hp.weight_decay != 0:
         # torch.optim.AdamW computes 1 - lr * wd in lr's dtype when lr is a Tensor; a double factor drifts from
@@ -65,5 +93,5 @@ def step(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
         lr=_host(hp.lr), beta1=_host(hp.beta1), beta2=_host(hp.beta2), eps=hp.eps, weight_decay=hp.weight_decay,
         amsgrad=hp.amsgrad, maximize=hp.maximize, decoupled=hp.decoupled, grad_scale=grad_scale, found_inf=found_inf,
-        decay=decay,
+        decay=decay, **extra,
     )
