@@ -1,12 +1,13 @@
-// Adam/AdamW step kernels for __nv_bfloat16 params, every mode (weight decay x amsgrad x maximize x unscale x vector
-// path). One file per dtype so that the instantiations compile in parallel; the kernel is in adam_kernel.cuh.
+// Adam/AdamW step kernels for bfloat16 params and states, every mode (weight decay x amsgrad x unscale x vector path x
+// fp32 master weights x stochastic rounding). One file per (param, state) dtype pair so that the instantiations compile
+// in parallel; the kernel is in adam_kernel.cuh.
 #include "cuda/adam_kernel.cuh"
 
 namespace fused_adam {
 namespace cuda {
 
-template cudaError_t launch_adam<__nv_bfloat16>(const AdamTensor*, const std::vector<PlannedLaunch>&,
-                                      const AdamStepOptions&, cudaStream_t);
+template cudaError_t launch_adam<__nv_bfloat16, __nv_bfloat16>(const AdamTensor*, const std::vector<PlannedLaunch>&,
+                                                               const AdamStepOptions&, cudaStream_t);
 
 }  // namespace cuda
 }  // namespace fused_adam

@@ -1,12 +1,13 @@
-// Adam/AdamW step kernels for __half params, every mode (weight decay x amsgrad x maximize x unscale x vector
-// path). One file per dtype so that the instantiations compile in parallel; the kernel is in adam_kernel.cuh.
+// Adam/AdamW step kernels for float16 params and states, every mode (weight decay x amsgrad x unscale x vector path x
+// fp32 master weights). One file per (param, state) dtype pair so that the instantiations compile in parallel; the
+// kernel is in adam_kernel.cuh.
 #include "cuda/adam_kernel.cuh"
 
 namespace fused_adam {
 namespace cuda {
 
-template cudaError_t launch_adam<__half>(const AdamTensor*, const std::vector<PlannedLaunch>&, const AdamStepOptions&,
-                                      cudaStream_t);
+template cudaError_t launch_adam<__half, __half>(const AdamTensor*, const std::vector<PlannedLaunch>&,
+                                                 const AdamStepOptions&, cudaStream_t);
 
 }  // namespace cuda
 }  // namespace fused_adam

@@ -1,8 +1,10 @@
 // torch binding of the CUDA Adam/AdamW step: module fused_adam._C_cuda, built only where torch has CUDA.
 // Validates the tensor lists once, at this boundary (messages name the param index, the argument and the value),
-// gives the kernel dense buffers with one element order per param (copies where a grad's or state's strides differ
-// from its param's, written back after the launch), and calls the torch-free launcher (adam_cuda.h) on the current
-// stream. Called by python/fused_adam/backends/cuda.py, which follows the step contract of backends/__init__.py.
+// gives the kernel dense buffers with one element order per param (copies where a grad's, state's or master's
+// strides differ from its param's, written back after the launch; the row-major order with stochastic rounding,
+// whose random bits follow the element index), and calls the torch-free launcher (adam_cuda.h) on the current
+// stream. Called by python/fused_adam/backends/cuda.py, which follows the step contract of backends/__init__.py,
+// optional features included (master_params, state dtype, stochastic rounding, clip_coef).
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
@@ -55,11 +57,13 @@ Work as_dense_like(const Tensor& t, const Tensor& layout, bool written) {
   return {copy, written ? t : Tensor()};
 }
 
-void check_like(const Tensor& t, const Tensor& param, size_t i, const char* what) {
+// `dtype`, and what it is (e.g. "the param's dtype"), for the message.
+void check_like(const Tensor& t, const Tensor& param, size_t i, const char* what, at::ScalarType dtype,
+                const char* dtype_is) {
   TORCH_CHECK(t.device() == param.device(), "fused_adam cuda: ", what, " of param ", i, " is on ", t.device(),
               ", expected ", param.device(), " (the param's device)");
-  TORCH_CHECK(t.scalar_type() == param.scalar_type(), "fused_adam cuda: ", what, " of param ", i, " has dtype ",
-              t.scalar_type(), ", expected ", param.scalar_type(), " (the param's dtype)");
+  TORCH_CHECK(t.scalar_type() == dtype, "fused_adam cuda: ", what, " of param ", i, " has dtype ", t.scalar_type(),
+              ", expected ", dtype, " (", dtype_is, ")");
   TORCH_CHECK(t.sizes() == param.sizes(), "fused_adam cuda: ", what, " of param ", i, " has shape ", t.sizes(),
               ", expected ", param.sizes(), " (the param's shape)");
   TORCH_CHECK(t.layout() == at::kStrided, "fused_adam cuda: ", what, " of param ", i, " is ", t.layout(),
@@ -80,18 +84,32 @@ void adam_step(const std::vector<Tensor>& params, const std::vector<Tensor>& gra
                const std::vector<Tensor>& max_exp_avg_sqs, const std::vector<Tensor>& state_steps, double lr,
                const std::optional<Tensor>& lr_tensor, double beta1, double beta2, double eps, double weight_decay,
                bool amsgrad, bool maximize, bool decoupled, bool capturable, const std::optional<Tensor>& grad_scale,
-               const std::optional<Tensor>& found_inf, std::optional<double> decay) {
+               const std::optional<Tensor>& found_inf, std::optional<double> decay,
+               const std::vector<Tensor>& master_params, const std::vector<int64_t>& tensor_ids,
+               bool stochastic_rounding, uint64_t seed, const std::optional<Tensor>& clip_coef) {
   const size_t n = params.size();
   TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && state_steps.size() == n,
               "fused_adam cuda: list lengths differ: ", n, " params, ", grads.size(), " grads, ", exp_avgs.size(),
               " exp_avgs, ", exp_avg_sqs.size(), " exp_avg_sqs, ", state_steps.size(), " state_steps");
   TORCH_CHECK(max_exp_avg_sqs.size() == (amsgrad ? n : 0), "fused_adam cuda: ", max_exp_avg_sqs.size(),
               " max_exp_avg_sqs for ", n, " params with amsgrad=", amsgrad ? "True" : "False");
+  const bool master = !master_params.empty();
+  TORCH_CHECK(!master || master_params.size() == n, "fused_adam cuda: ", master_params.size(), " master_params for ",
+              n, " params");
+  TORCH_CHECK(!stochastic_rounding || tensor_ids.size() == n, "fused_adam cuda: ", tensor_ids.size(),
+              " tensor_ids for ", n, " params with stochastic_rounding=True");
   if (n == 0) return;
   const at::Device device = params[0].device();
   TORCH_CHECK(device.is_cuda(), "fused_adam cuda: param 0 is on ", device, "; the cuda backend needs CUDA tensors");
   const at::ScalarType dtype = params[0].scalar_type();
   const fc::DType kernel_dtype = to_dtype(dtype);
+  const at::ScalarType state_dtype = exp_avgs[0].scalar_type();
+  const fc::DType kernel_state_dtype = to_dtype(state_dtype);
+  TORCH_CHECK(fc::compiled_pair(kernel_dtype, kernel_state_dtype), "fused_adam cuda: ", dtype, " params with ",
+              state_dtype, " states are not supported (states take the param's dtype, or float32 params have "
+              "bfloat16 states, or bfloat16/float16 params have float32 states)");
+  TORCH_CHECK(!master || kernel_dtype == fc::DType::kBFloat16 || kernel_dtype == fc::DType::kFloat16,
+              "fused_adam cuda: master_params need bfloat16 or float16 params, got ", dtype);
   const c10::cuda::CUDAGuard guard(device);
 
   for (size_t i = 0; i < n; ++i) {
@@ -102,10 +120,11 @@ void adam_step(const std::vector<Tensor>& params, const std::vector<Tensor>& gra
                 ", expected ", dtype, " (param 0's dtype)");
     TORCH_CHECK(p.layout() == at::kStrided, "fused_adam cuda: param ", i, " is ", p.layout(),
                 "; FusedAdam needs dense params");
-    check_like(grads[i], p, i, "grad");
-    check_like(exp_avgs[i], p, i, "exp_avg");
-    check_like(exp_avg_sqs[i], p, i, "exp_avg_sq");
-    if (amsgrad) check_like(max_exp_avg_sqs[i], p, i, "max_exp_avg_sq");
+    check_like(grads[i], p, i, "grad", dtype, "the param's dtype");
+    check_like(exp_avgs[i], p, i, "exp_avg", state_dtype, "exp_avg 0's dtype");
+    check_like(exp_avg_sqs[i], p, i, "exp_avg_sq", state_dtype, "exp_avg 0's dtype");
+    if (amsgrad) check_like(max_exp_avg_sqs[i], p, i, "max_exp_avg_sq", state_dtype, "exp_avg 0's dtype");
+    if (master) check_like(master_params[i], p, i, "master param", at::kFloat, "masters are float32");
     const Tensor& s = state_steps[i];
     TORCH_CHECK(s.numel() == 1 && s.scalar_type() == at::kFloat, "fused_adam cuda: step of param ", i,
                 " must be a 1-element float32 tensor, got dtype ", s.scalar_type(), " and shape ", s.sizes());
@@ -119,6 +138,7 @@ void adam_step(const std::vector<Tensor>& params, const std::vector<Tensor>& gra
   }
 
   const Tensor scale = device_scalar(grad_scale, device, "grad_scale");
+  const Tensor clip = device_scalar(clip_coef, device, "clip_coef");
   Tensor inf = device_scalar(found_inf, device, "found_inf");
   Tensor lr_device;
   if (lr_tensor.has_value() && lr_tensor->defined()) {
@@ -147,21 +167,26 @@ void adam_step(const std::vector<Tensor>& params, const std::vector<Tensor>& gra
     } else {
       t.step = static_cast<double>(*state_steps[i].data_ptr<float>() + 1.0f);  // stored after the launch
     }
+    if (stochastic_rounding) t.tensor_id = static_cast<uint64_t>(tensor_ids[i]);
     if (t.numel == 0) continue;
-    // One element order for all five buffers: the param's if it is dense, else contiguous (a copy, written back).
-    const bool param_dense = p.is_non_overlapping_and_dense();
-    const Work wp = param_dense ? Work{p, Tensor()} : Work{p.contiguous(), p};
+    // One element order for all buffers: the param's if it is dense, else contiguous (a copy, written back).
+    // Stochastic rounding draws element i's bits from its row-major index i, as the reference backend does: there
+    // the order is contiguous.
+    const bool param_ok = stochastic_rounding ? p.is_contiguous() : p.is_non_overlapping_and_dense();
+    const Work wp = param_ok ? Work{p, Tensor()} : Work{p.contiguous(), p};
     const Tensor& layout = wp.buffer;
     const Work wg = as_dense_like(grads[i], layout, unscale);
     const Work wm = as_dense_like(exp_avgs[i], layout, true);
     const Work wv = as_dense_like(exp_avg_sqs[i], layout, true);
     const Work wmax = amsgrad ? as_dense_like(max_exp_avg_sqs[i], layout, true) : Work{};
+    const Work wmaster = master ? as_dense_like(master_params[i], layout, true) : Work{};
     t.param = wp.buffer.data_ptr();
     t.grad = wg.buffer.data_ptr();
     t.exp_avg = wm.buffer.data_ptr();
     t.exp_avg_sq = wv.buffer.data_ptr();
     t.max_exp_avg_sq = amsgrad ? wmax.buffer.data_ptr() : nullptr;
-    for (const Work* w : {&wp, &wg, &wm, &wv, &wmax}) {
+    t.master = master ? wmaster.buffer.data_ptr<float>() : nullptr;
+    for (const Work* w : {&wp, &wg, &wm, &wv, &wmax, &wmaster}) {
       if (w->write_back.defined()) write_backs.push_back(*w);
     }
   }
@@ -176,11 +201,15 @@ void adam_step(const std::vector<Tensor>& params, const std::vector<Tensor>& gra
   o.lr_device = lr_device.defined() ? lr_device.data_ptr<double>() : nullptr;
   o.grad_scale = scale.defined() ? scale.data_ptr<float>() : nullptr;
   o.found_inf = inf.defined() ? inf.data_ptr<float>() : nullptr;
+  o.clip_coef = clip.defined() ? clip.data_ptr<float>() : nullptr;
+  o.master_weights = master;
+  o.stochastic_rounding = stochastic_rounding;
+  o.seed = seed;
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream(device.index()).stream();
   cudaError_t err;
   try {
-    err = fc::adam_step_cuda(tensors.data(), static_cast<int64_t>(n), kernel_dtype, o, stream);
+    err = fc::adam_step_cuda(tensors.data(), static_cast<int64_t>(n), kernel_dtype, kernel_state_dtype, o, stream);
   } catch (const std::invalid_argument& e) {
     TORCH_CHECK(false, "fused_adam cuda: ", e.what());
   }
@@ -201,5 +230,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("max_exp_avg_sqs"),
         py::arg("state_steps"), py::arg("lr"), py::arg("lr_tensor"), py::arg("beta1"), py::arg("beta2"),
         py::arg("eps"), py::arg("weight_decay"), py::arg("amsgrad"), py::arg("maximize"), py::arg("decoupled"),
-        py::arg("capturable"), py::arg("grad_scale"), py::arg("found_inf"), py::arg("decay") = py::none());
+        py::arg("capturable"), py::arg("grad_scale"), py::arg("found_inf"), py::arg("decay") = py::none(),
+        py::arg("master_params") = std::vector<Tensor>(), py::arg("tensor_ids") = std::vector<int64_t>(),
+        py::arg("stochastic_rounding") = false, py::arg("seed") = 0, py::arg("clip_coef") = py::none());
 }

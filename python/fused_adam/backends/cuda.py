@@ -4,6 +4,10 @@ One launch per 320 chunks of 64K elements spanning all tensors of a partition, m
 128-bit accesses where every buffer is 16-byte aligned; the per-element math is csrc/adam_math.h, shared with the
 CPU kernel. Non-capturable steps (CPU step tensors) get their bias corrections from the host; capturable steps read
 step and lr on the device, so step() can be captured in a CUDA graph.
+
+All the optional features (backends/__init__.py): fp32 master weights, states in their own dtype (float32 params
+with bfloat16 states, bfloat16/float16 params with float32 states), stochastic rounding (per-tensor salts from the
+host, or from the device step when capturable), and clipping by a coefficient the kernel reads on the device.
 """
 from __future__ import annotations
 
@@ -13,8 +17,11 @@ from torch import Tensor
 from . import Hyper
 
 NAME = "cuda"
+FEATURES = ("master_weights", "state_dtype", "stochastic_rounding", "clip")
 
 _SUPPORTED = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# state_dtype other than the param's: the (param, state) pairs compiled in csrc/cuda (adam_cuda_<pair>.cu).
+_STATE_PAIRS = {(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float16, torch.float32)}
 
 try:
     from .. import _C_cuda  # type: ignore[attr-defined]
@@ -36,10 +43,20 @@ def unavailable() -> str | None:
 def unsupported(device: torch.device, dtype: torch.dtype, hp: Hyper) -> str | None:
     if device.type != "cuda":
         return f"runs on CUDA devices only, got {device}"
+    return unsupported_options(dtype, hp)
+
+
+def unsupported_options(dtype: torch.dtype, hp: Hyper) -> str | None:
+    """Why the kernels cannot run these dtypes and options on any device, or None."""
     if dtype not in _SUPPORTED:
         return f"dtype {dtype} is not supported (float32, float64, bfloat16, float16)"
     if hp.differentiable:
         return "differentiable=True needs autograd through the step (the reference backend does it)"
+    if hp.state_dtype is not None and hp.state_dtype != dtype and (dtype, hp.state_dtype) not in _STATE_PAIRS:
+        return (f"state_dtype {hp.state_dtype} with {dtype} params is not compiled (float32 params with bfloat16 "
+                "states, bfloat16/float16 params with float32 states)")
+    if hp.master_weights and dtype not in (torch.bfloat16, torch.float16):
+        return f"master_weights with {dtype} params (masters are for bfloat16/float16 params)"
     return None
 
 
@@ -53,6 +70,10 @@ def step(
     hp: Hyper,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
+    *,
+    master_params: list[Tensor] | None = None,
+    tensor_ids: list[int] | None = None,
+    clip_coef: Tensor | None = None,
 ) -> None:
     if not params:
         return
@@ -74,4 +95,6 @@ def step(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
         float(lr), lr_tensor, float(beta1), float(beta2), float(hp.eps), float(hp.weight_decay),
         hp.amsgrad, hp.maximize, hp.decoupled, hp.capturable, grad_scale, found_inf, decay,
+        master_params=master_params or [], tensor_ids=tensor_ids or [],
+        stochastic_rounding=hp.stochastic_rounding, seed=hp.seed, clip_coef=clip_coef,
     )
