@@ -1,8 +1,8 @@
 """The Triton backend: parity with torch on CPU tensors under the Triton interpreter, and on CUDA when there is one.
 
 The interpreter tests need TRITON_INTERPRET=1 before triton is first imported, and that must not leak into the
-other test modules of a pytest process (test_triton_ptx.py compiles for real). So scripts/test.sh runs this
-file in its own pytest process:
+other test modules of a pytest process (test_triton_ptx.py compiles for real). So the README's test command
+runs this file in its own pytest process:
     TRITON_INTERPRET=1 .venv/bin/python -m pytest -q tests/test_triton_backend.py   (interpreter tests)
     .venv/bin/python -m pytest -q tests/test_triton_backend.py                      (CUDA tests, on a GPU machine)
 """
