@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import requires_native
 from test_cpu_backend import assert_bitwise, cpu_isa, num_threads, supported_isas, ulp_distance
+from test_cpu_backend import train as _train
 
 from fused_adam import FusedAdam, FusedAdamW, Hyper
 from fused_adam.backends import cpu as cpu_backend
@@ -105,17 +106,6 @@ def test_stochastic_rounding_of_special_values():
 
 
 # ---- every instantiated combination against the reference backend ----------------------------------------------
-
-
-def _train(backend, params0, steps=3, cls=FusedAdamW, seed=0, **kw):
-    params = [p.detach().clone().requires_grad_() for p in params0]
-    opt = cls(params, backend=backend, **kw)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype)
-        opt.step()
-    return params, opt
 
 
 def _stored(params, opt):

@@ -413,7 +413,7 @@ class FusedAdam(Optimizer):
         return (group["amsgrad"], group["capturable"], group["differentiable"], torch.is_tensor(group["lr"]),
                 self.max_grad_norm is not None, *(group.get(k, v) for k, v in EXTENSIONS.items()))
 
-    def _build_plan(self, gi: int, group: dict[str, Any], grads: list[Tensor | None], has_grad: list[bool], hp: Hyper) -> _Plan:
+    def _build_plan(self, gi: int, group: dict[str, Any], has_grad: list[bool], hp: Hyper) -> _Plan:
         params = group["params"]
         by_key: dict[tuple, list[int]] = {}
         for i, p in enumerate(params):
@@ -460,7 +460,6 @@ class FusedAdam(Optimizer):
         self.grad_norm = total
         return torch.clamp(self.max_grad_norm / (total.float() + 1e-6), max=1.0)
 
-    @torch.no_grad()
     def _check_grads(self, gi: int, part: _Part, grads: list[Tensor]) -> None:
         if not any(map(_IS_SPARSE, grads)):  # the per-step check, in C: ~35 ns a grad
             return
@@ -513,6 +512,7 @@ class FusedAdam(Optimizer):
             for gi, group in enumerate(self.param_groups):
                 params, grads = group["params"], group_grads[gi]
                 has_grad = [g is not None for g in grads]
+                hp = self._hyper(group)
                 plan = self._plans.get(gi)
                 if (
                     plan is None
@@ -522,8 +522,7 @@ class FusedAdam(Optimizer):
                     or plan.has_grad != has_grad
                     or plan.key != self._plan_key(group)
                 ):
-                    plan = self._plans[gi] = self._build_plan(gi, group, grads, has_grad, self._hyper(group))
-                hp = self._hyper(group)
+                    plan = self._plans[gi] = self._build_plan(gi, group, has_grad, hp)
                 for part in plan.parts:
                     part_grads = grads if part.index is None else [grads[i] for i in part.index]
                     self._check_grads(gi, part, part_grads)
