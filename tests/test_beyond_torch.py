@@ -23,7 +23,8 @@ def _backends_with(*features):
 
 
 def _hp():
-    return FusedAdam([torch.nn.Parameter(torch.zeros(1))])._hyper(FusedAdam([torch.nn.Parameter(torch.zeros(1))]).param_groups[0])
+    probe = FusedAdam([torch.nn.Parameter(torch.zeros(1))])
+    return probe._hyper(probe.param_groups[0])
 
 
 def _tol(backend):
@@ -252,3 +253,41 @@ def test_extensions_off_leave_torchs_param_groups():
     p = [torch.nn.Parameter(torch.randn(2))]
     assert FusedAdam(p).param_groups[0].keys() == torch.optim.Adam(p).param_groups[0].keys()
     assert FusedAdam(p, master_weights=True).param_groups[0]["master_weights"] is True
+
+
+@pytest.mark.parametrize("backend", _backends_with("master_weights"))
+def test_master_weights_resume_from_a_checkpoint_is_bitwise(backend, tmp_path):
+    """torch's loader casts every floating-point state to the param's dtype; the fp32 master must come back as
+    it was saved, or a resumed run drifts from the uninterrupted one."""
+    params = make_params(torch.bfloat16, SHAPES)
+    kw = dict(lr=1e-3, master_weights=True, backend=backend)
+
+    def steps(opt, ps, start, stop):
+        for s in range(start, stop):
+            for p, g in zip(ps, make_grads(params, s)):
+                p.grad = g
+            opt.step()
+
+    full_p = [p.clone().requires_grad_() for p in params]
+    full = FusedAdamW(full_p, **kw)
+    steps(full, full_p, 0, 8)
+    half_p = [p.clone().requires_grad_() for p in params]
+    half = FusedAdamW(half_p, **kw)
+    steps(half, half_p, 0, 4)
+    torch.save({"params": [p.detach() for p in half_p], "opt": half.state_dict()}, tmp_path / "ckpt.pt")
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    resumed_p = [p.clone().requires_grad_() for p in ckpt["params"]]
+    resumed = FusedAdamW(resumed_p, **kw)
+    resumed.load_state_dict(ckpt["opt"])
+    assert all(resumed.state[p]["master_param"].dtype == torch.float32 for p in resumed_p)
+    steps(resumed, resumed_p, 4, 8)
+    for a, b in zip(full_p, resumed_p):
+        assert torch.equal(full.state[a]["master_param"], resumed.state[b]["master_param"])
+        assert torch.equal(a.detach().view(torch.int16), b.detach().view(torch.int16))
+
+
+def test_max_grad_norm_and_backend_survive_deepcopy():
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = FusedAdam([p], max_grad_norm=0.5, backend="reference")
+    twin = copy.deepcopy(opt)
+    assert twin.max_grad_norm == 0.5 and twin.backend == "reference"
