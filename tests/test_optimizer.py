@@ -235,6 +235,62 @@ def test_replaced_state_tensor_is_used():
     assert torch.allclose(opt.state[p]["exp_avg"], torch.full((4,), 0.9 * 7.0 + 0.1))
 
 
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+def test_param_storage_swapped_under_the_optimizer_is_used(backend):
+    """`p.data = ...` keeps the param object (and the cached plan, and the cpu backend's converted lists) but
+    moves its storage: the next step must update the new storage."""
+    params = make_params(torch.float32, [(5,), (3, 2)])
+    ours_p, ref_p = _clone(params), _clone(params)
+    ours, ref = FusedAdamW(ours_p, backend=backend), torch.optim.AdamW(ref_p, foreach=False)
+    _train(ours, ours_p, 2)
+    _train(ref, ref_p, 2)
+    fresh = torch.randn(3, 2)
+    ours_p[1].data, ref_p[1].data = fresh.clone(), fresh.clone()
+    _train(ours, ours_p, 3, start=2)
+    _train(ref, ref_p, 3, start=2)
+    _assert_same(ours, ours_p, ref, ref_p, exact=backend == "reference")
+    assert not torch.equal(ours_p[1].detach(), fresh)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+def test_states_are_packed_views_in_torchs_layout(backend):
+    """NOTE [packed states]: the states of contiguous params are 64-byte aligned views into one buffer per kind;
+    a non-contiguous param gets its own, with the param's strides (torch's preserve_format)."""
+    sizes = [(1,), (17,), (3, 5), (0,), (64,)]
+    params = make_params(torch.float32, sizes) + [torch.randn(6, 4).t().requires_grad_()]
+    opt = FusedAdam(params, amsgrad=True, backend=backend)
+    _train(opt, params, 2)
+    for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+        states = [opt.state[p][key] for p in params]
+        assert len({s.untyped_storage().data_ptr() for s in states[:-1]}) == 1, key
+        assert states[-1].untyped_storage().data_ptr() != states[0].untyped_storage().data_ptr()
+        for p, s in zip(params, states):
+            assert (s.shape, s.stride(), s.dtype) == (p.shape, p.stride(), p.dtype), key
+            assert s.data_ptr() % 64 == 0 or s.numel() == 0, key
+    ref_p = _clone([p.detach() for p in params])
+    for a, b in zip(ref_p, params):
+        a.data = b.detach().clone(memory_format=torch.preserve_format)
+    # the packed states hold the same values as per-param ones: continue from a torch copy of the state
+    ref = torch.optim.Adam(ref_p, amsgrad=True, foreach=False)
+    ref.load_state_dict(copy.deepcopy(opt.state_dict()))
+    _train(opt, params, 3, start=2)
+    _train(ref, ref_p, 3, start=2)
+    _assert_same(opt, params, ref, ref_p, exact=backend == "reference")
+
+
+@pytest.mark.parametrize("backend", ["reference"] + (["cpu"] if backends.unavailable("cpu") is None else []))
+def test_packed_master_weights_start_as_the_params(backend):
+    params = make_params(torch.bfloat16, [(7,), (2, 33)])
+    opt = FusedAdamW([p.detach().clone().requires_grad_() for p in params], lr=0.0, weight_decay=0.0,
+                     master_weights=True, backend=backend)
+    ps = opt.param_groups[0]["params"]
+    _train(opt, ps, 1)
+    masters = [opt.state[p]["master_param"] for p in ps]
+    assert masters[0].untyped_storage().data_ptr() == masters[1].untyped_storage().data_ptr()
+    for p, m in zip(params, masters):
+        assert m.dtype == torch.float32 and torch.equal(m, p.detach().float())
+
+
 # ---- state_dict, pickle, deepcopy ----------------------------------------------------------------------------
 
 
@@ -274,7 +330,7 @@ def test_state_dict_layout_is_torchs():
         assert a["state"][k].keys() == b["state"][k].keys()
         for name, t in a["state"][k].items():
             u = b["state"][k][name]
-            assert (t.shape, t.dtype, t.device) == (u.shape, u.dtype, u.device), name
+            assert (t.shape, t.stride(), t.dtype, t.device) == (u.shape, u.stride(), u.dtype, u.device), name
 
 
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])

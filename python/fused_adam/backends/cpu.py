@@ -2,7 +2,9 @@
 
 The kernel checks the tensors, increments every step, computes each tensor's bias corrections from its own step
 and runs a SIMD loop (AVX-512 / AVX2 picked at run time) over a chunk table spanning all the partition's tensors,
-with threads splitting the work across tensors. This module only turns Tensor hyperparameters into host numbers.
+with threads splitting the work across tensors. This module turns Tensor hyperparameters into host numbers and,
+given the optimizer's per-partition cache, hands the kernel the params, states and steps converted once
+(_C.Partition): a step then converts only the grads.
 
 It implements every optional feature of backends/__init__.py (NOTE [cpu feature loops] in csrc/cpu/kernel.h):
 the kernel is instantiated for the storage combinations that are useful (fp32 params with bf16 states, bf16/fp16
@@ -20,6 +22,7 @@ from . import Hyper
 
 NAME = "cpu"
 FEATURES = ("master_weights", "state_dtype", "stochastic_rounding", "clip")
+USES_CACHE = True  # cache["partition"]: the lists converted to C++ once (NOTE [cpu partition] in csrc/ops.cpp)
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -73,15 +76,18 @@ def step(
     master_params: list[Tensor] | None = None,
     tensor_ids: list[int] | None = None,
     clip_coef: Tensor | None = None,
+    cache: dict | None = None,
 ) -> None:
     if not params:
         return
     extra = {}
+    lists = {}
     if master_params:
-        extra["master_params"] = master_params
+        lists["master_params"] = master_params
     if hp.stochastic_rounding:
         seed = hp.seed & 0xFFFFFFFFFFFFFFFF
-        extra.update(stochastic_rounding=True, tensor_ids=tensor_ids, seed=seed - (1 << 64) if seed >= 1 << 63 else seed)
+        lists["tensor_ids"] = tensor_ids
+        extra.update(stochastic_rounding=True, seed=seed - (1 << 64) if seed >= 1 << 63 else seed)
     if clip_coef is not None:
         extra["clip_coef"] = clip_coef
     decay = None
@@ -89,9 +95,15 @@ def step(
         # torch.optim.AdamW computes 1 - lr * wd in lr's dtype when lr is a Tensor; a double factor drifts from
         # it by more than fp64 parity allows over a few steps (torch's own fused path drifts twice as far).
         decay = (1 - hp.lr * hp.weight_decay).item()
-    _C.adam_step_(
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+    args = dict(
         lr=_host(hp.lr), beta1=_host(hp.beta1), beta2=_host(hp.beta2), eps=hp.eps, weight_decay=hp.weight_decay,
         amsgrad=hp.amsgrad, maximize=hp.maximize, decoupled=hp.decoupled, grad_scale=grad_scale, found_inf=found_inf,
         decay=decay, **extra,
     )
+    if cache is None:
+        _C.adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **lists, **args)
+        return
+    partition = cache.get("partition")
+    if partition is None:
+        partition = cache["partition"] = _C.Partition(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **lists)
+    partition.step_(grads, **args)
