@@ -374,8 +374,10 @@ class FusedAdam(Optimizer):
         master = hp.master_weights and dtype in _LOW_PRECISION
         state_dtype = hp.state_dtype if hp.state_dtype not in (None, dtype) else None
         narrow_only_copy = (dtype == torch.bfloat16 and not master) or (state_dtype or dtype) == torch.bfloat16
-        return replace(hp, master_weights=master, state_dtype=state_dtype,
-                       stochastic_rounding=hp.stochastic_rounding and narrow_only_copy)
+        sr = hp.stochastic_rounding and narrow_only_copy
+        if (master, state_dtype, sr) == (hp.master_weights, hp.state_dtype, hp.stochastic_rounding):
+            return hp  # the usual case; replace() would cost ~7 us of a ~20 us step
+        return replace(hp, master_weights=master, state_dtype=state_dtype, stochastic_rounding=sr)
 
     @torch.no_grad()
     def _packed_states(self, group: dict[str, Any], params: list[Tensor]) -> list[dict[str, Tensor]]:
