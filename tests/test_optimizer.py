@@ -278,6 +278,23 @@ def test_states_are_packed_views_in_torchs_layout(backend):
     _assert_same(opt, params, ref, ref_p, exact=backend == "reference")
 
 
+def test_packed_state_buffers_are_bounded(monkeypatch):
+    """Buffers hold at most _PACK_BUFFER elements (torch.save of one view writes its whole buffer); params above
+    _PACK_MAX_NUMEL get states of their own."""
+    monkeypatch.setattr(fused_adam.optimizer, "_PACK_BUFFER", 40)
+    monkeypatch.setattr(fused_adam.optimizer, "_PACK_MAX_NUMEL", 30)
+    params = make_params(torch.float32, [(10,), (20,), (15,), (5,), (31,), (3,), (2,)])
+    opt = FusedAdamW(params)
+    _train(opt, params, 1)
+    storage = [opt.state[p]["exp_avg_sq"].untyped_storage() for p in params]
+    ptrs = [s.data_ptr() for s in storage]
+    # buckets: [10, 20] (+15 would exceed 40), then [15, 5, 3, 2]; 31 is too large to pack
+    assert ptrs[0] == ptrs[1] and ptrs[2] == ptrs[3] == ptrs[5] == ptrs[6]
+    assert len({ptrs[0], ptrs[2], ptrs[4]}) == 3
+    assert storage[4].nbytes() == 31 * 4
+    assert storage[0].nbytes() == (16 + 32) * 4 and storage[2].nbytes() == 4 * 16 * 4  # slots rounded up to 64 B
+
+
 @pytest.mark.parametrize("backend", ["reference"] + (["cpu"] if backends.unavailable("cpu") is None else []))
 def test_packed_master_weights_start_as_the_params(backend):
     params = make_params(torch.bfloat16, [(7,), (2, 33)])

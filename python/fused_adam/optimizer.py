@@ -17,13 +17,16 @@ counter whenever a tensor in them is replaced; load_state_dict and add_param_gro
 partition of a plan carries a `cache` dict that its backend may fill with what it prepares from the lists (the
 cpu backend: the lists converted to C++ once, NOTE [cpu partition] in csrc/ops.cpp); it goes with the plan.
 
-NOTE [packed states]: the states a plan creates (exp_avg, exp_avg_sq, max_exp_avg_sq, the fp32 master) are views
-into one buffer per kind and partition, each view 64-byte aligned, instead of one allocation per param. The
-values, shapes, strides and state_dict are torch's; what changes is where they live: a step over many small
-tensors then walks two (three with amsgrad) long arrays instead of thousands of separate pages (10,000 tensors of
-1,000 fp32 elements, one thread, the roofline pass alone: 12.3 ms with per-param states, 10.0 ms packed, 8.2 ms
-with params and grads packed too). Params that need a view (complex, DTensor) or are not contiguous get states
-of their own, as torch makes them; so do states that already exist (e.g. loaded from a checkpoint).
+NOTE [packed states]: the states a plan creates for small params (exp_avg, exp_avg_sq, max_exp_avg_sq, the fp32
+master; params of at most 64K elements) are 64-byte-aligned views into shared buffers of up to 1M elements per
+state kind, instead of one allocation per param. The values, shapes, strides and state_dict are torch's; what
+changes is where they live: a step over many small tensors then walks long arrays instead of thousands of
+separate pages (10,000 tensors of 1,000 fp32 elements, one thread, the roofline pass alone: 12.3 ms with
+per-param states, 10.0 ms packed, 8.2 ms with params and grads packed too). The buffers are bounded because
+torch.save of one view writes its whole buffer (a checkpoint of the whole state_dict writes each buffer once;
+saving state tensors one by one writes up to 4 MB each: clone them first). Large params gain nothing from it and
+params that need a view (complex, DTensor) or are not contiguous get states of their own, as torch makes them;
+so do states that already exist (e.g. loaded from a torch checkpoint).
 """
 from __future__ import annotations
 
@@ -123,6 +126,9 @@ EXTENSIONS = {"master_weights": False, "state_dtype": None, "stochastic_rounding
 _STATE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+# NOTE [packed states]: which params get packed states, and into how large buffers (elements).
+_PACK_MAX_NUMEL = 1 << 16
+_PACK_BUFFER = 1 << 20
 
 
 def _check_extensions(master_weights, state_dtype, stochastic_rounding, seed, max_grad_norm, differentiable) -> None:
@@ -381,23 +387,31 @@ class FusedAdam(Optimizer):
 
     @torch.no_grad()
     def _packed_states(self, group: dict[str, Any], params: list[Tensor]) -> list[dict[str, Tensor]]:
-        """Zeroed states (and an uninitialised master) for the params that have no state yet, as views into one
-        buffer per state kind (NOTE [packed states]); per param, the views _param_state will use."""
-        fresh = [p for p in params if not self.state.get(p) and p.is_contiguous() and not _needs_view(p)]
+        """Zeroed states (and an uninitialised master) for the small params that have no state yet, as views into
+        shared buffers of at most _PACK_BUFFER elements per state kind (NOTE [packed states]); per param, the
+        views _param_state will use."""
+        fresh = [p for p in params if not self.state.get(p) and p.numel() <= _PACK_MAX_NUMEL and p.is_contiguous()
+                 and not _needs_view(p)]
         views: list[dict[str, Tensor]] = [{} for _ in params]
-        if len(fresh) < 2:
-            return views
         where = {id(p): i for i, p in enumerate(params)}
-        state_dtype = group.get("state_dtype") or fresh[0].dtype
+        state_dtype = group.get("state_dtype") or (fresh[0].dtype if fresh else None)
         kinds = {key: state_dtype for key in _STATE_KEYS if key != "max_exp_avg_sq" or group["amsgrad"]}
-        if group.get("master_weights", False) and fresh[0].dtype in _LOW_PRECISION:
+        if fresh and group.get("master_weights", False) and fresh[0].dtype in _LOW_PRECISION:
             kinds["master_param"] = torch.float32
-        for key, dtype in kinds.items():
-            align = 64 // dtype.itemsize
-            sizes = [-(-p.numel() // align) * align for p in fresh]
-            buffer = torch.zeros(sum(sizes), dtype=dtype, device=fresh[0].device)
-            for p, slot in zip(fresh, buffer.split(sizes)):
-                views[where[id(p)]][key] = slot[: p.numel()].view(p.shape)
+        bucket: list[Tensor] = []
+        filled = 0
+        for p in fresh + [None]:  # None closes the last bucket
+            if bucket and (p is None or filled + p.numel() > _PACK_BUFFER):
+                for key, dtype in kinds.items() if len(bucket) > 1 else ():
+                    align = 64 // dtype.itemsize
+                    sizes = [-(-q.numel() // align) * align for q in bucket]
+                    buffer = torch.zeros(sum(sizes), dtype=dtype, device=bucket[0].device)
+                    for q, slot in zip(bucket, buffer.split(sizes)):
+                        views[where[id(q)]][key] = slot[: q.numel()].view(q.shape)
+                bucket, filled = [], 0
+            if p is not None:
+                bucket.append(p)
+                filled += p.numel()
         return views
 
     def _param_state(self, p: Tensor, group: dict[str, Any], packed: dict[str, Tensor] | None = None) -> _State:
