@@ -1,16 +1,18 @@
-// The bf16 torch-parity loop (adam_loop for ScalarKind::kBFloat16) written with AVX-512 intrinsics, for CPUs with
-// AVX512_BF16 (kernel_avx512bf16.cpp; NOTE [cpu ISA dispatch] in kernel.h). Bitwise the same as kernel_impl.h's
-// adam_loop for every input, NaN, inf, denormals and -0 included (tests/test_cpu_backend.py, and the exhaustive
-// check of the store below, bf16_store_mismatches).
+// The bf16 loops written with AVX-512 intrinsics, for CPUs with AVX512_BF16 (kernel_avx512bf16.cpp; NOTE [cpu ISA
+// dispatch] in kernel.h): kernel_impl.h's adam_loop for ScalarKind::kBFloat16 (torch parity), and its adam_loop_x
+// for bf16 params with bf16 states and no master (clip, stochastic rounding). Bitwise the same as those loops for
+// every input, NaN, inf, denormals and -0 included (tests/test_cpu_backend.py, and the exhaustive check of the
+// store below, bf16_store_mismatches).
 //
 // Why by hand: gcc vectorizes the scalar loop, but spends more on the bf16 <-> fp32 conversions than on the math.
 // Per 32 elements and stored array it emits ~14 instructions for Storage<kBFloat16>::store (shifts, ands, adds,
 // compares, vpermt2w, vpblendmw) and 6 per loaded array. Here a load is two instructions (vpslld and vpandd, the
 // load folded into each) and a store five (vcvtne2ps2bf16, vpermw, two vfpclassps, the store) and a branch.
 // Measured on one Zen 5 core, L1-resident, decoupled weight decay, interleaved in one process (standalone
-// microbenchmark, best of ~100): gcc's loop 0.26-0.27 ns/element, this one 0.154-0.156, the fp32 loop 0.14-0.16;
-// the NaN/denormal check below costs 0.009 of that. The math is adam_math.h's adam_update, instantiated on a
-// 16-lane float vector (Vec16), so the update is still written once.
+// microbenchmark, best of ~100, ns/element): torch parity 0.25-0.27 with gcc's loop -> 0.153-0.156 here (the fp32
+// loop: 0.14-0.16; the NaN/denormal check below costs 0.009 of it); clip 0.27-0.28 -> 0.161; stochastic rounding
+// 0.33 -> 0.263 (its hash, two vpmulld per 16 elements and stream, is most of what is left). The math is
+// adam_math.h's adam_update, instantiated on a 16-lane float vector (Vec16), so the update is still written once.
 //
 // Element order: a 64-byte block of 32 bf16 is viewed as 16 dwords; dword j holds elements 2j (low half) and
 // 2j+1 (high half). `lo` = dword << 16 are the even elements as floats, `hi` = dword & 0xFFFF0000 the odd ones
@@ -24,7 +26,8 @@
 // rare block that has one to the exact integer rounding, vectorized. vfpclassps does not see denormals when
 // MXCSR.DAZ is set (torch.set_flush_denormal(True)), while a bf16 denormal can still pass through the update
 // unchanged (amsgrad's max); under DAZ every block takes the exact path. Both paths are checked against
-// Storage<kBFloat16>::store for all 2^32 floats (bf16_store_mismatches, tests/test_cpu_backend.py).
+// Storage<kBFloat16>::store for all 2^32 floats (bf16_store_mismatches, tests/test_cpu_backend.py). Stochastic
+// rounding is integer arithmetic on the fp32 bits (no vcvtne2ps2bf16), the same as the scalar bf16_store_sr.
 //
 // Include this file only from kernel_avx512bf16.cpp, after kernel_impl.h, inside
 // `namespace fused_adam::cpu::avx512bf16`.
@@ -130,9 +133,49 @@ inline Bf16Pair bf16_load(const uint16_t* p, __mmask32 mask) {
   }
 }
 
+// kernel_impl.h's sr_rand on 16 lanes (32-bit integer arithmetic: each lane is the scalar's bits).
+inline __m512i sr_rand16(__m512i mixed, __m512i salt) {
+  __m512i h = _mm512_mullo_epi32(_mm512_xor_si512(mixed, salt), _mm512_set1_epi32(static_cast<int>(0x85ebca6bu)));
+  h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 13));
+  h = _mm512_mullo_epi32(h, _mm512_set1_epi32(static_cast<int>(0xc2b2ae35u)));
+  return _mm512_and_si512(_mm512_xor_si512(h, _mm512_srli_epi32(h, 16)), _mm512_set1_epi32(0xFFFF));
+}
+
+// kernel_impl.h's bf16_store_sr(x, sr_rand(lo_mixed, salt_mixed)) on the 32 elements of a block: `mixed` holds each
+// element's lo_mixed, index ^ (index >> 16), for the even elements (lo) and the odd ones (hi). A NaN keeps its
+// payload, quieted; (u + rand) >> 16 would give the same bits for a quiet NaN with a zero low half (every NaN the
+// math makes from bf16 inputs), not for a signalling one that passes through amsgrad's max, so blocks with a NaN
+// take the branch.
+inline __m512i bf16_pack_sr(Bf16Pair x, const __m512i mixed[2], __m512i salt) {
+  const __m512i high_half = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const __m512i u_lo = _mm512_castps_si512(x.lo.v);
+  const __m512i u_hi = _mm512_castps_si512(x.hi.v);
+  // Even elements: (u + rand) >> 16 into the low half; odd ones: the same bits, left in the high half.
+  __m512i lo = _mm512_srli_epi32(_mm512_add_epi32(u_lo, sr_rand16(mixed[0], salt)), 16);
+  __m512i hi = _mm512_and_si512(_mm512_add_epi32(u_hi, sr_rand16(mixed[1], salt)), high_half);
+  const __mmask16 nan_lo = _mm512_cmp_ps_mask(x.lo.v, x.lo.v, _CMP_UNORD_Q);
+  const __mmask16 nan_hi = _mm512_cmp_ps_mask(x.hi.v, x.hi.v, _CMP_UNORD_Q);
+  if (__builtin_expect((nan_lo | nan_hi) != 0, 0)) {
+    lo = _mm512_mask_mov_epi32(lo, nan_lo, _mm512_or_si512(_mm512_srli_epi32(u_lo, 16), _mm512_set1_epi32(0x40)));
+    hi = _mm512_mask_mov_epi32(hi, nan_hi,
+                               _mm512_or_si512(_mm512_and_si512(u_hi, high_half), _mm512_set1_epi32(0x400000)));
+  }
+  return _mm512_or_si512(lo, hi);
+}
+
+// ---- the loops -------------------------------------------------------------------------------------------------
+
+// What every block of one loop call shares.
+struct BlockArgs {
+  StepScalars<Vec16> s;
+  Vec16 grad_scale;
+  Vec16 grad_mul;     // feature loop: (maximize ? -1 : 1) * clip coefficient
+  __mmask16 exact;    // all ones under MXCSR.DAZ
+  __m512i salt[4];    // stochastic rounding: Salts, per Stream
+};
+
 template <bool TAIL>
-inline void bf16_store(uint16_t* p, Bf16Pair x, __mmask16 exact, __mmask32 mask) {
-  const __m512i bits = bf16_pack(x, exact);
+inline void bf16_store_bits(uint16_t* p, __m512i bits, __mmask32 mask) {
   if constexpr (TAIL) {
     _mm512_mask_storeu_epi16(p, mask, bits);
   } else {
@@ -140,44 +183,97 @@ inline void bf16_store(uint16_t* p, Bf16Pair x, __mmask16 exact, __mmask32 mask)
   }
 }
 
-// ---- the loop --------------------------------------------------------------------------------------------------
+// One stored array: stochastically rounded where SR (its salt is a.salt[stream]), else to nearest even.
+template <bool SR, bool TAIL>
+inline void bf16_store(uint16_t* p, Bf16Pair x, const BlockArgs& a, Stream stream, const __m512i mixed[2],
+                       __mmask32 mask) {
+  if constexpr (SR) {
+    bf16_store_bits<TAIL>(p, bf16_pack_sr(x, mixed, a.salt[static_cast<int>(stream)]), mask);
+  } else {
+    bf16_store_bits<TAIL>(p, bf16_pack(x, a.exact), mask);
+  }
+}
 
-template <WeightDecay WD, bool AMSGRAD, bool MAXIMIZE, bool UNSCALE, bool TAIL>
+// 32 elements (or the first `mask` ones of the tail) of either loop: the torch-parity one (CLIP and SR false) or
+// the feature loop's bf16 params with bf16 states and no master (MAXIMIZE false: grad_mul carries it). `index` is
+// the element's index in its tensor (low word), for stochastic rounding.
+template <WeightDecay WD, bool AMSGRAD, bool MAXIMIZE, bool UNSCALE, bool CLIP, bool SR, bool TAIL>
 inline void adam_block_bf16(uint16_t* param, uint16_t* grad, uint16_t* exp_avg, uint16_t* exp_avg_sq,
-                            uint16_t* max_exp_avg_sq, const StepScalars<Vec16>& s, Vec16 grad_scale, __mmask16 exact,
-                            __mmask32 mask) {
+                            uint16_t* max_exp_avg_sq, const BlockArgs& a, uint32_t index, __mmask32 mask) {
   Bf16Pair p = bf16_load<TAIL>(param, mask);
   Bf16Pair g = bf16_load<TAIL>(grad, mask);
   Bf16Pair m = bf16_load<TAIL>(exp_avg, mask);
   Bf16Pair v = bf16_load<TAIL>(exp_avg_sq, mask);
   Bf16Pair vmax = AMSGRAD ? bf16_load<TAIL>(max_exp_avg_sq, mask) : Bf16Pair{Vec16(0.0f), Vec16(0.0f)};
-  adam_update<Vec16, WD, AMSGRAD, MAXIMIZE, UNSCALE>(p.lo, g.lo, m.lo, v.lo, vmax.lo, s, grad_scale);
-  adam_update<Vec16, WD, AMSGRAD, MAXIMIZE, UNSCALE>(p.hi, g.hi, m.hi, v.hi, vmax.hi, s, grad_scale);
-  bf16_store<TAIL>(param, p, exact, mask);
-  if (UNSCALE) bf16_store<TAIL>(grad, g, exact, mask);
-  bf16_store<TAIL>(exp_avg, m, exact, mask);
-  bf16_store<TAIL>(exp_avg_sq, v, exact, mask);
-  if (AMSGRAD) bf16_store<TAIL>(max_exp_avg_sq, vmax, exact, mask);
+  adam_update<Vec16, WD, AMSGRAD, MAXIMIZE, UNSCALE, CLIP>(p.lo, g.lo, m.lo, v.lo, vmax.lo, a.s, a.grad_scale,
+                                                            a.grad_mul);
+  adam_update<Vec16, WD, AMSGRAD, MAXIMIZE, UNSCALE, CLIP>(p.hi, g.hi, m.hi, v.hi, vmax.hi, a.s, a.grad_scale,
+                                                            a.grad_mul);
+  __m512i mixed[2];  // sr_rand's lo_mixed of the even and the odd elements
+  if constexpr (SR) {
+    const __m512i even = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(index)),
+                                          _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0));
+    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+    mixed[0] = _mm512_xor_si512(even, _mm512_srli_epi32(even, 16));
+    mixed[1] = _mm512_xor_si512(odd, _mm512_srli_epi32(odd, 16));
+  }
+  bf16_store<SR, TAIL>(param, p, a, Stream::kParam, mixed, mask);
+  if (UNSCALE) bf16_store<false, TAIL>(grad, g, a, Stream::kParam, mixed, mask);  // the unscaled grad: to nearest
+  bf16_store<SR, TAIL>(exp_avg, m, a, Stream::kExpAvg, mixed, mask);
+  bf16_store<SR, TAIL>(exp_avg_sq, v, a, Stream::kExpAvgSq, mixed, mask);
+  if (AMSGRAD) bf16_store<SR, TAIL>(max_exp_avg_sq, vmax, a, Stream::kMaxExpAvgSq, mixed, mask);
 }
 
-template <WeightDecay WD, bool AMSGRAD, bool MAXIMIZE, bool UNSCALE, bool LERP_SMALL>
-FA_LOOP void adam_loop_bf16(uint16_t* __restrict param, uint16_t* __restrict grad, uint16_t* __restrict exp_avg,
-                            uint16_t* __restrict exp_avg_sq, uint16_t* __restrict max_exp_avg_sq, int64_t n,
-                            StepScalars<float> s_scalar, float grad_scale) {
-  s_scalar.lerp_small = LERP_SMALL;
-  const StepScalars<Vec16> s = broadcast(s_scalar);
-  const Vec16 scale(grad_scale);
-  const __mmask16 exact = (_mm_getcsr() & 0x0040u) != 0 ? 0xFFFF : 0;  // MXCSR.DAZ
+template <WeightDecay WD, bool AMSGRAD, bool MAXIMIZE, bool UNSCALE, bool CLIP, bool SR>
+inline void adam_blocks_bf16(uint16_t* __restrict param, uint16_t* __restrict grad, uint16_t* __restrict exp_avg,
+                             uint16_t* __restrict exp_avg_sq, uint16_t* __restrict max_exp_avg_sq, int64_t n,
+                             const BlockArgs& a, uint32_t index0) {
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) {
-    adam_block_bf16<WD, AMSGRAD, MAXIMIZE, UNSCALE, false>(param + i, grad + i, exp_avg + i, exp_avg_sq + i,
-                                                          AMSGRAD ? max_exp_avg_sq + i : nullptr, s, scale, exact, 0);
+    adam_block_bf16<WD, AMSGRAD, MAXIMIZE, UNSCALE, CLIP, SR, false>(
+        param + i, grad + i, exp_avg + i, exp_avg_sq + i, AMSGRAD ? max_exp_avg_sq + i : nullptr, a,
+        index0 + static_cast<uint32_t>(i), 0);
   }
   if (i < n) {
     const __mmask32 mask = _bzhi_u32(0xFFFFFFFFu, static_cast<uint32_t>(n - i));
-    adam_block_bf16<WD, AMSGRAD, MAXIMIZE, UNSCALE, true>(param + i, grad + i, exp_avg + i, exp_avg_sq + i,
-                                                         AMSGRAD ? max_exp_avg_sq + i : nullptr, s, scale, exact, mask);
+    adam_block_bf16<WD, AMSGRAD, MAXIMIZE, UNSCALE, CLIP, SR, true>(
+        param + i, grad + i, exp_avg + i, exp_avg_sq + i, AMSGRAD ? max_exp_avg_sq + i : nullptr, a,
+        index0 + static_cast<uint32_t>(i), mask);
   }
+}
+
+inline BlockArgs block_args(StepScalars<float> s, float grad_scale, float grad_mul) {
+  BlockArgs a;
+  a.s = broadcast(s);
+  a.grad_scale = Vec16(grad_scale);
+  a.grad_mul = Vec16(grad_mul);
+  a.exact = (_mm_getcsr() & 0x0040u) != 0 ? 0xFFFF : 0;  // MXCSR.DAZ
+  for (__m512i& salt : a.salt) salt = _mm512_setzero_si512();
+  return a;
+}
+
+// kernel_impl.h's adam_loop for bf16.
+template <WeightDecay WD, bool AMSGRAD, bool MAXIMIZE, bool UNSCALE, bool LERP_SMALL>
+FA_LOOP void adam_loop_bf16(uint16_t* __restrict param, uint16_t* __restrict grad, uint16_t* __restrict exp_avg,
+                            uint16_t* __restrict exp_avg_sq, uint16_t* __restrict max_exp_avg_sq, int64_t n,
+                            StepScalars<float> s, float grad_scale) {
+  s.lerp_small = LERP_SMALL;
+  const BlockArgs a = block_args(s, grad_scale, 1.0f);
+  adam_blocks_bf16<WD, AMSGRAD, MAXIMIZE, UNSCALE, false, false>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq,
+                                                                  n, a, 0);
+}
+
+// kernel_impl.h's adam_loop_x for bf16 params and bf16 states without a master (SR: all four stores stochastic).
+template <bool SR, WeightDecay WD, bool AMSGRAD, bool UNSCALE, bool LERP_SMALL>
+FA_LOOP void adam_loop_x_bf16(uint16_t* __restrict param, uint16_t* __restrict grad, uint16_t* __restrict exp_avg,
+                              uint16_t* __restrict exp_avg_sq, uint16_t* __restrict max_exp_avg_sq, int64_t n,
+                              StepScalars<float> s, float grad_scale, float grad_mul, uint32_t index0, Salts salt) {
+  s.lerp_small = LERP_SMALL;
+  BlockArgs a = block_args(s, grad_scale, grad_mul);
+  const uint32_t salts[4] = {salt.param, salt.exp_avg, salt.exp_avg_sq, salt.max_exp_avg_sq};
+  for (int k = 0; k < 4; ++k) a.salt[k] = _mm512_set1_epi32(static_cast<int>(salts[k]));
+  adam_blocks_bf16<WD, AMSGRAD, /*MAXIMIZE=*/false, UNSCALE, /*CLIP=*/true, SR>(param, grad, exp_avg, exp_avg_sq,
+                                                                                max_exp_avg_sq, n, a, index0);
 }
 
 // The exhaustive check of the stores against Storage<kBFloat16>::store, over the float bit patterns [begin, end)

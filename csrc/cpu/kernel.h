@@ -7,8 +7,9 @@
 // (everything they call from adam_math.h is inlined), so no AVX-512 code can leak into another ISA's path
 // through a shared weak symbol. The per-ISA translation units include no torch header for the same reason.
 // A fourth, AVX-512 with AVX512_BF16 (kernel_avx512bf16.cpp, its own runtime check: Zen 4/5, Cooper Lake,
-// Sapphire Rapids have it, Ice Lake and Skylake-X do not), replaces only the bf16 torch-parity loop with one
-// written with intrinsics (bf16_avx512.h) and hands every other mode to the AVX-512 build.
+// Sapphire Rapids have it, Ice Lake and Skylake-X do not), replaces only the bf16 loops (torch parity; bf16 params
+// with bf16 states, no master) with ones written with intrinsics (bf16_avx512.h) and hands every other mode to the
+// AVX-512 build.
 #pragma once
 
 #include <algorithm>

@@ -1,7 +1,8 @@
 // The CPU element loop for AVX-512 CPUs that also have AVX512_BF16 (vcvtne2ps2bf16); picked at run time by
-// adam_cpu.cpp (NOTE [cpu ISA dispatch] in kernel.h). Only the bf16 torch-parity loop differs from the AVX-512
-// build: it is written with intrinsics (bf16_avx512.h). Every other mode is kernel_avx512.cpp's loop, so this file
-// instantiates pick_modes for bf16 only. The shared headers come first, under the build's baseline flags.
+// adam_cpu.cpp (NOTE [cpu ISA dispatch] in kernel.h). Only the bf16 loops differ from the AVX-512 build: the
+// torch-parity loop and the feature loop's bf16 params with bf16 states and no master (stochastic rounding or not)
+// are written with intrinsics (bf16_avx512.h). Every other mode is kernel_avx512.cpp's loop, so this file
+// instantiates those two kinds only. The shared headers come first, under the build's baseline flags.
 #include <immintrin.h>
 
 #include "cpu/kernel.h"
@@ -23,8 +24,11 @@ namespace avx512bf16 {
 }  // namespace avx512bf16
 
 ChunkFn adam_chunk_fn_avx512bf16(const Mode& mode) {
-  if (mode.dtype == ScalarKind::kBFloat16 && !uses_feature_loop(mode)) {
-    return avx512bf16::pick_modes<ScalarKind::kBFloat16>(mode);
+  constexpr ScalarKind kBf16 = ScalarKind::kBFloat16;
+  if (mode.dtype == kBf16 && !uses_feature_loop(mode)) return avx512bf16::pick_modes<kBf16>(mode);
+  if (mode.dtype == kBf16 && mode.state_dtype == kBf16 && !mode.master) {
+    return mode.stochastic_rounding ? avx512bf16::pick_feature_modes<kBf16, kBf16, false, true>(mode)
+                                    : avx512bf16::pick_feature_modes<kBf16, kBf16, false, false>(mode);
   }
   return adam_chunk_fn_avx512(mode);
 }
