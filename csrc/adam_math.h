@@ -46,6 +46,10 @@ FA_HOST_DEVICE float fa_sqrt(float x) { return sqrtf(x); }
 FA_HOST_DEVICE double fa_sqrt(double x) { return sqrt(x); }
 FA_HOST_DEVICE float fa_fma(float a, float b, float c) { return fmaf(a, b, c); }
 FA_HOST_DEVICE double fa_fma(double a, double b, double c) { return fma(a, b, c); }
+// torch.maximum(a, b): NaN propagates (a NaN `a` is kept, a NaN `b` wins over a number). A function rather than
+// an expression in adam_update so that a SIMD opmath type (csrc/cpu/bf16_avx512.h) can overload it.
+FA_HOST_DEVICE float fa_maximum_nan(float a, float b) { return (a != a || a > b) ? a : b; }
+FA_HOST_DEVICE double fa_maximum_nan(double a, double b) { return (a != a || a > b) ? a : b; }
 
 // Scalars of one tensor's step (they depend on that tensor's step count), in opmath T.
 template <typename T>
@@ -97,8 +101,7 @@ FA_HOST_DEVICE void adam_update(T& param, T& grad, T& exp_avg, T& exp_avg_sq, T&
   exp_avg_sq = fa_fma(s.one_minus_beta2 * g, g, exp_avg_sq * s.beta2);
   T second = exp_avg_sq;
   if (AMSGRAD) {
-    // torch.maximum propagates NaN; so does this form.
-    max_exp_avg_sq = (max_exp_avg_sq != max_exp_avg_sq || max_exp_avg_sq > exp_avg_sq) ? max_exp_avg_sq : exp_avg_sq;
+    max_exp_avg_sq = fa_maximum_nan(max_exp_avg_sq, exp_avg_sq);  // torch.maximum: NaN propagates
     second = max_exp_avg_sq;
   }
   const T denom = fa_sqrt(second) / s.bias_correction2_sqrt + s.eps;

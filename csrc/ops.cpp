@@ -141,11 +141,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("chunk_table", &fused_adam::cpu::chunk_table,
         "The chunk table (csrc/chunk_table.h) of tensors with these numels: a list of (tensor, start, size).",
         py::arg("numels"), py::arg("chunk_size"));
-  m.def("cpu_isa", &fused_adam::cpu::isa, "The instruction set the CPU loops run with: avx512, avx2 or baseline.");
+  m.def("cpu_isa", &fused_adam::cpu::isa,
+        "The instruction set the CPU loops run with: avx512bf16, avx512, avx2 or baseline.");
   m.def("set_cpu_isa", &fused_adam::cpu::set_isa,
-        "Run the CPU loops with 'avx512', 'avx2', 'baseline' or 'auto' (the best this CPU has). For tests and "
-        "benchmarks; the environment variable FUSED_ADAM_CPU_ISA does the same for a whole process.",
+        "Run the CPU loops with 'avx512bf16', 'avx512', 'avx2', 'baseline' or 'auto' (the best this CPU has). For "
+        "tests and benchmarks; the environment variable FUSED_ADAM_CPU_ISA does the same for a whole process.",
         py::arg("isa"));
+  m.def("cpu_bf16_store_mismatches", &fused_adam::cpu::bf16_store_mismatches,
+        py::call_guard<py::gil_scoped_release>(),
+        "Test hook: the AVX512_BF16 loop's bf16 store against the scalar rounding over the float bit patterns "
+        "[begin, end); returns the number of mismatches (0). Needs a CPU with AVX512_BF16.",
+        py::arg("begin"), py::arg("end"));
 }
 
 TORCH_LIBRARY(fused_adam, m) {

@@ -3,6 +3,7 @@ that a SIMD loop over a chunk table can get wrong."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 
 import pytest
 import torch
@@ -49,7 +50,7 @@ def cpu_isa(name: str):
 
 def supported_isas() -> list[str]:
     out = []
-    for name in ("avx512", "avx2", "baseline"):
+    for name in ("avx512bf16", "avx512", "avx2", "baseline"):
         try:
             with cpu_isa(name):
                 out.append(name)
@@ -210,7 +211,7 @@ def test_mixed_dtypes_in_one_group():
     assert_close_to_reference(tensors_of(ours_p, ours), tensors_of(ref_p, ref))
 
 
-@pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
+@pytest.mark.parametrize("isa", ["avx512bf16", "avx512", "avx2", "baseline"])
 def test_every_isa_gives_the_same_bits(isa):
     if isa not in supported_isas():
         pytest.skip(f"this CPU has no {isa}")
@@ -451,3 +452,92 @@ def test_low_precision_stores_round_like_torch(dtype):
     both_nan = m.isnan() & expected.isnan()
     assert torch.equal(m[~both_nan].view(torch.int16), expected[~both_nan].view(torch.int16))
     assert torch.equal(m.isnan(), expected.isnan())
+
+
+# ---- the AVX512_BF16 loop (csrc/cpu/bf16_avx512.h) ---------------------------------------------------------------
+
+# bf16 inputs that the vcvtne2ps2bf16 store would round differently without its exact fallback (NaN, denormals in
+# and out), its neighbours (+-0, +-inf, the smallest normal, near-overflow), and ordinary values.
+BF16_SPECIALS = [float("nan"), float("inf"), float("-inf"), 0.0, -0.0, 1e-40, -1e-40, 5e-39, -9e-39, 1.2e-38,
+                 -1.1754944e-38, 3.3e38, -3.3e38, 1.0, -2.5, 1e-3, 1e30, -1e-30]
+
+
+# NaNs that no float converts to (torch's rounding makes every NaN 0x7FC0): signalling, payloads, negative. A
+# signalling one passes through amsgrad's max unquieted, so the stores see it.
+BF16_NAN_BITS = [0x7F81, 0x7FC5, -0x0001, -0x007F]  # 0x7F81, 0x7FC5, 0xFFFF, 0xFF81 as int16
+
+
+def _bf16_with_specials(n: int, gen: torch.Generator, scale: float) -> torch.Tensor:
+    """n ordinary bf16 values with about a quarter of them replaced by BF16_SPECIALS or BF16_NAN_BITS, at random
+    places."""
+    x = torch.randn(n, generator=gen) * scale
+    pick = torch.randint(0, 4 * len(BF16_SPECIALS), (n,), generator=gen)
+    special = pick < len(BF16_SPECIALS)
+    x[special] = torch.tensor(BF16_SPECIALS)[pick[special]]
+    out = x.to(torch.bfloat16)
+    raw = torch.randint(0, 8 * len(BF16_NAN_BITS), (n,), generator=gen)
+    nan_bits = raw < len(BF16_NAN_BITS)
+    out.view(torch.int16)[nan_bits] = torch.tensor(BF16_NAN_BITS, dtype=torch.int16)[raw[nan_bits]]
+    return out
+
+
+def test_bf16_store_exhaustive():
+    """The AVX512_BF16 loop's store (vcvtne2ps2bf16, and the exact integer rounding for blocks with a NaN or a
+    denormal) against the scalar rounding (Storage<kBFloat16>::store, c10's round_to_nearest_even) for all 2^32
+    float bit patterns (~6 s)."""
+    if "avx512bf16" not in supported_isas():
+        pytest.skip("this CPU has no AVX512_BF16")
+    assert _C().cpu_bf16_store_mismatches(0, 2**32) == 0
+
+
+@pytest.mark.parametrize("flush_denormal", [False, True], ids=["ieee", "flush_denormal"])
+@pytest.mark.parametrize("wd", ["none", "l2", "decoupled"])
+@pytest.mark.parametrize("loop", ["parity", "clip", "sr", "sr_clip"])
+def test_bf16_specials_same_bits_on_every_isa(loop, wd, flush_denormal):
+    """bf16 params, grads and states holding NaN, +-inf, denormals, -0 and ordinary values, sizes 1..67, 1000 and
+    4097 (vector tails and full vectors; 70001 with stochastic rounding, whose hash takes the index's high half),
+    every mode of the torch-parity loop and of the feature loop's bf16/bf16 kinds (clip, stochastic rounding): the
+    hand-written AVX512_BF16 loops and the AVX-512 build give the bits of the AVX2 build (or baseline), compared as
+    int16 (NaNs included). Also with torch.set_flush_denormal(True), under which vfpclassps no longer sees
+    denormals."""
+    isas = [isa for isa in ("avx512bf16", "avx512", "avx2", "baseline") if isa in supported_isas()]
+    reference = "avx2" if "avx2" in isas else "baseline"
+    gen = torch.Generator().manual_seed(3)
+    sizes = list(range(1, 68)) + [1000, 4097] + ([70001] if loop.startswith("sr") else [])
+    p0 = [_bf16_with_specials(n, gen, 1.0) for n in sizes]
+    g0 = [_bf16_with_specials(n, gen, 1e-2) for n in sizes]
+    m0 = [_bf16_with_specials(n, gen, 1e-3) for n in sizes]
+    # Negative second moments too: under DAZ a denormal max_exp_avg_sq passes through amsgrad's max unchanged only
+    # where the new exp_avg_sq is below zero.
+    v0 = [_bf16_with_specials(n, gen, 1e-5) for n in sizes]
+    x0 = [_bf16_with_specials(n, gen, 1e-5) for n in sizes]
+    extra = {}
+    if loop.startswith("sr"):
+        extra.update(stochastic_rounding=True, tensor_ids=list(range(len(sizes))), seed=12345)
+    if loop.endswith("clip"):
+        extra.update(clip_coef=torch.tensor(0.75))
+
+    def run(isa, amsgrad, maximize, unscale, beta1):
+        ps, gs, ms, vs = ([t.clone() for t in ts] for ts in (p0, g0, m0, v0))
+        xs = [t.clone() for t in x0] if amsgrad else []
+        steps = [torch.tensor(0.0) for _ in sizes]
+        with cpu_isa(isa), num_threads(1):
+            for _ in range(2):
+                _C().adam_step_(ps, gs, ms, vs, xs, steps, lr=1e-2, beta1=beta1, beta2=0.999, eps=1e-8,
+                                weight_decay=0.0 if wd == "none" else 0.1, amsgrad=amsgrad, maximize=maximize,
+                                decoupled=wd == "decoupled", grad_scale=torch.tensor(0.5) if unscale else None,
+                                **extra)
+        return [t.view(torch.int16) for t in ps + gs + ms + vs + xs]
+
+    if not torch.set_flush_denormal(flush_denormal) and flush_denormal:
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        for amsgrad, maximize, unscale, beta1 in itertools.product([False, True], [False, True], [False, True],
+                                                                   [0.9, 0.2]):  # 1 - 0.2 >= 0.5: lerp's other form
+            want = run(reference, amsgrad, maximize, unscale, beta1)
+            for isa in isas:
+                got = run(isa, amsgrad, maximize, unscale, beta1)
+                for i, (a, b) in enumerate(zip(got, want)):
+                    assert torch.equal(a, b), (isa, amsgrad, maximize, unscale, beta1, i)
+    finally:
+        torch.set_flush_denormal(False)

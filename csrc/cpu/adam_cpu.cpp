@@ -40,6 +40,8 @@ constexpr int64_t kSplitAlign = 16;
 
 bool cpu_has(Isa isa) {
   switch (isa) {
+    case Isa::kAvx512Bf16:
+      return cpu_has(Isa::kAvx512) && __builtin_cpu_supports("avx512bf16");
     case Isa::kAvx512:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
              __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
@@ -56,6 +58,8 @@ bool cpu_has(Isa isa) {
 
 const char* isa_name(Isa isa) {
   switch (isa) {
+    case Isa::kAvx512Bf16:
+      return "avx512bf16";
     case Isa::kAvx512:
       return "avx512";
     case Isa::kAvx2:
@@ -67,7 +71,7 @@ const char* isa_name(Isa isa) {
 }
 
 Isa best_isa() {
-  for (Isa isa : {Isa::kAvx512, Isa::kAvx2}) {
+  for (Isa isa : {Isa::kAvx512Bf16, Isa::kAvx512, Isa::kAvx2}) {
     if (cpu_has(isa)) return isa;
   }
   return Isa::kBaseline;
@@ -75,14 +79,15 @@ Isa best_isa() {
 
 Isa parse_isa(const std::string& name) {
   if (name == "auto") return best_isa();
-  for (Isa isa : {Isa::kAvx512, Isa::kAvx2, Isa::kBaseline}) {
+  for (Isa isa : {Isa::kAvx512Bf16, Isa::kAvx512, Isa::kAvx2, Isa::kBaseline}) {
     if (name == isa_name(isa)) {
       TORCH_CHECK(cpu_has(isa), kWho, ": ISA '", name, "' is not supported by this CPU; best available: '",
                   isa_name(best_isa()), "'");
       return isa;
     }
   }
-  TORCH_CHECK_VALUE(false, kWho, ": unknown ISA '", name, "'; expected 'auto', 'avx512', 'avx2' or 'baseline'");
+  TORCH_CHECK_VALUE(false, kWho, ": unknown ISA '", name,
+                    "'; expected 'auto', 'avx512bf16', 'avx512', 'avx2' or 'baseline'");
 }
 
 // FUSED_ADAM_CPU_ISA=avx2 (say) pins the ISA for a whole process, e.g. to benchmark one build against another.
@@ -96,6 +101,8 @@ std::atomic<Isa>& current_isa() {
 
 ChunkFn adam_chunk_fn(const Mode& mode) {
   switch (current_isa().load()) {
+    case Isa::kAvx512Bf16:
+      return adam_chunk_fn_avx512bf16(mode);
     case Isa::kAvx512:
       return adam_chunk_fn_avx512(mode);
     case Isa::kAvx2:
@@ -108,6 +115,8 @@ ChunkFn adam_chunk_fn(const Mode& mode) {
 
 ChunkFn roofline_chunk_fn() {
   switch (current_isa().load()) {
+    case Isa::kAvx512Bf16:
+      return roofline_chunk_fn_avx512bf16();
     case Isa::kAvx512:
       return roofline_chunk_fn_avx512();
     case Isa::kAvx2:
@@ -475,6 +484,14 @@ std::vector<std::tuple<int64_t, int64_t, int64_t>> chunk_table(const std::vector
 std::string isa() { return isa_name(current_isa().load()); }
 
 void set_isa(const std::string& name) { current_isa().store(parse_isa(name)); }
+
+int64_t bf16_store_mismatches(int64_t begin, int64_t end) {
+  TORCH_CHECK(cpu_has(Isa::kAvx512Bf16), kWho, ": bf16_store_mismatches needs a CPU with AVX512_BF16");
+  TORCH_CHECK_VALUE(0 <= begin && begin <= end && end <= (int64_t{1} << 32), kWho,
+                    ": bf16_store_mismatches takes 0 <= begin <= end <= 2**32, got ", begin, ", ", end);
+  return static_cast<int64_t>(
+      bf16_store_mismatches_avx512bf16(static_cast<uint64_t>(begin), static_cast<uint64_t>(end)));
+}
 
 }  // namespace cpu
 }  // namespace fused_adam

@@ -51,10 +51,14 @@ void roofline_(const std::vector<at::Tensor>& params, const std::vector<at::Tens
 // The chunk table (csrc/chunk_table.h) as (tensor, start, size) tuples, for tests.
 std::vector<std::tuple<int64_t, int64_t, int64_t>> chunk_table(const std::vector<int64_t>& numels, int64_t chunk_size);
 
-// The instruction set the loops run with: "avx512", "avx2" or "baseline". set_isa() takes one of those or "auto"
-// (the best this CPU supports) and refuses one the CPU lacks; tests use it to run every build of the loop.
+// The instruction set the loops run with: "avx512bf16", "avx512", "avx2" or "baseline". set_isa() takes one of those
+// or "auto" (the best this CPU supports) and refuses one the CPU lacks; tests use it to run every build of the loop.
 std::string isa();
 void set_isa(const std::string& name);
+
+// The AVX512_BF16 loop's bf16 store (bf16_avx512.h) against the scalar rounding, for the float bit patterns
+// [begin, end) (0 <= begin <= end <= 2^32): the number of mismatches. For tests; needs AVX512_BF16.
+int64_t bf16_store_mismatches(int64_t begin, int64_t end);
 
 }  // namespace cpu
 }  // namespace fused_adam

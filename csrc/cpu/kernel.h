@@ -6,6 +6,10 @@
 // __builtin_cpu_supports. Each ISA's instantiations live in their own namespace, and the loops are `flatten`
 // (everything they call from adam_math.h is inlined), so no AVX-512 code can leak into another ISA's path
 // through a shared weak symbol. The per-ISA translation units include no torch header for the same reason.
+// A fourth, AVX-512 with AVX512_BF16 (kernel_avx512bf16.cpp, its own runtime check: Zen 4/5, Cooper Lake,
+// Sapphire Rapids have it, Ice Lake and Skylake-X do not), replaces only the bf16 loops (torch parity; bf16 params
+// with bf16 states, no master) with ones written with intrinsics (bf16_avx512.h) and hands every other mode to the
+// AVX-512 build.
 #pragma once
 
 #include <algorithm>
@@ -19,7 +23,7 @@ namespace fused_adam {
 namespace cpu {
 
 enum class ScalarKind : uint8_t { kFloat, kDouble, kBFloat16, kHalf };
-enum class Isa : uint8_t { kBaseline, kAvx2, kAvx512 };
+enum class Isa : uint8_t { kBaseline, kAvx2, kAvx512, kAvx512Bf16 };
 
 // One tensor of a multi-tensor step as raw memory: all six arrays share one flat layout (NOTE [cpu layout] in
 // adam_cpu.cpp). max_exp_avg_sq is null unless amsgrad, master null unless master weights.
@@ -95,14 +99,20 @@ struct StepArgs {
 using ChunkFn = void (*)(const TensorPtrs& t, int64_t begin, int64_t n, const void* scalars, const StepArgs& args);
 
 // The loop for `mode`, compiled for one ISA. Defined in kernel_<isa>.cpp.
+ChunkFn adam_chunk_fn_avx512bf16(const Mode& mode);
 ChunkFn adam_chunk_fn_avx512(const Mode& mode);
 ChunkFn adam_chunk_fn_avx2(const Mode& mode);
 ChunkFn adam_chunk_fn_baseline(const Mode& mode);
 
 // The bandwidth probe: fp32, Adam's access pattern (read p, g, m, v; write p, m, v), trivial arithmetic.
+ChunkFn roofline_chunk_fn_avx512bf16();
 ChunkFn roofline_chunk_fn_avx512();
 ChunkFn roofline_chunk_fn_avx2();
 ChunkFn roofline_chunk_fn_baseline();
+
+// The AVX512_BF16 loop's bf16 stores against Storage<kBFloat16>::store, for the float bit patterns [begin, end):
+// the number of mismatches (bf16_avx512.h). Only on a CPU with AVX512_BF16.
+uint64_t bf16_store_mismatches_avx512bf16(uint64_t begin, uint64_t end);
 
 }  // namespace cpu
 }  // namespace fused_adam

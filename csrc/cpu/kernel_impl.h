@@ -1,7 +1,9 @@
 // The CPU element loop: adam_update (csrc/adam_math.h) over one contiguous piece of one tensor, for every dtype
 // and mode. Written once as scalar C++ with __restrict pointers; gcc vectorizes it for the ISA of the including
 // translation unit (NOTE [cpu ISA dispatch] in kernel.h). Checked with objdump: the AVX-512 build runs on zmm
-// registers (vsqrtps/vdivps %zmm), bf16 and fp16 conversions included, with a scalar tail.
+// registers (vsqrtps/vdivps %zmm), bf16 and fp16 conversions included, with a scalar tail. One exception: on CPUs
+// with AVX512_BF16 the bf16 loops (torch parity, and the feature loop's bf16 params with bf16 states and no master)
+// are bf16_avx512.h's, written with intrinsics (adam_chunk and adam_chunk_x below).
 //
 // Low-precision storage (bf16, fp16) is converted to fp32 and back with integer/float bit operations rather
 // than intrinsics or c10 types, so that the conversions vectorize inside the same loop: one rounding per store,
@@ -148,6 +150,14 @@ FA_LOOP void adam_loop(typename Storage<K>::type* __restrict param, typename Sto
   }
 }
 
+#ifdef FA_CPU_BF16_SIMD
+// The bf16 loop written with intrinsics (bf16_avx512.h, which kernel_avx512bf16.cpp includes after this file).
+template <WeightDecay WD, bool AMSGRAD, bool MAXIMIZE, bool UNSCALE, bool LERP_SMALL>
+void adam_loop_bf16(uint16_t* __restrict param, uint16_t* __restrict grad, uint16_t* __restrict exp_avg,
+                    uint16_t* __restrict exp_avg_sq, uint16_t* __restrict max_exp_avg_sq, int64_t n,
+                    StepScalars<float> s, float grad_scale);
+#endif
+
 template <ScalarKind K, WeightDecay WD, bool AMSGRAD, bool MAXIMIZE, bool UNSCALE>
 void adam_chunk(const TensorPtrs& t, int64_t begin, int64_t n, const void* scalars, const StepArgs& args) {
   using S = typename Storage<K>::type;
@@ -159,6 +169,16 @@ void adam_chunk(const TensorPtrs& t, int64_t begin, int64_t n, const void* scala
   S* v = static_cast<S*>(t.exp_avg_sq) + begin;
   S* vmax = AMSGRAD ? static_cast<S*>(t.max_exp_avg_sq) + begin : nullptr;
   const T scale = static_cast<T>(args.grad_scale);
+#ifdef FA_CPU_BF16_SIMD
+  if constexpr (K == ScalarKind::kBFloat16) {
+    if (s.lerp_small) {
+      adam_loop_bf16<WD, AMSGRAD, MAXIMIZE, UNSCALE, true>(p, g, m, v, vmax, n, s, scale);
+    } else {
+      adam_loop_bf16<WD, AMSGRAD, MAXIMIZE, UNSCALE, false>(p, g, m, v, vmax, n, s, scale);
+    }
+    return;
+  }
+#endif
   if (s.lerp_small) {
     adam_loop<K, WD, AMSGRAD, MAXIMIZE, UNSCALE, true>(p, g, m, v, vmax, n, s, scale);
   } else {
@@ -257,6 +277,14 @@ FA_LOOP void adam_loop_x(typename Storage<PK>::type* __restrict param, typename 
   }
 }
 
+#ifdef FA_CPU_BF16_SIMD
+// bf16 params with bf16 states and no master, written with intrinsics (bf16_avx512.h).
+template <bool SR, WeightDecay WD, bool AMSGRAD, bool UNSCALE, bool LERP_SMALL>
+void adam_loop_x_bf16(uint16_t* __restrict param, uint16_t* __restrict grad, uint16_t* __restrict exp_avg,
+                      uint16_t* __restrict exp_avg_sq, uint16_t* __restrict max_exp_avg_sq, int64_t n,
+                      StepScalars<float> s, float grad_scale, float grad_mul, uint32_t index0, Salts salt);
+#endif
+
 template <ScalarKind PK, ScalarKind SK, bool MASTER, bool SR, WeightDecay WD, bool AMSGRAD, bool UNSCALE>
 void adam_chunk_x(const TensorPtrs& t, int64_t begin, int64_t n, const void* scalars, const StepArgs& args) {
   using PS = typename Storage<PK>::type;
@@ -273,6 +301,16 @@ void adam_chunk_x(const TensorPtrs& t, int64_t begin, int64_t n, const void* sca
     SS* v = static_cast<SS*>(t.exp_avg_sq) + at;
     SS* vmax = AMSGRAD ? static_cast<SS*>(t.max_exp_avg_sq) + at : nullptr;
     float* master = MASTER ? t.master + at : nullptr;
+#ifdef FA_CPU_BF16_SIMD
+    if constexpr (PK == ScalarKind::kBFloat16 && SK == ScalarKind::kBFloat16 && !MASTER) {
+      if (s.lerp_small) {
+        adam_loop_x_bf16<SR, WD, AMSGRAD, UNSCALE, true>(p, g, m, v, vmax, len, s, scale, mul, index0, salts);
+      } else {
+        adam_loop_x_bf16<SR, WD, AMSGRAD, UNSCALE, false>(p, g, m, v, vmax, len, s, scale, mul, index0, salts);
+      }
+      return;
+    }
+#endif
     if (s.lerp_small) {
       adam_loop_x<PK, SK, MASTER, SR, WD, AMSGRAD, UNSCALE, true>(p, g, m, v, vmax, master, len, s, scale, mul, index0, salts);
     } else {

@@ -1,10 +1,10 @@
 """CPU backend: the C++ kernel of fused_adam._C (csrc/cpu), one call per (cpu, dtype) partition.
 
 The kernel checks the tensors, increments every step, computes each tensor's bias corrections from its own step
-and runs a SIMD loop (AVX-512 / AVX2 picked at run time) over a chunk table spanning all the partition's tensors,
-with threads splitting the work across tensors. This module turns Tensor hyperparameters into host numbers and,
-given the optimizer's per-partition cache, hands the kernel the params, states and steps converted once
-(_C.Partition): a step then converts only the grads.
+and runs a SIMD loop (AVX-512 with AVX512_BF16 / AVX-512 / AVX2 picked at run time) over a chunk table spanning
+all the partition's tensors, with threads splitting the work across tensors. This module turns Tensor
+hyperparameters into host numbers and, given the optimizer's per-partition cache, hands the kernel the params,
+states and steps converted once (_C.Partition): a step then converts only the grads.
 
 It implements every optional feature of backends/__init__.py (NOTE [cpu feature loops] in csrc/cpu/kernel.h):
 the kernel is instantiated for the storage combinations that are useful (fp32 params with bf16 states, bf16/fp16
