@@ -159,6 +159,20 @@ def test_sparse_grad_points_to_sparse_adam(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS_HERE)
+def test_sparse_grad_after_steps_changes_nothing(backend):
+    """A sparse grad in a cached plan (the cpu kernel finds it, the optimizer words the error): nothing moves."""
+    params = [torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(4, 3))]
+    opt = FusedAdam(params, backend=backend)
+    _train(opt, params, 2)
+    before = [p.detach().clone() for p in params]
+    params[0].grad, params[1].grad = torch.randn(5), torch.randn(4, 3).to_sparse()
+    with pytest.raises(RuntimeError, match=r"does not support sparse gradients.*param 1 in group 0"):
+        opt.step()
+    for p, b in zip(params, before):
+        assert torch.equal(p.detach(), b) and float(opt.state[p]["step"]) == 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
 @pytest.mark.parametrize("kwargs", [{}, dict(weight_decay=0.1, amsgrad=True, maximize=True)])
 def test_complex_params(backend, kwargs):
     params = [torch.randn(3, 4, dtype=torch.complex64), torch.randn(5, dtype=torch.complex64)]

@@ -30,7 +30,9 @@ the extra keyword arguments only when the feature is on:
   * "clip": kwarg clip_coef, a 0-dim fp32 tensor on the partition's device: the (unscaled) grad is multiplied
     by it inside the pass (gradient clipping by global norm without another pass over the grads).
 
-A backend with `USES_CACHE = True` also takes kwarg `cache`: a dict the caller keeps per partition for as long
+A backend with `REJECTS_SPARSE = True` raises a RuntimeError for a sparse (any non-strided) grad before it changes
+anything, so the optimizer skips its own per-grad scan and only words the error. A backend with
+`USES_CACHE = True` also takes kwarg `cache`: a dict the caller keeps per partition for as long
 as it hands the same lists (the optimizer's step plan, NOTE [step plan] in optimizer.py), where the backend may
 keep what it prepares from them. Direct callers may leave it out.
 """

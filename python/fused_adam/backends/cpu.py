@@ -22,6 +22,7 @@ from . import Hyper
 
 NAME = "cpu"
 FEATURES = ("master_weights", "state_dtype", "stochastic_rounding", "clip")
+REJECTS_SPARSE = True  # the kernel checks every tensor's layout before it writes anything
 USES_CACHE = True  # cache["partition"]: the lists converted to C++ once (NOTE [cpu partition] in csrc/ops.cpp)
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
