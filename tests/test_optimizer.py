@@ -267,6 +267,24 @@ def test_param_storage_swapped_under_the_optimizer_is_used(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS_HERE)
+def test_grads_read_by_the_kernel_follow_python(backend):
+    """NOTE [grads read in C++]: new grad tensors each step, a param losing its grad (no update, no step) and
+    getting one back: the same as torch."""
+    params = make_params(torch.float32, [(5,), (3, 2), (7,)])
+    ours_p, ref_p = _clone(params), _clone(params)
+    ours, ref = FusedAdamW(ours_p, backend=backend), torch.optim.AdamW(ref_p, foreach=False)
+    for s in range(8):
+        grads = make_grads(params, s)
+        for i, (a, b, g) in enumerate(zip(ours_p, ref_p, grads)):
+            a.grad = b.grad = None if (i == 1 and s in (3, 4)) else g.clone()
+        ours.step()
+        ref.step()
+        if backend == "cpu" and s >= 1:
+            assert ours._plans[0].reads_grads == (s not in (3, 4))
+    _assert_same(ours, ours_p, ref, ref_p, exact=backend == "reference")
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
 def test_states_are_packed_views_in_torchs_layout(backend):
     """NOTE [packed states]: the states of contiguous params are 64-byte aligned views into one buffer per kind;
     a non-contiguous param gets its own, with the param's strides (torch's preserve_format)."""

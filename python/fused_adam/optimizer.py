@@ -118,6 +118,7 @@ class _Plan:
     key: tuple
     generation: int
     parts: list[_Part]
+    reads_grads: bool = False  # one partition of every param, on a READS_GRADS backend (NOTE [step plan])
 
 
 # Options beyond torch's (see README "Beyond torch"). They appear in param_groups only when set, so that a
@@ -199,6 +200,7 @@ def _kernel_view(t: Tensor) -> Tensor:
 
 
 _IS_SPARSE = attrgetter("is_sparse")
+_PLAIN = (Tensor, torch.nn.Parameter)  # types whose .grad the kernel can read itself (no grad property of their own)
 
 
 def _scalar(x):
@@ -498,7 +500,11 @@ class FusedAdam(Optimizer):
             everything = len(by_key) == 1 and len(index) == len(params)
             tensor_ids = [first_id + i for i in index]
             parts.append(_Part(device, dtype, mod, dispatch, None if everything else index, view_pos=view_pos, tensor_ids=tensor_ids, **lists))
-        return _Plan(params, len(params), has_grad, self._plan_key(group), _State.generation, parts)
+        reads_grads = (
+            len(parts) == 1 and parts[0].index is None and not parts[0].view_pos
+            and getattr(parts[0].backend, "READS_GRADS", False) and all(type(p) in _PLAIN for p in params)
+        )
+        return _Plan(params, len(params), has_grad, self._plan_key(group), _State.generation, parts, reads_grads)
 
     @torch.no_grad()
     def _clip_coef(self, group_grads: list[list[Tensor | None]], grad_scale: Tensor | None) -> Tensor | None:
@@ -525,6 +531,47 @@ class FusedAdam(Optimizer):
                     f"FusedAdam does not support sparse gradients (grad of param {i} in group {gi} is sparse), "
                     "please consider torch.optim.SparseAdam instead"
                 )
+
+    def _step_part(self, gi: int, part: _Part, grads: list[Tensor] | None, hp: Hyper, grad_scale: Tensor | None,
+                   found_inf: Tensor | None, clip_coef: Tensor | None, on: Callable) -> bool | None:
+        """One partition's backend step. grads=None: a READS_GRADS backend reads them (and returns whether it
+        stepped)."""
+        # A backend that REJECTS_SPARSE checks every grad's layout before it changes anything: the Python scan
+        # (~60 ns a grad) then runs only to word its error as torch does.
+        checked = getattr(part.backend, "REJECTS_SPARSE", False) and not part.view_pos
+        if grads is not None and not checked:
+            self._check_grads(gi, part, grads)
+        if part.view_pos:
+            grads = list(grads)
+            for pos in part.view_pos:
+                grads[pos] = _kernel_view(grads[pos])
+        part_hp = self._part_hyper(hp, part.dtype)
+        extra: dict[str, Any] = {}
+        if part_hp.master_weights:
+            extra["master_params"] = part.master_params
+        if part_hp.stochastic_rounding:
+            extra["tensor_ids"] = part.tensor_ids
+        if clip_coef is not None:
+            extra["clip_coef"] = on(part.device, clip_coef)
+        if getattr(part.backend, "USES_CACHE", False):
+            extra["cache"] = part.cache
+        try:
+            return part.backend.step(
+                part.params,
+                grads,
+                part.exp_avgs,
+                part.exp_avg_sqs,
+                part.max_exp_avg_sqs,
+                part.state_steps,
+                part_hp,
+                on(part.device, grad_scale),
+                on(part.device, found_inf),
+                **extra,
+            )
+        except RuntimeError:
+            if checked and grads is not None:
+                self._check_grads(gi, part, grads)  # raises torch's message for a sparse grad
+            raise
 
     # NOTE [torch.compile]: a compiled training step runs the optimizer step eagerly (one graph break). Tracing
     # the step would bake lr, the step counts and the plan's Python decisions into guards: a scheduler changing
@@ -562,60 +609,35 @@ class FusedAdam(Optimizer):
             return moved[key]
 
         with torch.set_grad_enabled(self.defaults["differentiable"]):
-            group_grads = [[p.grad for p in group["params"]] for group in self.param_groups]
-            clip_coef = self._clip_coef(group_grads, grad_scale)
+            clipping = self.max_grad_norm is not None
+            group_grads = [[p.grad for p in group["params"]] for group in self.param_groups] if clipping else None
+            clip_coef = self._clip_coef(group_grads, grad_scale) if clipping else None
             for gi, group in enumerate(self.param_groups):
-                params, grads = group["params"], group_grads[gi]
-                has_grad = [g is not None for g in grads]
+                params = group["params"]
                 hp = self._hyper(group)
                 plan = self._plans.get(gi)
-                if (
-                    plan is None
-                    or plan.params is not params
-                    or plan.num_params != len(params)
-                    or plan.generation != _State.generation
-                    or plan.has_grad != has_grad
-                    or plan.key != self._plan_key(group)
-                ):
+                valid = (
+                    plan is not None
+                    and plan.params is params
+                    and plan.num_params == len(params)
+                    and plan.generation == _State.generation
+                    and plan.key == self._plan_key(group)
+                )
+                # The kernel reads the grads itself (NOTE [grads read in C++] in csrc/ops.cpp); it declines, having
+                # changed nothing, if a param has no grad or anything is off, and the path below handles that.
+                if valid and plan.reads_grads and not clipping:
+                    try:
+                        if self._step_part(gi, plan.parts[0], None, hp, grad_scale, found_inf, None, on):
+                            continue
+                    except RuntimeError:
+                        pass  # raised before writing anything; the path below raises it again, worded as torch's
+                grads = group_grads[gi] if clipping else [p.grad for p in params]
+                has_grad = [g is not None for g in grads]
+                if not valid or plan.has_grad != has_grad:
                     plan = self._plans[gi] = self._build_plan(gi, group, has_grad, hp)
                 for part in plan.parts:
                     part_grads = grads if part.index is None else [grads[i] for i in part.index]
-                    # A backend that REJECTS_SPARSE checks every grad's layout before it changes anything: the
-                    # Python scan (~60 ns a grad) then runs only to word its error as torch does.
-                    checked = getattr(part.backend, "REJECTS_SPARSE", False) and not part.view_pos
-                    if not checked:
-                        self._check_grads(gi, part, part_grads)
-                    if part.view_pos:
-                        part_grads = list(part_grads)
-                        for pos in part.view_pos:
-                            part_grads[pos] = _kernel_view(part_grads[pos])
-                    part_hp = self._part_hyper(hp, part.dtype)
-                    extra: dict[str, Any] = {}
-                    if part_hp.master_weights:
-                        extra["master_params"] = part.master_params
-                    if part_hp.stochastic_rounding:
-                        extra["tensor_ids"] = part.tensor_ids
-                    if clip_coef is not None:
-                        extra["clip_coef"] = on(part.device, clip_coef)
-                    if getattr(part.backend, "USES_CACHE", False):
-                        extra["cache"] = part.cache
-                    try:
-                        part.backend.step(
-                            part.params,
-                            part_grads,
-                            part.exp_avgs,
-                            part.exp_avg_sqs,
-                            part.max_exp_avg_sqs,
-                            part.state_steps,
-                            part_hp,
-                            on(part.device, grad_scale),
-                            on(part.device, found_inf),
-                            **extra,
-                        )
-                    except RuntimeError:
-                        if checked:
-                            self._check_grads(gi, part, part_grads)  # raises torch's message for a sparse grad
-                        raise
+                    self._step_part(gi, part, part_grads, hp, grad_scale, found_inf, clip_coef, on)
         return loss
 
 

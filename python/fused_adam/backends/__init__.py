@@ -30,6 +30,8 @@ the extra keyword arguments only when the feature is on:
   * "clip": kwarg clip_coef, a 0-dim fp32 tensor on the partition's device: the (unscaled) grad is multiplied
     by it inside the pass (gradient clipping by global norm without another pass over the grads).
 
+A backend with `READS_GRADS = True` also takes grads=None: it then reads each param's `.grad` itself (plain
+Tensor/Parameter params), and returns False, having changed nothing, if one has none (True when it stepped).
 A backend with `REJECTS_SPARSE = True` raises a RuntimeError for a sparse (any non-strided) grad before it changes
 anything, so the optimizer skips its own per-grad scan and only words the error. A backend with
 `USES_CACHE = True` also takes kwarg `cache`: a dict the caller keeps per partition for as long

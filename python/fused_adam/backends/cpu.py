@@ -23,6 +23,7 @@ from . import Hyper
 NAME = "cpu"
 FEATURES = ("master_weights", "state_dtype", "stochastic_rounding", "clip")
 REJECTS_SPARSE = True  # the kernel checks every tensor's layout before it writes anything
+READS_GRADS = True  # grads=None: the kernel reads each param's .grad (NOTE [grads read in C++] in csrc/ops.cpp)
 USES_CACHE = True  # cache["partition"]: the lists converted to C++ once (NOTE [cpu partition] in csrc/ops.cpp)
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -65,7 +66,7 @@ def _host(x: float | Tensor) -> float:
 
 def step(
     params: list[Tensor],
-    grads: list[Tensor],
+    grads: list[Tensor] | None,
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     max_exp_avg_sqs: list[Tensor],
@@ -78,9 +79,9 @@ def step(
     tensor_ids: list[int] | None = None,
     clip_coef: Tensor | None = None,
     cache: dict | None = None,
-) -> None:
+) -> bool:
     if not params:
-        return
+        return True
     extra = {}
     lists = {}
     if master_params:
@@ -101,10 +102,12 @@ def step(
         amsgrad=hp.amsgrad, maximize=hp.maximize, decoupled=hp.decoupled, grad_scale=grad_scale, found_inf=found_inf,
         decay=decay, **extra,
     )
-    if cache is None:
+    if cache is None and grads is not None:
         _C.adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **lists, **args)
-        return
-    partition = cache.get("partition")
+        return True
+    partition = cache.get("partition") if cache is not None else None
     if partition is None:
-        partition = cache["partition"] = _C.Partition(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **lists)
-    partition.step_(grads, **args)
+        partition = _C.Partition(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **lists)
+        if cache is not None:
+            cache["partition"] = partition
+    return partition.step_(grads, **args)
