@@ -299,6 +299,9 @@ def test_states_are_packed_views_in_torchs_layout(backend):
         for p, s in zip(params, states):
             assert (s.shape, s.stride(), s.dtype) == (p.shape, p.stride(), p.dtype), key
             assert s.data_ptr() % 64 == 0 or s.numel() == 0, key
+    steps = [opt.state[p]["step"] for p in params]
+    assert len({s.untyped_storage().data_ptr() for s in steps[:-1]}) == 1
+    assert all(s.dim() == 0 and s.dtype == torch.float32 and float(s) == 2 for s in steps)
     ref_p = _clone([p.detach() for p in params])
     for a, b in zip(ref_p, params):
         a.data = b.detach().clone(memory_format=torch.preserve_format)

@@ -19,7 +19,7 @@ cpu backend: the lists converted to C++ once, NOTE [cpu partition] in csrc/ops.c
 
 NOTE [packed states]: the states a plan creates for small params (exp_avg, exp_avg_sq, max_exp_avg_sq, the fp32
 master; params of at most 64K elements) are 64-byte-aligned views into shared buffers of up to 1M elements per
-state kind, instead of one allocation per param. The values, shapes, strides and state_dict are torch's; what
+state kind, instead of one allocation per param; their step counts are 0-dim views into one float32 buffer. The values, shapes, strides and state_dict are torch's; what
 changes is where they live: a step over many small tensors then walks long arrays instead of thousands of
 separate pages (10,000 tensors of 1,000 fp32 elements, one thread, the roofline pass alone: 12.3 ms with
 per-param states, 10.0 ms packed, 8.2 ms with params and grads packed too). The buffers are bounded because
@@ -410,6 +410,10 @@ class FusedAdam(Optimizer):
                     buffer = torch.zeros(sum(sizes), dtype=dtype, device=bucket[0].device)
                     for q, slot in zip(bucket, buffer.split(sizes)):
                         views[where[id(q)]][key] = slot[: q.numel()].view(q.shape)
+                if len(bucket) > 1:
+                    steps = torch.zeros(len(bucket), dtype=torch.float32, device=bucket[0].device if group["capturable"] else "cpu")
+                    for j, q in enumerate(bucket):
+                        views[where[id(q)]]["step"] = steps[j]
                 bucket, filled = [], 0
             if p is not None:
                 bucket.append(p)
@@ -423,7 +427,10 @@ class FusedAdam(Optimizer):
         if not isinstance(state, _State):
             state = self.state[p] = _State(state)
         if "step" not in state:
-            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if group["capturable"] else "cpu")
+            if packed and "step" in packed:
+                state["step"] = packed["step"]
+            else:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if group["capturable"] else "cpu")
         state_dtype = group.get("state_dtype") or p.dtype
         for key in _STATE_KEYS:
             if key == "max_exp_avg_sq" and not group["amsgrad"]:
