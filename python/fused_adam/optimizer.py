@@ -124,6 +124,7 @@ class _Plan:
 # Options beyond torch's (see README "Beyond torch"). They appear in param_groups only when set, so that a
 # FusedAdam used as a plain drop-in has exactly torch's param_groups and state_dict.
 EXTENSIONS = {"master_weights": False, "state_dtype": None, "stochastic_rounding": False, "seed": 0}
+_EXTENSION_ITEMS = tuple(EXTENSIONS.items())
 _STATE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
@@ -473,8 +474,9 @@ class FusedAdam(Optimizer):
         raise RuntimeError(f"FusedAdam: no backend can run {dtype} params on {device}: {skipped}")  # unreachable: reference runs anywhere
 
     def _plan_key(self, group: dict[str, Any]) -> tuple:
-        return (group["amsgrad"], group["capturable"], group["differentiable"], torch.is_tensor(group["lr"]),
-                self.max_grad_norm is not None, *(group.get(k, v) for k, v in EXTENSIONS.items()))
+        get = group.get
+        return (group["amsgrad"], group["capturable"], group["differentiable"], isinstance(group["lr"], Tensor),
+                self.max_grad_norm is not None, *[get(k, v) for k, v in _EXTENSION_ITEMS])
 
     def _build_plan(self, gi: int, group: dict[str, Any], has_grad: list[bool], hp: Hyper) -> _Plan:
         params = group["params"]
@@ -583,8 +585,8 @@ class FusedAdam(Optimizer):
     # NOTE [torch.compile]: a compiled training step runs the optimizer step eagerly (one graph break). Tracing
     # the step would bake lr, the step counts and the plan's Python decisions into guards: a scheduler changing
     # lr would recompile every step, and the plan cache's bookkeeping does not trace. The kernels do the work
-    # either way; what the graph break costs is one return to Python per training step.
-    @torch.compiler.disable
+    # either way; what the graph break costs is one return to Python per training step. In eager code the step
+    # does not go through the disable wrapper (~2.6 us a call, a sixth of a small step's fixed cost).
     def step(self, closure: Callable[[], Any] | None = None, *, grad_scale: Tensor | None = None, found_inf: Tensor | None = None):
         """Perform a single optimization step.
 
@@ -594,6 +596,15 @@ class FusedAdam(Optimizer):
                 optimizer instead; either way works). With grad_scale the grads are unscaled in place; a nonzero
                 found_inf skips the step entirely, as torch's fused Adam does.
         """
+        if torch.compiler.is_compiling():
+            return self._step_not_traced(closure, grad_scale=grad_scale, found_inf=found_inf)
+        return self._step(closure, grad_scale=grad_scale, found_inf=found_inf)
+
+    @torch.compiler.disable
+    def _step_not_traced(self, closure, *, grad_scale, found_inf):
+        return self._step(closure, grad_scale=grad_scale, found_inf=found_inf)
+
+    def _step(self, closure: Callable[[], Any] | None = None, *, grad_scale: Tensor | None = None, found_inf: Tensor | None = None):
         health_check = getattr(self, "_accelerator_graph_capture_health_check", None) or getattr(self, "_cuda_graph_capture_health_check", None)
         if health_check is not None:
             health_check()
