@@ -277,7 +277,7 @@ def main(argv=None) -> int:
     meta = harness.machine_info()
     meta["command"] = " ".join([os.path.basename(sys.executable), *sys.argv])
     print(f"{meta['cpu_model']}, {meta['cpu_count']} cores, torch {meta['torch']} ({meta['torch_threads']} threads, "
-          f"{meta['cpu_capability']}), commit {(meta['git_commit'] or '?')[:10]}{' (dirty)' if meta['git_dirty'] else ''}, "
+          f"{meta['cpu_capability']}; fused_adam loops: {meta['fused_adam_cpu_isa']}), commit {(meta['git_commit'] or '?')[:10]}{' (dirty)' if meta['git_dirty'] else ''}, "
           f"load average {meta['loadavg']}")
     for name in (OURS.split()[-1], "reference"):
         print(f"  backend {name}: {backends.unavailable(name) or 'available'}")

@@ -430,6 +430,15 @@ def load_average() -> str | None:
         return None
 
 
+def _fused_adam_isa() -> str | None:
+    """The instruction set fused_adam's CPU loops run with here (None without the native build)."""
+    try:
+        from fused_adam import _C
+    except Exception:
+        return None
+    return _C.cpu_isa()
+
+
 def machine_info() -> dict[str, Any]:
     cpu_model = platform.processor() or ""
     try:
@@ -462,6 +471,7 @@ def machine_info() -> dict[str, Any]:
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "torch_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "fused_adam_cpu_isa": _fused_adam_isa(),
         "mem_total_bytes": mem_total,
         "python": platform.python_version(),
         "torch": torch.__version__,
