@@ -375,6 +375,27 @@ def test_bad_inputs_raise_clear_errors():
         _call(ps[:1], [torch.zeros(3).to_sparse()])
 
 
+def test_bad_tensor_among_thousands_is_the_first_one_named_and_nothing_changes():
+    """With >= 2048 tensors the per-tensor checks run in both threads (NOTE [cpu per-tensor cost]): the error is
+    still the first bad tensor's, and nothing is written."""
+    n = 5000
+    ps = [torch.zeros(2) for _ in range(n)]
+    grads = [torch.ones(2) for _ in range(n)]
+    grads[4500] = torch.ones(2, dtype=torch.float64)
+    grads[2600] = torch.ones(3)
+    grads[3900] = torch.ones(2).to_sparse()
+    steps = [torch.tensor(0.0) for _ in range(n)]
+    for threads in (2, 1):
+        with num_threads(threads):
+            with pytest.raises(RuntimeError, match=r"grads\[2600\] has shape \[3\], but params\[2600\] has shape \[2\]"):
+                _call(ps, grads, steps=steps)
+    assert all(float(s) == 0.0 for s in steps) and all(not p.any() for p in ps)
+    grads[2600], grads[3900], grads[4500] = torch.ones(2), torch.ones(2), torch.ones(2)
+    with num_threads(2):
+        _call(ps, grads, steps=steps)
+    assert all(float(s) == 1.0 for s in steps) and all(p.ne(0).all() for p in ps)
+
+
 def test_wrong_state_shape_through_the_optimizer():
     p = torch.zeros(4, requires_grad=True)
     opt = FusedAdam([p], backend="cpu")
