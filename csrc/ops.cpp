@@ -7,8 +7,11 @@
 //     at every step (a param's storage swapped by `p.data = ...` is seen);
 //   * torch.ops.fused_adam.adam_step_ (one op schema, CPU kernel registered here): for the dispatcher and a
 //     later torch.compile integration. The CUDA extension registers its kernel for the same schema.
+#include <ATen/Parallel.h>
 #include <torch/extension.h>
 #include <torch/library.h>
+
+#include <atomic>
 
 #include "cpu/adam_cpu.h"
 
@@ -64,12 +67,16 @@ struct Partition {
             const std::optional<at::Tensor>& clip_coef) const {
     std::vector<at::Tensor> read;
     if (!given_grads.has_value()) {
-      read.reserve(params.size());
-      for (const at::Tensor& p : params) {
-        const at::Tensor& g = p.unsafeGetTensorImpl()->grad();
-        if (!g.defined()) return false;
-        read.push_back(g);
-      }
+      read.resize(params.size());
+      std::atomic<bool> missing{false};
+      // Cold objects (param, autograd metadata, grad): both threads for many tensors, as the kernel's checks.
+      at::parallel_for(0, static_cast<int64_t>(params.size()), 1024, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          read[i] = params[i].unsafeGetTensorImpl()->grad();
+          if (!read[i].defined()) missing = true;
+        }
+      });
+      if (missing) return false;
     }
     fused_adam::cpu::adam_step_(params, given_grads.has_value() ? *given_grads : read, exp_avgs, exp_avg_sqs,
                                 max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,

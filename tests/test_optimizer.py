@@ -284,6 +284,21 @@ def test_grads_read_by_the_kernel_follow_python(backend):
     _assert_same(ours, ours_p, ref, ref_p, exact=backend == "reference")
 
 
+def test_grads_read_by_the_kernel_with_thousands_of_params():
+    """Past 2048 params the kernel reads the grads in both threads; one missing grad still means: no update and
+    no step for that param, as in torch."""
+    params = [torch.randn(3, generator=torch.Generator().manual_seed(i)) for i in range(3000)]
+    ours_p, ref_p = _clone(params), _clone(params)
+    ours, ref = FusedAdamW(ours_p, backend="auto"), torch.optim.AdamW(ref_p, foreach=False)
+    for s in range(4):
+        for i, (a, b) in enumerate(zip(ours_p, ref_p)):
+            a.grad = b.grad = None if (s == 2 and i == 2500) else torch.full((3,), 0.1 * (s + 1) + 1e-4 * i)
+        ours.step()
+        ref.step()
+    _assert_same(ours, ours_p, ref, ref_p, exact=False)
+    assert float(ours.state[ours_p[2500]]["step"]) == 3 and float(ours.state[ours_p[0]]["step"]) == 4
+
+
 @pytest.mark.parametrize("backend", BACKENDS_HERE)
 def test_states_are_packed_views_in_torchs_layout(backend):
     """NOTE [packed states]: the states of contiguous params are 64-byte aligned views into one buffer per kind;
