@@ -324,6 +324,9 @@ def main(argv=None) -> int:
     print("others: share of the machine's CPU used by other processes during the scenario (contention).")
     print()
     print("targets:")
+    if args.quick:
+        print("  (the issue's DRAM targets are defined at 64M params; at the quick preset's 8M a step's fixed cost, ~0.3-0.5 ms\n"
+              "   at 500 tensors, weighs 8x more: read the DRAM rows below as a smoke test, bench/NOTES.md has the 64M runs)")
     print(format_targets(targets))
     print()
     print(f"wrote {paths['json']}, {paths['csv']}, {paths['png']}  ({wall:.0f} s; load average at the end {meta['loadavg_end']})")
