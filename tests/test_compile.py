@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch._dynamo
 
-from fused_adam import FusedAdamW, backends
+from fused_adam import FusedAdamW
 
 
 @pytest.mark.parametrize("backend", ["auto", "reference"])

@@ -1,6 +1,5 @@
 """Parity with torch.optim.Adam/AdamW: every option x dtype x class, params and every state tensor, 20 steps."""
 import pytest
-import torch
 
 from parity import DTYPES, OPTIM_INPUTS, assert_parity
 

@@ -10,8 +10,8 @@ shards, whose states are DTensors with the param's placement as torch's are), fl
 
 NOTE [step plan]: building the per-group lists (params with grads, their states, partitions, chosen backends)
 is the per-parameter Python work that dominates torch's step() for many small tensors. It is done once and
-cached in a _Plan. A step then only reads the grads ([p.grad for p in params]) and checks that nothing the plan
-depends on has changed: the group's params list, which params have grads, the options that change state or
+cached in a _Plan. A step then only reads the grads ([p.grad for p in params], or the cpu kernel reads them
+itself: READS_GRADS in backends/__init__.py) and checks that nothing the plan depends on has changed: the group's params list, which params have grads, the options that change state or
 backend choice, and the state tensors (the per-parameter state dicts are _State objects that bump a generation
 counter whenever a tensor in them is replaced; load_state_dict and add_param_group drop every plan). Each
 partition of a plan carries a `cache` dict that its backend may fill with what it prepares from the lists (the
@@ -19,9 +19,9 @@ cpu backend: the lists converted to C++ once, NOTE [cpu partition] in csrc/ops.c
 
 NOTE [packed states]: the states a plan creates for small params (exp_avg, exp_avg_sq, max_exp_avg_sq, the fp32
 master; params of at most 64K elements) are 64-byte-aligned views into shared buffers of up to 1M elements per
-state kind, instead of one allocation per param; their step counts are 0-dim views into one float32 buffer. The values, shapes, strides and state_dict are torch's; what
-changes is where they live: a step over many small tensors then walks long arrays instead of thousands of
-separate pages (10,000 tensors of 1,000 fp32 elements, one thread, the roofline pass alone: 12.3 ms with
+state kind, instead of one allocation per param, and their step counts are 0-dim views into one float32 buffer.
+The values, shapes, strides and state_dict are torch's; what changes is where they live: a step over many small
+tensors then walks long arrays instead of thousands of separate pages (10,000 tensors of 1,000 fp32 elements, one thread, the roofline pass alone: 12.3 ms with
 per-param states, 10.0 ms packed, 8.2 ms with params and grads packed too). The buffers are bounded because
 torch.save of one view writes its whole buffer (a checkpoint of the whole state_dict writes each buffer once;
 saving state tensors one by one writes up to 4 MB each: clone them first). Large params gain nothing from it and
@@ -390,7 +390,7 @@ class FusedAdam(Optimizer):
 
     @torch.no_grad()
     def _packed_states(self, group: dict[str, Any], params: list[Tensor]) -> list[dict[str, Tensor]]:
-        """Zeroed states (and an uninitialised master) for the small params that have no state yet, as views into
+        """Zeroed states, step counts and master slots for the small params that have no state yet, as views into
         shared buffers of at most _PACK_BUFFER elements per state kind (NOTE [packed states]); per param, the
         views _param_state will use."""
         fresh = [p for p in params if not self.state.get(p) and p.numel() <= _PACK_MAX_NUMEL and p.is_contiguous()
