@@ -102,10 +102,7 @@ def step(
         amsgrad=hp.amsgrad, maximize=hp.maximize, decoupled=hp.decoupled, grad_scale=grad_scale, found_inf=found_inf,
         decay=decay, **extra,
     )
-    if cache is None and grads is not None:
-        _C.adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **lists, **args)
-        return True
-    partition = cache.get("partition") if cache is not None else None
+    partition = cache.get("partition") if cache is not None else None  # direct callers: made for this call
     if partition is None:
         partition = _C.Partition(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **lists)
         if cache is not None:
