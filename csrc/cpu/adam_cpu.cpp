@@ -197,20 +197,23 @@ inline void prefetch_storage(at::TensorList list, size_t i) {
 // (10,000 tensors: the loops take ~2.5 ms on one). Below kTensorsPerThread tensors a thread, a loop stays serial.
 constexpr int64_t kTensorsPerThread = 1024;
 
-bool tensors_in_parallel(size_t n) {
-  return static_cast<int64_t>(n) >= 2 * kTensorsPerThread && at::get_num_threads() > 1 && !at::in_parallel_region();
+// g(begin, end) over the tensors [0, n): in both threads' ranges when there are enough tensors, else in one call.
+template <typename G>
+void over_tensor_ranges(size_t n, const G& g) {
+  const int64_t count = static_cast<int64_t>(n);
+  if (count >= 2 * kTensorsPerThread && at::get_num_threads() > 1 && !at::in_parallel_region()) {
+    at::parallel_for(0, count, kTensorsPerThread, g);
+  } else if (count > 0) {
+    g(0, count);
+  }
 }
 
 // f(i) for every tensor i. f may throw (a check): the error is the first bad tensor's, as a serial loop's would be
 // (the loops that write run only once every check has passed).
 template <typename F>
 void for_each_tensor(size_t n, const F& f) {
-  if (!tensors_in_parallel(n)) {
-    for (size_t i = 0; i < n; ++i) f(i);
-    return;
-  }
   std::atomic<size_t> first_bad{n};
-  at::parallel_for(0, static_cast<int64_t>(n), kTensorsPerThread, [&](int64_t begin, int64_t end) {
+  over_tensor_ranges(n, [&](int64_t begin, int64_t end) {
     for (size_t i = begin; i < static_cast<size_t>(end) && i < first_bad.load(std::memory_order_relaxed); ++i) {
       try {
         f(i);
@@ -406,11 +409,7 @@ void step_with_opmath(at::TensorList params, at::TensorList grads, at::TensorLis
       }
     }
   };
-  if (tensors_in_parallel(n)) {
-    at::parallel_for(0, static_cast<int64_t>(n), kTensorsPerThread, count_steps);
-  } else {
-    count_steps(0, static_cast<int64_t>(n));
-  }
+  over_tensor_ranges(n, count_steps);
 
   run_chunks(ptrs, numels, adam_chunk_fn(mode), reinterpret_cast<const char*>(scalars.data()),
              sizeof(StepScalars<T>), args, chunk_size);
