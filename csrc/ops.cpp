@@ -1,17 +1,14 @@
 // fused_adam._C: the Python binding of the native kernels. The CPU step lives in csrc/cpu/adam_cpu.cpp.
 //
-// The step is reachable two ways, one implementation:
+// The step is reachable three ways, one implementation:
 //   * fused_adam._C.adam_step_ (pybind11): every list converted at every call (~50 ns per tensor per list);
 //   * fused_adam._C.Partition + Partition.step_ (pybind11): what backends/cpu.py calls. The params, states and
 //     steps are converted once, when the partition is made; a step converts only the grads. The same checks run
 //     at every step (a param's storage swapped by `p.data = ...` is seen);
 //   * torch.ops.fused_adam.adam_step_ (one op schema, CPU kernel registered here): for the dispatcher and a
 //     later torch.compile integration. The CUDA extension registers its kernel for the same schema.
-#include <ATen/Parallel.h>
 #include <torch/extension.h>
 #include <torch/library.h>
-
-#include <atomic>
 
 #include "cpu/adam_cpu.h"
 
@@ -56,9 +53,10 @@ struct Partition {
   std::vector<at::Tensor> params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, master_params;
   std::vector<int64_t> tensor_ids;
 
-  // NOTE [grads read in C++]: with no grads given, each param's .grad is read here, from its autograd metadata
-  // (what Python's `p.grad` returns for a plain Tensor or Parameter), which spares the optimizer a Python list of
-  // grads (~150 ns a param once the step's data pass has evicted the Python objects). A param without a grad
+  // NOTE [grads read in C++]: with no grads given, each param's .grad is the grad, read by the kernel's per-tensor
+  // pass from the param's autograd metadata (what Python's `p.grad` returns for a plain Tensor or Parameter) along
+  // with its checks and pointers, which spares the optimizer a Python list of grads (~150 ns a param once the
+  // step's data pass has evicted the Python objects) and a pass over the cold objects. A param without a grad
   // makes this return false before anything is written, and the caller takes the path that handles it.
   bool step(const std::optional<std::vector<at::Tensor>>& given_grads, double lr, double beta1, double beta2,
             double eps, double weight_decay, bool amsgrad, bool maximize, bool decoupled,
@@ -66,23 +64,11 @@ struct Partition {
             const std::optional<double>& decay, int64_t chunk_size, bool stochastic_rounding, int64_t seed,
             const std::optional<at::Tensor>& clip_coef) const {
     std::vector<at::Tensor> read;
-    if (!given_grads.has_value()) {
-      read.resize(params.size());
-      std::atomic<bool> missing{false};
-      // Cold objects (param, autograd metadata, grad): both threads for many tensors, as the kernel's checks.
-      at::parallel_for(0, static_cast<int64_t>(params.size()), 1024, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          read[i] = params[i].unsafeGetTensorImpl()->grad();
-          if (!read[i].defined()) missing = true;
-        }
-      });
-      if (missing) return false;
-    }
-    fused_adam::cpu::adam_step_(params, given_grads.has_value() ? *given_grads : read, exp_avgs, exp_avg_sqs,
-                                max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
-                                decoupled, grad_scale, found_inf, decay, chunk_size, master_params,
-                                stochastic_rounding, tensor_ids, seed, clip_coef);
-    return true;
+    const at::TensorList grads = given_grads.has_value() ? at::TensorList(*given_grads) : at::TensorList();
+    return fused_adam::cpu::adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1,
+                                       beta2, eps, weight_decay, amsgrad, maximize, decoupled, grad_scale, found_inf,
+                                       decay, chunk_size, master_params, stochastic_rounding, tensor_ids, seed,
+                                       clip_coef, given_grads.has_value() ? nullptr : &read);
   }
 };
 

@@ -396,6 +396,38 @@ def test_bad_tensor_among_thousands_is_the_first_one_named_and_nothing_changes()
     assert all(float(s) == 1.0 for s in steps) and all(p.ne(0).all() for p in ps)
 
 
+def test_grads_read_by_the_kernel_among_thousands():
+    """Partition.step_(None): the per-tensor pass reads each param's .grad with its checks (NOTE [grads read in
+    C++]), in both threads past 2048 tensors. A missing grad returns False and a bad one raises, naming it; either
+    way nothing is written. The references the pass took are dropped after the step."""
+    n = 5000
+    ps = [torch.zeros(2) for _ in range(n)]
+    ms, vs = [torch.zeros(2) for _ in range(n)], [torch.zeros(2) for _ in range(n)]
+    steps = [torch.tensor(0.0) for _ in range(n)]
+    part = _C().Partition(ps, ms, vs, [], steps)
+    hyper = dict(lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
+                 decoupled=False)
+    for i, p in enumerate(ps):
+        p.grad = torch.ones(2) if i != 4000 else None
+    for threads in (2, 1):
+        with num_threads(threads):
+            assert part.step_(None, **hyper) is False
+    ps[4000].grad = torch.ones(2)
+    ps[2600].grad = torch.ones(2).to_sparse()
+    for threads in (2, 1):
+        with num_threads(threads):
+            with pytest.raises(RuntimeError, match=r"grads\[2600\] has layout Sparse"):
+                part.step_(None, **hyper)
+    assert all(float(s) == 0.0 for s in steps) and all(not p.any() for p in ps)
+    ps[2600].grad = torch.ones(2)
+    use_counts = [p.grad._use_count() for p in ps]  # the TensorImpls' reference counts
+    with num_threads(2):
+        assert part.step_(None, **hyper) is True
+    assert all(float(s) == 1.0 for s in steps) and all(p.ne(0).all() for p in ps)
+    assert all(m.eq(0.1).all() for m in ms)  # (1 - 0.9) * grad: every grad was read
+    assert [p.grad._use_count() for p in ps] == use_counts
+
+
 def test_wrong_state_shape_through_the_optimizer():
     p = torch.zeros(4, requires_grad=True)
     opt = FusedAdam([p], backend="cpu")

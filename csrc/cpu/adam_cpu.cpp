@@ -173,24 +173,38 @@ ScalarKind scalar_kind(at::ScalarType dtype, const char* what = "params[0]") {
 }
 
 // NOTE [cpu per-tensor cost]: a step over thousands of small tensors spends most of its non-kernel time on cache
-// misses: each tensor's TensorImpl (checks), its StorageImpl (data_ptr) and its step's float are separate heap
-// objects, evicted by the previous step's pass over the data. The per-tensor loops prefetch them a few
-// tensors ahead (the vectors of handles give the addresses without touching the objects).
-constexpr size_t kPrefetchAhead = 8;
+// misses: each tensor's TensorImpls (checks), StorageImpls (data pointers), the param's autograd metadata (its
+// grad, when the kernel reads it) and its step's float are separate heap objects, evicted by the previous step's
+// pass over the data. So one pass over the tensors does everything that reads them (grad, checks, pointers, step
+// pointer), and it prefetches in stages: the TensorImpls kPrefetchAhead tensors ahead, then what they point to
+// (StorageImpls, autograd metadata) half as far ahead, once the TensorImpls have arrived, then the grad's
+// TensorImpl a quarter as far. The vectors of handles give the TensorImpls' addresses without touching them.
+constexpr size_t kPrefetchAhead = 32;
 
-inline void prefetch_impl(at::TensorList list, size_t i) {
-  if (i < list.size() && list[i].defined()) {
-    const char* impl = reinterpret_cast<const char*>(list[i].unsafeGetTensorImpl());
-    __builtin_prefetch(impl);
-    __builtin_prefetch(impl + 64);
-    __builtin_prefetch(impl + 128);
+inline const char* impl_at(at::TensorList list, size_t i) {
+  return i < list.size() && list[i].defined() ? reinterpret_cast<const char*>(list[i].unsafeGetTensorImpl())
+                                              : nullptr;
+}
+
+inline void prefetch_impl(const char* impl) {  // sizeof(TensorImpl) is 176: three lines (four if misaligned)
+  if (impl == nullptr) return;
+  __builtin_prefetch(impl);
+  __builtin_prefetch(impl + 64);
+  __builtin_prefetch(impl + 128);
+  __builtin_prefetch(impl + sizeof(c10::TensorImpl) - 1);
+}
+
+// Reads the TensorImpl (prefetched earlier): its storage field, not the virtual has_storage(), so that no vtable
+// load is on the way (a tensor without storage has a null one, and a prefetch of null is a no-op).
+inline void prefetch_storage(at::TensorList list, size_t i) {
+  if (const char* impl = impl_at(list, i)) {
+    __builtin_prefetch(reinterpret_cast<const c10::TensorImpl*>(impl)->unsafe_storage().unsafeGetStorageImpl());
   }
 }
 
-inline void prefetch_storage(at::TensorList list, size_t i) {
-  if (i < list.size() && list[i].defined() && list[i].has_storage()) {
-    __builtin_prefetch(list[i].unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl());
-  }
+// The TensorImpl of the grad of the param whose TensorImpl is `param` (UndefinedTensorImpl's when it has none).
+inline const char* grad_impl(const char* param) {
+  return reinterpret_cast<const char*>(reinterpret_cast<const c10::TensorImpl*>(param)->grad().unsafeGetTensorImpl());
 }
 
 // With many tensors the per-tensor loops run in parallel too: two threads keep twice the misses in flight
@@ -280,29 +294,30 @@ void check_lists(at::TensorList params, at::TensorList grads, at::TensorList exp
     TORCH_CHECK_TYPE(dt == at::kBFloat16 || dt == at::kHalf, kWho, ": master_params given for params of dtype ", dt,
                      "; master weights are for bfloat16 and float16 params");
   }
-  for_each_tensor(n, [&](size_t i) {
-    for (at::TensorList list : {params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, master_params}) {
-      prefetch_impl(list, i + kPrefetchAhead);
-    }
-    const at::Tensor& p = params[i];
-    TORCH_CHECK(p.defined(), kWho, ": params[", i, "] is None");
-    TORCH_CHECK(p.layout() == at::kStrided, kWho, ": params[", i, "] has layout ", p.layout(),
-                "; only strided (dense) tensors are supported");
-    TORCH_CHECK(p.device().is_cpu(), kWho, ": params[", i, "] is on ", p.device(), ", expected cpu");
-    TORCH_CHECK_TYPE(p.scalar_type() == params[0].scalar_type(), kWho, ": params[", i, "] has dtype ",
-                     p.scalar_type(), ", but params[0] has dtype ", params[0].scalar_type(),
-                     "; one call takes one dtype");
-    check_like_param(grads[i], "grads", i, p, &p, "params", i);
-    check_like_param(exp_avgs[i], "exp_avgs", i, p, &exp_avgs[0], "exp_avgs", 0);
-    check_like_param(exp_avg_sqs[i], "exp_avg_sqs", i, p, &exp_avgs[0], "exp_avgs", 0);
-    if (amsgrad) check_like_param(max_exp_avg_sqs[i], "max_exp_avg_sqs", i, p, &exp_avgs[0], "exp_avgs", 0);
-    if (master) check_like_param(master_params[i], "master_params", i, p, nullptr, nullptr, 0);
-    const at::Tensor& step = state_steps[i];
-    TORCH_CHECK(step.defined(), kWho, ": state_steps[", i, "] is None");
-    TORCH_CHECK(step.device().is_cpu() && step.scalar_type() == at::kFloat && step.numel() == 1, kWho,
-                ": state_steps[", i, "] must be a one-element float32 cpu tensor, got ", step.scalar_type(),
-                " of shape ", step.sizes(), " on ", step.device());
-  });
+}
+
+// Tensor i of every list, against params[i] and the first tensors (the per-tensor pass calls it).
+void check_tensor(size_t i, at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                  at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList state_steps, bool amsgrad,
+                  at::TensorList master_params) {
+  const at::Tensor& p = params[i];
+  TORCH_CHECK(p.defined(), kWho, ": params[", i, "] is None");
+  TORCH_CHECK(p.layout() == at::kStrided, kWho, ": params[", i, "] has layout ", p.layout(),
+              "; only strided (dense) tensors are supported");
+  TORCH_CHECK(p.device().is_cpu(), kWho, ": params[", i, "] is on ", p.device(), ", expected cpu");
+  TORCH_CHECK_TYPE(p.scalar_type() == params[0].scalar_type(), kWho, ": params[", i, "] has dtype ",
+                   p.scalar_type(), ", but params[0] has dtype ", params[0].scalar_type(),
+                   "; one call takes one dtype");
+  check_like_param(grads[i], "grads", i, p, &p, "params", i);
+  check_like_param(exp_avgs[i], "exp_avgs", i, p, &exp_avgs[0], "exp_avgs", 0);
+  check_like_param(exp_avg_sqs[i], "exp_avg_sqs", i, p, &exp_avgs[0], "exp_avgs", 0);
+  if (amsgrad) check_like_param(max_exp_avg_sqs[i], "max_exp_avg_sqs", i, p, &exp_avgs[0], "exp_avgs", 0);
+  if (!master_params.empty()) check_like_param(master_params[i], "master_params", i, p, nullptr, nullptr, 0);
+  const at::Tensor& step = state_steps[i];
+  TORCH_CHECK(step.defined(), kWho, ": state_steps[", i, "] is None");
+  TORCH_CHECK(step.device().is_cpu() && step.scalar_type() == at::kFloat && step.numel() == 1, kWho,
+              ": state_steps[", i, "] must be a one-element float32 cpu tensor, got ", step.scalar_type(),
+              " of shape ", step.sizes(), " on ", step.device());
 }
 
 double host_scalar(const at::Tensor& t, const char* name) {
@@ -333,23 +348,56 @@ struct Extras {
   uint64_t seed;
 };
 
+// The step on lists that passed check_lists. With `read_grads`, grads is *read_grads (n undefined handles) and the
+// pass fills it from the params' .grad; a param without one makes it return false before anything is written.
 template <typename T>
-void step_with_opmath(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                      at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
-                      const AdamHyper& hyper, const std::optional<double>& decay, const Mode& mode,
-                      const StepArgs& args, const Extras& extras, int64_t chunk_size) {
+bool step_with_opmath(at::TensorList params, at::TensorList grads, std::vector<at::Tensor>* read_grads,
+                      at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                      at::TensorList state_steps, const AdamHyper& hyper, const std::optional<double>& decay,
+                      const Mode& mode, const StepArgs& args, const Extras& extras, int64_t chunk_size) {
   const size_t n = params.size();
   std::vector<TensorPtrs> ptrs(n);
   std::vector<int64_t> numels(n);
+  std::vector<float*> steps(n);
   std::vector<char> not_flat(n, 0);
+  std::atomic<bool> missing_grad{false};
   auto arrays_of = [&](size_t i) -> std::array<const at::Tensor*, 6> {
     return {&params[i], &grads[i], &exp_avgs[i], &exp_avg_sqs[i], mode.amsgrad ? &max_exp_avg_sqs[i] : nullptr,
             mode.master ? &extras.master_params[i] : nullptr};
   };
+  // The per-tensor pass (NOTE [cpu per-tensor cost]): everything that reads tensor i's objects, nothing that writes.
   for_each_tensor(n, [&](size_t i) {
-    for (at::TensorList list : {params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, extras.master_params}) {
-      prefetch_storage(list, i + kPrefetchAhead);
+    // (Grads being read are not in `grads` yet, and another thread may be writing them: they take the chain below.)
+    const at::TensorList given_grads = read_grads == nullptr ? grads : at::TensorList();
+    for (at::TensorList list :
+         {params, given_grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, extras.master_params}) {
+      prefetch_impl(impl_at(list, i + kPrefetchAhead));
+      prefetch_storage(list, i + kPrefetchAhead / 2);
     }
+    if (read_grads != nullptr) {  // the chain param -> autograd metadata -> grad, in stages
+      if (const char* p = impl_at(params, i + kPrefetchAhead / 2)) {
+        const auto* meta = reinterpret_cast<const char*>(reinterpret_cast<const c10::TensorImpl*>(p)->autograd_meta());
+        if (meta != nullptr) {
+          __builtin_prefetch(meta);
+          __builtin_prefetch(meta + 63);  // the grad's handle (offset 40 in torch 2.13's AutogradMeta)
+        }
+      }
+      if (const char* p = impl_at(params, i + kPrefetchAhead / 4)) {
+        const char* g = grad_impl(p);
+        __builtin_prefetch(g, 1);  // the refcount, which the read below increments (a locked, serializing add)
+        prefetch_impl(g);
+      }
+      if (params[i].defined()) {  // else check_tensor names it
+        (*read_grads)[i] = params[i].unsafeGetTensorImpl()->grad();
+        if (!(*read_grads)[i].defined()) {
+          missing_grad = true;
+          return;
+        }
+      }
+    }
+    check_tensor(i, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, mode.amsgrad,
+                 extras.master_params);
+    steps[i] = state_steps[i].data_ptr<float>();
     const std::array<const at::Tensor*, 6> arrays = arrays_of(i);
     numels[i] = params[i].numel();
     ptrs[i] = {};
@@ -366,6 +414,7 @@ void step_with_opmath(at::TensorList params, at::TensorList grads, at::TensorLis
     for (int a = 0; a < 6; ++a) data[a] = arrays[a] != nullptr ? arrays[a]->data_ptr() : nullptr;
     ptrs[i] = {data[0], data[1], data[2], data[3], data[4], static_cast<float*>(data[5]), {}};
   });
+  if (missing_grad) return false;
   std::vector<Staged> staged;
   for (size_t i = 0; i < n; ++i) {
     if (!not_flat[i]) continue;
@@ -388,10 +437,8 @@ void step_with_opmath(at::TensorList params, at::TensorList grads, at::TensorLis
   auto count_steps = [&](int64_t begin, int64_t end) {
     float last_step = -1.0f;
     for (int64_t i = begin; i < end; ++i) {
-      if (i + static_cast<int64_t>(kPrefetchAhead) < end) {
-        __builtin_prefetch(state_steps[i + kPrefetchAhead].const_data_ptr());
-      }
-      float* step = state_steps[i].data_ptr<float>();
+      if (i + static_cast<int64_t>(kPrefetchAhead) < end) __builtin_prefetch(steps[i + kPrefetchAhead], 1);
+      float* step = steps[i];
       *step += 1.0f;
       if (i == begin || *step != last_step) {
         scalars[i] = make_step_scalars<T>(hyper, static_cast<double>(*step));
@@ -420,6 +467,19 @@ void step_with_opmath(at::TensorList params, at::TensorList grads, at::TensorLis
       if (st.original[a].defined() && written && !st.flat[a].is_same(st.original[a])) st.original[a].copy_(st.flat[a]);
     }
   }
+  if (read_grads != nullptr) {
+    // The references this call took are dropped here, where the grads' TensorImpls are cold again (the data pass
+    // evicted them): a prefetched loop in both threads, not the vector's serial destructor.
+    over_tensor_ranges(n, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        if (i + static_cast<int64_t>(kPrefetchAhead) < end) {
+          if (const char* g = impl_at(*read_grads, i + kPrefetchAhead)) __builtin_prefetch(g, 1);  // the refcount
+        }
+        (*read_grads)[i].reset();
+      }
+    });
+  }
+  return true;
 }
 
 const char* kind_name(ScalarKind k) {
@@ -473,17 +533,23 @@ std::optional<std::string> unsupported_combination(at::ScalarType param_dtype, a
          "; each also with stochastic rounding where a bfloat16 store is the only copy)";
 }
 
-void adam_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+bool adam_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                 at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
                 double lr, double beta1, double beta2, double eps, double weight_decay, bool amsgrad,
                 bool maximize, bool decoupled, const std::optional<at::Tensor>& grad_scale,
                 const std::optional<at::Tensor>& found_inf, const std::optional<double>& decay,
                 int64_t chunk_size, at::TensorList master_params, bool stochastic_rounding,
-                at::IntArrayRef tensor_ids, int64_t seed, const std::optional<at::Tensor>& clip_coef) {
+                at::IntArrayRef tensor_ids, int64_t seed, const std::optional<at::Tensor>& clip_coef,
+                std::vector<at::Tensor>* read_grads) {
   TORCH_CHECK_VALUE(chunk_size > 0, kWho, ": chunk_size must be positive, got ", chunk_size);
+  if (read_grads != nullptr) {
+    TORCH_CHECK_VALUE(grads.empty(), kWho, ": grads given as well as read_grads");
+    read_grads->assign(params.size(), at::Tensor());
+    grads = *read_grads;
+  }
   check_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad, master_params,
               stochastic_rounding, tensor_ids);
-  if (params.empty()) return;
+  if (params.empty()) return true;
   const bool master = !master_params.empty();
   if (auto why = unsupported_combination(params[0].scalar_type(), exp_avgs[0].scalar_type(), master,
                                          stochastic_rounding)) {
@@ -499,7 +565,7 @@ void adam_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_
                 clip_coef->device());
     clip = host_scalar(*clip_coef, "clip_coef");
   }
-  if (found_inf.has_value() && host_scalar(*found_inf, "found_inf") != 0.0) return;
+  if (found_inf.has_value() && host_scalar(*found_inf, "found_inf") != 0.0) return true;
 
   const WeightDecay wd = weight_decay == 0.0 ? WeightDecay::kNone
                          : decoupled         ? WeightDecay::kDecoupled
@@ -511,12 +577,11 @@ void adam_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_
   const Extras extras{master_params, tensor_ids, static_cast<uint64_t>(seed)};
   const AdamHyper hyper{lr, beta1, beta2, eps, weight_decay};
   if (kind == ScalarKind::kDouble) {
-    step_with_opmath<double>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, hyper, decay, mode,
-                             args, extras, chunk_size);
-  } else {
-    step_with_opmath<float>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, hyper, decay, mode,
-                            args, extras, chunk_size);
+    return step_with_opmath<double>(params, grads, read_grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+                                    hyper, decay, mode, args, extras, chunk_size);
   }
+  return step_with_opmath<float>(params, grads, read_grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+                                 hyper, decay, mode, args, extras, chunk_size);
 }
 
 void roofline_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,

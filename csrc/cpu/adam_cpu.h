@@ -29,14 +29,18 @@ constexpr int64_t kDefaultChunkSize = 1 << 16;
 //     with the bits of csrc/rounding.h, sr_bits(sr_salt(seed, step, tensor_ids[i], stream), element index);
 //     `seed` is the 64-bit seed's two's complement (the op schema has no unsigned int);
 //   * clip_coef (0-dim float32): the unscaled grad is multiplied by it for the update, read once per call.
-void adam_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+// read_grads: when given, `grads` is empty and each param's .grad is the grad, read in the per-tensor pass (NOTE
+// [grads read in C++] in ops.cpp); *read_grads holds them during the call. Returns false, having changed nothing,
+// when a param has no grad; true otherwise.
+bool adam_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                 at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
                 double lr, double beta1, double beta2, double eps, double weight_decay, bool amsgrad,
                 bool maximize, bool decoupled, const std::optional<at::Tensor>& grad_scale,
                 const std::optional<at::Tensor>& found_inf, const std::optional<double>& decay,
                 int64_t chunk_size, at::TensorList master_params = {}, bool stochastic_rounding = false,
                 at::IntArrayRef tensor_ids = {}, int64_t seed = 0,
-                const std::optional<at::Tensor>& clip_coef = std::nullopt);
+                const std::optional<at::Tensor>& clip_coef = std::nullopt,
+                std::vector<at::Tensor>* read_grads = nullptr);
 
 // Why adam_step_ would refuse params of `param_dtype` with states of `state_dtype` (and a master, and stochastic
 // rounding), or nullopt: the storage combinations the kernel is not instantiated for.
