@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.testing._internal.common_optimizers import optim_error_inputs_func_adam
 
 import fused_adam
@@ -493,6 +494,54 @@ def test_lr_scheduler(cls, torch_cls):
         runs.append((ps, opt, lrs))
     assert runs[0][2] == runs[1][2]
     _assert_same(runs[0][1], runs[0][0], runs[1][1], runs[1][0], exact=False)
+
+
+def test_step_wrapper_hooks_and_profiler_label_as_torch():
+    """NOTE [step wrapper]: FusedAdam's own step wrapper runs the global and per-optimizer pre/post hooks in
+    torch's order (a pre-hook may replace the arguments), labels the step for the profiler as torch does, and a
+    subclass that overrides step() runs its hooks once."""
+
+    def run(cls, **kw):
+        p = torch.nn.Parameter(torch.ones(3))
+        opt = cls([p], lr=0.1, **kw)
+        calls = []
+        handles = [
+            register_optimizer_step_pre_hook(lambda o, a, k: calls.append(("global pre", len(a)))),
+            register_optimizer_step_post_hook(lambda o, a, k: calls.append(("global post", len(a)))),
+            opt.register_step_pre_hook(lambda o, a, k: calls.append(("pre", a[0] is o))),
+            opt.register_step_post_hook(lambda o, a, k: calls.append(("post", a[0] is o))),
+        ]
+        try:
+            p.grad = torch.ones(3)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                opt.step()
+            # A pre-hook that replaces the arguments: the closure it passes is what the step calls.
+            handles.append(opt.register_step_pre_hook(lambda o, a, k: ((a[0], lambda: calls.append("closure")), k)))
+            opt.step()
+        finally:
+            for h in handles:
+                h.remove()
+        labels = [e.name for e in prof.events() if e.name.startswith("Optimizer.step#")]
+        return calls, labels, p.detach()
+
+    ours_calls, ours_labels, ours_p = run(FusedAdamW)
+    torch_calls, torch_labels, torch_p = run(torch.optim.AdamW, foreach=False)
+    assert ours_calls == torch_calls and "closure" in ours_calls
+    assert ours_labels == ["Optimizer.step#FusedAdamW.step"] and torch_labels == ["Optimizer.step#AdamW.step"]
+    assert torch.equal(ours_p, torch_p)
+
+    class Sub(FusedAdam):
+        def step(self, closure=None):
+            return super().step(closure)
+
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = Sub([p])
+    calls = []
+    opt.register_step_pre_hook(lambda o, a, k: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, a, k: calls.append("post"))
+    p.grad = torch.ones(3)
+    opt.step()
+    assert calls == ["pre", "post"] and float(opt.state[p]["step"]) == 1
 
 
 def test_closure_hooks_and_zero_grad():
