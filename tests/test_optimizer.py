@@ -589,3 +589,25 @@ def test_duplicate_params_warn_like_torch():
         warnings.simplefilter("always")
         FusedAdam([p, p])
     assert any("duplicate parameters" in str(x.message) for x in w)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+def test_duplicate_params_are_updated_twice_in_order_like_torchs_for_loop(backend):
+    """A param listed twice gets two updates, one after the other (its step count goes up by two), as in torch's
+    for-loop. Group [x, a, a, y] of equal sizes: in one call the cpu kernel's first thread would do x then a while
+    the second did a's second update first (then y), the two updates in the wrong order."""
+    n = 1 << 20
+    params = [torch.randn(n, generator=torch.Generator().manual_seed(i)) for i in range(3)]  # x, a, y
+    ours_p, ref_p = _clone(params), _clone(params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's "duplicate parameters" warning
+        ours = FusedAdamW([ours_p[0], ours_p[1], ours_p[1], ours_p[2]], lr=0.1, backend=backend)
+        ref = torch.optim.AdamW([ref_p[0], ref_p[1], ref_p[1], ref_p[2]], lr=0.1, foreach=False)
+    for s in range(3):
+        for i, (a, b) in enumerate(zip(ours_p, ref_p)):
+            a.grad = torch.randn(n, generator=torch.Generator().manual_seed(10 * s + i))
+            b.grad = a.grad.clone()
+        ours.step()
+        ref.step()
+    _assert_same(ours, ours_p, ref, ref_p, exact=backend == "reference")
+    assert [float(ours.state[p]["step"]) for p in ours_p] == [3, 6, 3]

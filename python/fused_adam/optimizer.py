@@ -525,13 +525,18 @@ class FusedAdam(Optimizer):
     def _build_plan(self, gi: int, group: dict[str, Any], has_grad: list[bool], hp: Hyper) -> _Plan:
         params = group["params"]
         by_key: dict[tuple, list[int]] = {}
+        # A param listed twice in a group (torch warns: "duplicate parameters") is updated twice, one after the
+        # other, as torch's for-loop does: its k-th occurrence goes to a partition of its own, stepped after the
+        # (k-1)-th. In one call the kernel's threads could run both updates at once on the same memory.
+        seen: dict[int, int] = {}
         for i, p in enumerate(params):
             if has_grad[i]:
                 view = _kernel_view(p)
-                by_key.setdefault((view.device, view.dtype), []).append(i)
+                occurrence = seen[id(p)] = seen.get(id(p), -1) + 1
+                by_key.setdefault((view.device, view.dtype, occurrence), []).append(i)
         parts = []
         first_id = sum(len(g["params"]) for g in self.param_groups[:gi])  # params' index over all groups
-        for (device, dtype), index in by_key.items():
+        for (device, dtype, _), index in by_key.items():
             part_hp = self._part_hyper(hp, dtype)
             mod, dispatch = self._choose_backend(gi, device, dtype, part_hp, len(index))
             lists: dict[str, list[Tensor]] = {k: [] for k in ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps", "master_params")}
