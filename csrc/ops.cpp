@@ -56,19 +56,26 @@ struct Partition {
   // NOTE [grads read in C++]: with no grads given, each param's .grad is the grad, read by the kernel's per-tensor
   // pass from the param's autograd metadata (what Python's `p.grad` returns for a plain Tensor or Parameter) along
   // with its checks and pointers, which spares the optimizer a Python list of grads (~150 ns a param once the
-  // step's data pass has evicted the Python objects) and a pass over the cold objects. A param without a grad
-  // makes this return false before anything is written, and the caller takes the path that handles it.
+  // step's data pass has evicted the Python objects) and a pass over the cold objects. The pass runs holding the
+  // GIL, as Python's `p.grad` would: no Python thread can replace a grad between its read and the reference the
+  // pass takes. The GIL is released once the checks have passed, for the data pass (with given grads: for the
+  // whole call). A param without a grad makes this return false before anything is written, and the caller takes
+  // the path that handles it.
   bool step(const std::optional<std::vector<at::Tensor>>& given_grads, double lr, double beta1, double beta2,
             double eps, double weight_decay, bool amsgrad, bool maximize, bool decoupled,
             const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
             const std::optional<double>& decay, int64_t chunk_size, bool stochastic_rounding, int64_t seed,
             const std::optional<at::Tensor>& clip_coef) const {
+    std::optional<py::gil_scoped_release> no_gil;
+    if (given_grads.has_value()) no_gil.emplace();
     std::vector<at::Tensor> read;
     const at::TensorList grads = given_grads.has_value() ? at::TensorList(*given_grads) : at::TensorList();
     return fused_adam::cpu::adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1,
                                        beta2, eps, weight_decay, amsgrad, maximize, decoupled, grad_scale, found_inf,
                                        decay, chunk_size, master_params, stochastic_rounding, tensor_ids, seed,
-                                       clip_coef, given_grads.has_value() ? nullptr : &read);
+                                       clip_coef, given_grads.has_value() ? nullptr : &read, [&] {
+                                         if (!no_gil.has_value()) no_gil.emplace();
+                                       });
   }
 };
 
@@ -114,7 +121,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("params"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("max_exp_avg_sqs"),
            py::arg("state_steps"), py::kw_only(), py::arg("master_params") = std::vector<at::Tensor>{},
            py::arg("tensor_ids") = std::vector<int64_t>{})
-      .def("step_", &Partition::step, py::call_guard<py::gil_scoped_release>(),
+      .def("step_", &Partition::step,  // releases the GIL itself (NOTE [grads read in C++])
            "adam_step_ with this partition's tensors and these grads; with grads=None, the params' .grad "
            "(NOTE [grads read in C++]). Returns False, having changed nothing, if grads=None and a param has no grad.",
           py::arg("grads"), py::kw_only(), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),

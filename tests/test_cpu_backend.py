@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -426,6 +429,45 @@ def test_grads_read_by_the_kernel_among_thousands():
     assert all(float(s) == 1.0 for s in steps) and all(p.ne(0).all() for p in ps)
     assert all(m.eq(0.1).all() for m in ms)  # (1 - 0.9) * grad: every grad was read
     assert [p.grad._use_count() for p in ps] == use_counts
+
+
+def test_partition_step_runs_the_data_pass_without_the_gil():
+    """NOTE [grads read in C++]: the grads are read holding the GIL, the data pass runs without it (with grads
+    given, the whole call does), so a Python thread runs during a long step. A call holding the GIL throughout
+    would let it run at most one switch interval (1 ms here) of a ~8 ms step, after the call returns."""
+    n = 1 << 23
+    p = torch.zeros(n)
+    p.grad = torch.ones(n)
+    part = _C().Partition([p], [torch.zeros(n)], [torch.zeros(n)], [], [torch.tensor(0.0)])
+    hyper = dict(lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
+                 decoupled=False)
+    stamps, stop = [], threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            stamps.append(time.perf_counter())
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-3)
+    thread = threading.Thread(target=spin)
+    thread.start()
+    try:
+        time.sleep(0.01)
+        covered = {}
+        with num_threads(1):
+            for grads in (None, [p.grad], None, [p.grad], None, [p.grad]):
+                start = time.perf_counter()
+                assert part.step_(grads, **hyper) is True
+                end = time.perf_counter()
+                inside = [t for t in stamps[-1_000_000:] if start < t < end]
+                share = (inside[-1] - inside[0]) / (end - start) if len(inside) > 1 else 0.0
+                covered.setdefault(grads is None, []).append(share)
+    finally:
+        stop.set()
+        thread.join()
+        sys.setswitchinterval(interval)
+    # The best of three steps per path: the scheduler may keep the thread off a core during one of them.
+    assert all(max(shares) > 0.5 for shares in covered.values()), covered
 
 
 def test_wrong_state_shape_through_the_optimizer():

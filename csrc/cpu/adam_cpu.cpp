@@ -354,7 +354,8 @@ template <typename T>
 bool step_with_opmath(at::TensorList params, at::TensorList grads, std::vector<at::Tensor>* read_grads,
                       at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
                       at::TensorList state_steps, const AdamHyper& hyper, const std::optional<double>& decay,
-                      const Mode& mode, const StepArgs& args, const Extras& extras, int64_t chunk_size) {
+                      const Mode& mode, const StepArgs& args, const Extras& extras, int64_t chunk_size,
+                      const std::function<void()>& checked) {
   const size_t n = params.size();
   std::vector<TensorPtrs> ptrs(n);
   std::vector<int64_t> numels(n);
@@ -415,6 +416,7 @@ bool step_with_opmath(at::TensorList params, at::TensorList grads, std::vector<a
     ptrs[i] = {data[0], data[1], data[2], data[3], data[4], static_cast<float*>(data[5]), {}};
   });
   if (missing_grad) return false;
+  if (checked) checked();
   std::vector<Staged> staged;
   for (size_t i = 0; i < n; ++i) {
     if (!not_flat[i]) continue;
@@ -540,7 +542,7 @@ bool adam_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_
                 const std::optional<at::Tensor>& found_inf, const std::optional<double>& decay,
                 int64_t chunk_size, at::TensorList master_params, bool stochastic_rounding,
                 at::IntArrayRef tensor_ids, int64_t seed, const std::optional<at::Tensor>& clip_coef,
-                std::vector<at::Tensor>* read_grads) {
+                std::vector<at::Tensor>* read_grads, const std::function<void()>& checked) {
   TORCH_CHECK_VALUE(chunk_size > 0, kWho, ": chunk_size must be positive, got ", chunk_size);
   if (read_grads != nullptr) {
     TORCH_CHECK_VALUE(grads.empty(), kWho, ": grads given as well as read_grads");
@@ -578,10 +580,10 @@ bool adam_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_
   const AdamHyper hyper{lr, beta1, beta2, eps, weight_decay};
   if (kind == ScalarKind::kDouble) {
     return step_with_opmath<double>(params, grads, read_grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
-                                    hyper, decay, mode, args, extras, chunk_size);
+                                    hyper, decay, mode, args, extras, chunk_size, checked);
   }
   return step_with_opmath<float>(params, grads, read_grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
-                                 hyper, decay, mode, args, extras, chunk_size);
+                                 hyper, decay, mode, args, extras, chunk_size, checked);
 }
 
 void roofline_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,

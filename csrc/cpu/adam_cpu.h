@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 
+#include <functional>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -31,7 +32,8 @@ constexpr int64_t kDefaultChunkSize = 1 << 16;
 //   * clip_coef (0-dim float32): the unscaled grad is multiplied by it for the update, read once per call.
 // read_grads: when given, `grads` is empty and each param's .grad is the grad, read in the per-tensor pass (NOTE
 // [grads read in C++] in ops.cpp); *read_grads holds them during the call. Returns false, having changed nothing,
-// when a param has no grad; true otherwise.
+// when a param has no grad; true otherwise. checked, when given, is called once every tensor has passed the
+// checks, before anything is written (the caller then releases the GIL it held while the grads were read).
 bool adam_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                 at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
                 double lr, double beta1, double beta2, double eps, double weight_decay, bool amsgrad,
@@ -40,7 +42,7 @@ bool adam_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_
                 int64_t chunk_size, at::TensorList master_params = {}, bool stochastic_rounding = false,
                 at::IntArrayRef tensor_ids = {}, int64_t seed = 0,
                 const std::optional<at::Tensor>& clip_coef = std::nullopt,
-                std::vector<at::Tensor>* read_grads = nullptr);
+                std::vector<at::Tensor>* read_grads = nullptr, const std::function<void()>& checked = {});
 
 // Why adam_step_ would refuse params of `param_dtype` with states of `state_dtype` (and a master, and stochastic
 // rounding), or nullopt: the storage combinations the kernel is not instantiated for.
