@@ -178,10 +178,15 @@ def test_misaligned_views_and_odd_layouts(dtype):
     base0, extra0 = make_params(dtype, [(CHUNK * 3,), (33, 17)])
 
     def make():
-        base = base0.to(DEVICE)  # a fresh copy per run; the params are views into it
-        return [base[1:CHUNK + 2], base[CHUNK + 8: 2 * CHUNK + 8], base[:600].view(20, 30).t(),
-                base[2 * CHUNK: 2 * CHUNK + 1000].view(10, 100)[:, ::3], extra0.to(DEVICE)]
+        base = base0.to(DEVICE)  # a fresh copy per run; the params are disjoint views into it
+        return [base[1:CHUNK + 2], base[CHUNK + 8: 2 * CHUNK + 8], base[2 * CHUNK + 16: 2 * CHUNK + 616].view(20, 30).t(),
+                base[2 * CHUNK + 624: 2 * CHUNK + 1624].view(10, 100)[:, ::3], extra0.to(DEVICE)]
 
+    # Overlapping params would make the result depend on the order of their updates (torch's for-loop updates
+    # one after the other; one launch does not): the views must not share an element.
+    spans = sorted((v.storage_offset(), v.storage_offset() + sum((n - 1) * s for n, s in zip(v.shape, v.stride())))
+                   for v in make()[:4])
+    assert all(end < start for (_, end), (start, _) in zip(spans, spans[1:])), spans
     params0 = [p.cpu() for p in make()]
     kwargs = {"weight_decay": 0.1, "amsgrad": True}
     ours_p, ours = _run(FusedAdam, kwargs, params0, 3, backend="cuda", make=make)

@@ -43,10 +43,12 @@ bool same_layout(const Tensor& t, const Tensor& like) {
   return true;
 }
 
-// A buffer the kernel works on, and where to copy it back after the launch (undefined: it is the tensor itself).
+// A buffer the kernel works on: the tensor itself, or a copy in the param's element order (`copied`), written
+// back to `write_back` after the launch where the kernel writes it (undefined: read-only, or the tensor itself).
 struct Work {
   Tensor buffer;
   Tensor write_back;
+  bool copied = false;
 };
 
 // `layout` is dense (non-overlapping and dense), the element order every buffer of one param must share.
@@ -54,7 +56,7 @@ Work as_dense_like(const Tensor& t, const Tensor& layout, bool written) {
   if (same_layout(t, layout)) return {t, Tensor()};
   Tensor copy = at::empty_strided(layout.sizes(), layout.strides(), t.options());
   copy.copy_(t);
-  return {copy, written ? t : Tensor()};
+  return {copy, written ? t : Tensor(), true};
 }
 
 // `dtype`, and what it is (e.g. "the param's dtype"), for the message.
@@ -156,7 +158,10 @@ void adam_step(const std::vector<Tensor>& params, const std::vector<Tensor>& gra
   }
 
   std::vector<fc::AdamTensor> tensors(n);
-  std::vector<Work> write_backs;
+  // Every copy lives until the call returns, read-only ones (a grad in another layout) too: a copy freed
+  // before the launch goes back to the caching allocator, and the next param's copy_ would overwrite it
+  // before the kernel reads it.
+  std::vector<Work> copies;
   const bool unscale = scale.defined();
   for (size_t i = 0; i < n; ++i) {
     const Tensor& p = params[i];
@@ -173,7 +178,7 @@ void adam_step(const std::vector<Tensor>& params, const std::vector<Tensor>& gra
     // Stochastic rounding draws element i's bits from its row-major index i, as the reference backend does: there
     // the order is contiguous.
     const bool param_ok = stochastic_rounding ? p.is_contiguous() : p.is_non_overlapping_and_dense();
-    const Work wp = param_ok ? Work{p, Tensor()} : Work{p.contiguous(), p};
+    const Work wp = param_ok ? Work{p, Tensor()} : Work{p.contiguous(), p, true};
     const Tensor& layout = wp.buffer;
     const Work wg = as_dense_like(grads[i], layout, unscale);
     const Work wm = as_dense_like(exp_avgs[i], layout, true);
@@ -187,7 +192,7 @@ void adam_step(const std::vector<Tensor>& params, const std::vector<Tensor>& gra
     t.max_exp_avg_sq = amsgrad ? wmax.buffer.data_ptr() : nullptr;
     t.master = master ? wmaster.buffer.data_ptr<float>() : nullptr;
     for (const Work* w : {&wp, &wg, &wm, &wv, &wmax, &wmaster}) {
-      if (w->write_back.defined()) write_backs.push_back(*w);
+      if (w->copied) copies.push_back(*w);
     }
   }
 
@@ -216,7 +221,9 @@ void adam_step(const std::vector<Tensor>& params, const std::vector<Tensor>& gra
   TORCH_CHECK(err == cudaSuccess, "fused_adam cuda: kernel launch failed: ", cudaGetErrorString(err));
   // Copies are enqueued on the same stream, after the kernel; temporaries are freed to the caching allocator,
   // which reuses them only for work ordered after it on this stream.
-  for (const Work& w : write_backs) w.write_back.copy_(w.buffer);
+  for (const Work& w : copies) {
+    if (w.write_back.defined()) w.write_back.copy_(w.buffer);
+  }
   if (!capturable) {
     for (size_t i = 0; i < n; ++i) *state_steps[i].data_ptr<float>() = static_cast<float>(tensors[i].step);
   }
