@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The GPU check, in one call on a machine with a CUDA device and a CUDA torch already installed (it installs
+# nothing): build both extensions against that torch, run every GPU test of the triton and cuda backends, then
+# time bench/gpu_step.py. Each stage has its own time limit, so one that hangs still leaves the others' results.
+#
+#   bash scripts/gpu_check.sh [OUTDIR]      # logs, junit XML and the benchmark's JSON/CSV/PNG go to OUTDIR
+#
+# Environment: PYTHON (default python3), WORKERS (pytest-xdist workers, default 6; 0 = no xdist),
+# BENCH_ARGS (default empty: the full 64M run; --quick for 16M), TORCH_CUDA_ARCH_LIST (default: the device's).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-bench/results/gpu_check}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+WORKERS=${WORKERS:-6}
+export PYTHONPATH=$PWD/python PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
+if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+    TORCH_CUDA_ARCH_LIST=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+    export TORCH_CUDA_ARCH_LIST
+fi
+rc=0
+stage() { echo; echo "== $1 ($(date +%T))"; }
+
+stage environment
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
+    "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__,
+'cuda', torch.version.cuda, '| triton', triton.__version__, '|', torch.cuda.get_device_name())"
+    nvcc --version | tail -1
+    gcc --version | head -1
+    echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
+} 2>&1 | tee "$OUT/env.txt"
+
+stage "build (log: build.log)"
+SECONDS=0
+timeout 200 "$PY" setup.py build_ext --inplace -q >"$OUT/build.log" 2>&1 || { rc=1; echo "build failed:"; tail -30 "$OUT/build.log"; }
+grep -i "warn" "$OUT/build.log" | grep -v "^\s*$" | head -10
+echo "build: ${SECONDS}s"
+"$PY" -c "from fused_adam import backends
+for n in backends.BACKEND_NAMES: print(f'  {n}: {backends.unavailable(n) or \"available\"}')"
+
+stage "GPU tests (log: tests.log)"
+xdist=()
+[ "$WORKERS" != 0 ] && xdist=(-n "$WORKERS")
+SECONDS=0
+# -m '': the 2^31-element test (slow-marked, ~20 GiB) runs here too.
+timeout 240 "$PY" -m pytest -q -m '' -p no:cacheprovider "${xdist[@]}" --timeout 200 -rfEs --tb=short \
+    --junitxml="$OUT/tests.xml" tests/test_cuda_backend.py tests/test_triton_backend.py tests/test_beyond_torch.py \
+    >"$OUT/tests.log" 2>&1
+trc=$?
+[ $trc = 0 ] || rc=1
+grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -40
+grep -E "^SKIPPED" "$OUT/tests.log" | head -10
+tail -1 "$OUT/tests.log"
+echo "tests: rc $trc, ${SECONDS}s"
+
+stage "benchmark (log: bench.log)"
+SECONDS=0
+# shellcheck disable=SC2086
+timeout 140 "$PY" bench/gpu_step.py --no-progress --out "$OUT" ${BENCH_ARGS:-} >"$OUT/bench.log" 2>&1 || rc=1
+tail -32 "$OUT/bench.log"
+echo "bench: ${SECONDS}s"
+exit $rc
