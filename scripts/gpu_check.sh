@@ -41,10 +41,12 @@ for n in backends.BACKEND_NAMES: print(f'  {n}: {backends.unavailable(n) or \"av
 
 stage "GPU tests (log: tests.log)"
 xdist=()
-[ "$WORKERS" != 0 ] && xdist=(-n "$WORKERS")
+if [ "$WORKERS" != 0 ] && "$PY" -c "import xdist" 2>/dev/null; then xdist=(-n "$WORKERS"); fi
 SECONDS=0
-# -m '': the 2^31-element test (slow-marked, ~20 GiB) runs here too.
-timeout 240 "$PY" -m pytest -q -m '' -p no:cacheprovider "${xdist[@]}" --timeout 200 -rfEs --tb=short \
+# -m '': the 2^31-element test (slow-marked, ~20 GiB) runs here too. --timeout needs pytest-timeout.
+timeout_arg=()
+"$PY" -c "import pytest_timeout" 2>/dev/null && timeout_arg=(--timeout 200)
+timeout 240 "$PY" -m pytest -q -m '' -p no:cacheprovider "${xdist[@]}" "${timeout_arg[@]}" -rfEs --tb=short \
     --junitxml="$OUT/tests.xml" tests/test_cuda_backend.py tests/test_triton_backend.py tests/test_beyond_torch.py \
     >"$OUT/tests.log" 2>&1
 trc=$?
