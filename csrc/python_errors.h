@@ -14,6 +14,9 @@
 
 #include <exception>
 #include <utility>
+#ifdef __GLIBCXX__
+#include <cxxabi.h>
+#endif
 
 namespace fused_adam {
 
@@ -24,6 +27,10 @@ namespace fused_adam {
     throw;
   } catch (pybind11::error_already_set&) {
     throw;  // already a Python error
+#ifdef __GLIBCXX__
+  } catch (abi::__forced_unwind&) {
+    throw;  // thread cancellation must unwind on, as pybind11's dispatcher lets it
+#endif
   } catch (...) {
     torch::translate_exception_to_python(std::current_exception());
     throw pybind11::error_already_set();
