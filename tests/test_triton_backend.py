@@ -102,6 +102,35 @@ def test_per_tensor_steps(capturable):
     assert [float(o.state[p]["step"]) for p in ours] == [6.0, 3.0, 3.0]
 
 
+@requires_triton
+def test_host_step_counts_packed_separate_and_replaced():
+    """NOTE [host steps]: step counts that are views into shared buffers (two here, interleaved in the list) are
+    read and incremented by a gather and a scatter per buffer, separate tensors one by one; either way the values
+    before the step come back in list order and each count goes up by one, also after a step tensor is replaced.
+    Elements of a buffer that are no one's step stay as they are."""
+    from types import SimpleNamespace
+
+    tb = _tb()
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randint(0, 100, (300,), generator=g).float(), torch.randint(0, 100, (200,), generator=g).float()
+    views = [a[i] for i in range(0, 300, 2)] + [b[i] for i in range(1, 200, 2)]  # 250 steps, every other element
+    steps = [views[i] for i in torch.randperm(len(views), generator=g).tolist()]
+    entry = SimpleNamespace(host_steps=None)
+    for replace in (None, 7):
+        if replace is not None:
+            steps[replace] = torch.tensor(41.0)  # replaced (load_state_dict, `.data = ...`): seen by its address
+        a0, b0, expected = a.clone(), b.clone(), [float(t) for t in steps]
+        assert tb._count_host_steps(entry, steps) == expected
+        assert entry.host_steps[1] is not None  # the gather/scatter path
+        assert [float(t) for t in steps] == [x + 1 for x in expected]
+        assert torch.equal(a[1::2], a0[1::2]) and torch.equal(b[0::2], b0[0::2])  # no one's steps: untouched
+    separate = [torch.tensor(float(i)) for i in range(5)]
+    entry = SimpleNamespace(host_steps=None)
+    assert tb._count_host_steps(entry, separate) == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert entry.host_steps[1] is None  # the per-tensor path
+    assert [float(t) for t in separate] == [1.0, 2.0, 3.0, 4.0, 5.0]
+
+
 # ---- interpreter: capturable -----------------------------------------------------------------------------------
 
 
