@@ -6,7 +6,9 @@
 // through pybind11 as error_already_set, which pybind11's dispatcher restores without consulting the exception
 // translators registered in its internals. Left to those translators, the first TORCH_CHECK crashed the process
 // (SIGSEGV, in both extensions) on a GPU machine with torch 2.11.0+cu130 and the extensions built there by gcc 13.3,
-// where the same code raised cleanly with torch 2.13 and gcc 12 (bench/NOTES.md, "GPU machine").
+// where the same code raises cleanly with torch 2.13 and gcc 12. With this wrapper fused_adam._C raised cleanly
+// there; fused_adam._C_cuda, then built in C++17, still crashed, and is now built in C++20 like _C (not yet run
+// there; bench/NOTES.md, "GPU machine").
 #pragma once
 
 #include <pybind11/pybind11.h>
