@@ -17,6 +17,7 @@ Without a CUDA device it says so and exits with status 0 (nothing to measure is 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -112,6 +113,26 @@ def build(name: str, sizes: list[int], dtype: torch.dtype, bpp_key: str, dev: to
     return Scenario(name, total, len(sizes), dt, bpp, cs)
 
 
+def profile(specs: list, dev: torch.device) -> int:
+    """--profile: each contender's step 3 times after one untimed step (the states), in NVTX ranges."""
+    if not specs:
+        print("gpu_step --profile: no scenario has that name")
+        return 2
+    scn = build(*specs[0], dev)
+    for c in scn.contenders:
+        if c.skip():
+            continue
+        step = c.setup()
+        step()
+        for _ in range(3):
+            with torch.cuda.nvtx.range(c.name) if dev.type == "cuda" else contextlib.nullcontext():
+                step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        print(f"  profiled {scn.name}: {c.name}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="16M instead of 64M params, fewer rounds")
@@ -119,6 +140,10 @@ def main(argv=None) -> int:
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--dry-run", action="store_true",
                     help="check the script end to end on CPU tensors at tiny sizes (timings mean nothing)")
+    ap.add_argument("--profile", metavar="SCENARIO",
+                    help="time nothing: run each contender's step of the first scenario whose name has this "
+                         "substring 3 times, each in an NVTX range named after the contender, for a profiler, "
+                         "e.g. ncu --nvtx --nvtx-include 'fused_adam cuda/' --section MemoryWorkloadAnalysis")
     args = ap.parse_args(argv)
 
     if args.dry_run:
@@ -152,6 +177,8 @@ def main(argv=None) -> int:
         ("fp32 100 x 1k" if args.dry_run else "fp32 10k x 1k", [1000] * (100 if args.dry_run else 10_000), torch.float32, "fp32"),
         (f"bf16 {n_mixed} mixed {tag}", size_mix(big, n_mixed), torch.bfloat16, "bf16"),
     ]
+    if args.profile:
+        return profile([spec for spec in specs if args.profile in spec[0]][:1], dev)
     if args.dry_run:
         run_kw = dict(reps=(2, 3), warmup=1, budget_s=1.0)
     elif args.quick:
