@@ -47,8 +47,8 @@ def native_extensions():
                 "fused_adam._C_cuda",
                 rel("cuda/*.cpp") + rel("cuda/*.cu"),
                 include_dirs=[CSRC],
-                # The binding in C++20, as the CPU extension (torch's own standard): built in C++17 (torch 2.11's
-                # default for extensions) against torch 2.11+cu130, its first TORCH_CHECK crashed the process
+                # The binding in C++20, as the CPU extension (and torch 2.13's default for extensions): built in
+                # C++17 (torch 2.11's default) against torch 2.11+cu130, its first TORCH_CHECK crashed the process
                 # (bench/NOTES.md, "GPU machine"). The .cu files are torch-free: nvcc keeps torch's default.
                 extra_compile_args={"cxx": ["-O3", "-std=c++20"], "nvcc": ["-O3", "--fmad=false"]},
                 optional=True,

@@ -113,12 +113,12 @@ def build(name: str, sizes: list[int], dtype: torch.dtype, bpp_key: str, dev: to
     return Scenario(name, total, len(sizes), dt, bpp, cs)
 
 
-def profile(specs: list, dev: torch.device) -> int:
+def profile(spec: tuple | None, dev: torch.device) -> int:
     """--profile: each contender's step 3 times after one untimed step (the states), in NVTX ranges."""
-    if not specs:
+    if spec is None:
         print("gpu_step --profile: no scenario has that name")
         return 2
-    scn = build(*specs[0], dev)
+    scn = build(*spec, dev)
     for c in scn.contenders:
         if c.skip():
             continue
@@ -178,7 +178,7 @@ def main(argv=None) -> int:
         (f"bf16 {n_mixed} mixed {tag}", size_mix(big, n_mixed), torch.bfloat16, "bf16"),
     ]
     if args.profile:
-        return profile([spec for spec in specs if args.profile in spec[0]][:1], dev)
+        return profile(next((spec for spec in specs if args.profile in spec[0]), None), dev)
     if args.dry_run:
         run_kw = dict(reps=(2, 3), warmup=1, budget_s=1.0)
     elif args.quick:

@@ -34,7 +34,7 @@ stage environment
 stage "build (log: build.log)"
 SECONDS=0
 timeout 200 "$PY" setup.py build_ext --inplace -q >"$OUT/build.log" 2>&1 || { rc=1; echo "build failed:"; tail -30 "$OUT/build.log"; }
-grep -i "warn" "$OUT/build.log" | grep -v "^\s*$" | head -10
+grep -i "warn" "$OUT/build.log" | head -10
 echo "build: ${SECONDS}s"
 "$PY" -c "from fused_adam import backends
 for n in backends.BACKEND_NAMES: print(f'  {n}: {backends.unavailable(n) or \"available\"}')"
