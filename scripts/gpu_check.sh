@@ -6,7 +6,9 @@
 #   bash scripts/gpu_check.sh [OUTDIR]      # logs and the benchmark's JSON/CSV/PNG go to OUTDIR (8 files at most)
 #
 # Environment: PYTHON (default python3), WORKERS (pytest-xdist workers, default 6; 0 = no xdist),
-# BENCH_ARGS (default empty: the full 64M run; --quick for 16M), TORCH_CUDA_ARCH_LIST (default: the device's).
+# BENCH_ARGS (default empty: the full 64M run; --quick for 16M), TORCH_CUDA_ARCH_LIST (default: the device's),
+# PROFILE (default empty: no profile; else space-separated scenario substrings of bench/gpu_step.py, e.g. "bf16 1x64M":
+# each is run under ncu, one report per scenario, ncu_<name>.txt, with the kernels of our two backends and torch fused).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-bench/results/gpu_check}
@@ -77,4 +79,19 @@ SECONDS=0
 timeout 140 "$PY" bench/gpu_step.py --no-progress --out "$OUT" ${BENCH_ARGS:-} >"$OUT/bench.log" 2>&1 || rc=1
 tail -32 "$OUT/bench.log"
 echo "bench: ${SECONDS}s"
+
+# ncu: --clock-control none leaves the clocks as the benchmark saw them (device METHOD.md); each NVTX range is one
+# contender's 3 profiled steps (gpu_step.py --profile), the first 24 kernels in all are enough to read.
+for scn in ${PROFILE:-}; do
+    command -v ncu >/dev/null || { echo "no ncu on this machine"; break; }
+    stage "ncu: $scn (log: ncu_${scn}.txt)"
+    SECONDS=0
+    timeout 120 ncu --clock-control none --nvtx --launch-count 24 \
+        --nvtx-include "fused_adam cuda/" --nvtx-include "fused_adam triton/" --nvtx-include "torch fused/" \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section LaunchStats --section Occupancy \
+        "$PY" bench/gpu_step.py --profile "$scn" >"$OUT/ncu_${scn}.txt" 2>&1 || rc=1
+    grep -E "^  [a-zA-Z_].*\(|Duration|DRAM Throughput|Memory Throughput|Registers Per|Achieved Occupancy|profiled" \
+        "$OUT/ncu_${scn}.txt" | head -60
+    echo "ncu $scn: ${SECONDS}s"
+done
 exit $rc
