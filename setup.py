@@ -7,12 +7,19 @@ install: the backend then reports itself unavailable with the reason.
 import glob
 import os
 import shutil
+import sys
 import warnings
 
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(ROOT, "csrc")
+# Link the shared C++ runtime, the one torch's own libraries use, even where the compiler would link its static one
+# (a toolchain that ships only libstdc++.a, as the lent GPU machines' CXX=/opt/gcc/bin/g++ does). A static copy puts
+# a second iostream and locale inside the extension: a number formatted into a TORCH_CHECK message then cuts the
+# message short or crashes the process (bench/NOTES.md, "GPU machine"). Listed before the driver's own -lstdc++, the
+# shared library defines every symbol first and nothing is pulled from the archive; elsewhere it is the same library.
+CXX_RUNTIME_LINK_ARGS = ["-l:libstdc++.so.6"] if sys.platform.startswith("linux") else []
 
 
 def native_extensions():
@@ -33,7 +40,7 @@ def native_extensions():
             rel("ops.cpp") + rel("cpu/*.cpp"),
             include_dirs=[CSRC],
             extra_compile_args={"cxx": cxx},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=["-fopenmp", *CXX_RUNTIME_LINK_ARGS],
             optional=True,
         )
     ]
@@ -47,15 +54,16 @@ def native_extensions():
                 "fused_adam._C_cuda",
                 rel("cuda/*.cpp") + rel("cuda/*.cu"),
                 include_dirs=[CSRC],
-                # The binding in C++20, as the CPU extension (and torch 2.13's default for extensions): built in
-                # C++17 (torch 2.11's default) against torch 2.11+cu130, its first TORCH_CHECK crashed the process
-                # (bench/NOTES.md, "GPU machine"). The .cu files are torch-free: nvcc keeps torch's default.
+                # The binding in C++20, as the CPU extension (torch 2.13's headers warn under C++17). The .cu files
+                # are torch-free: nvcc keeps torch's default.
                 extra_compile_args={"cxx": ["-O3", "-std=c++20"], "nvcc": ["-O3", "--fmad=false"]},
+                extra_link_args=CXX_RUNTIME_LINK_ARGS,
                 optional=True,
             )
         )
     return exts, {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
-ext_modules, cmdclass = native_extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+if __name__ == "__main__":  # setuptools runs this file as __main__; tests import CXX_RUNTIME_LINK_ARGS
+    ext_modules, cmdclass = native_extensions()
+    setup(ext_modules=ext_modules, cmdclass=cmdclass)

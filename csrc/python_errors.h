@@ -4,11 +4,10 @@
 // exception inside that function, by torch's own translator (torch::translate_exception_to_python: c10::ValueError
 // -> ValueError, c10::TypeError -> TypeError, c10::Error -> RuntimeError, as for torch's own ops), and leaves
 // through pybind11 as error_already_set, which pybind11's dispatcher restores without consulting the exception
-// translators registered in its internals. Left to those translators, the first TORCH_CHECK crashed the process
-// (SIGSEGV, in both extensions) on a GPU machine with torch 2.11.0+cu130 and the extensions built there by gcc 13.3,
-// where the same code raises cleanly with torch 2.13 and gcc 12. With this wrapper fused_adam._C raised cleanly
-// there; fused_adam._C_cuda, then built in C++17, still crashed, and is now built in C++20 like _C (not yet run
-// there; bench/NOTES.md, "GPU machine").
+// translators registered in its internals: the Python exception types then do not depend on this extension sharing
+// pybind11's internals with torch. (This wrapper was first written for a crash at the first TORCH_CHECK on the GPU
+// machine; that crash came from a static libstdc++ linked into the extension, fixed in setup.py and tested in
+// tests/test_native_link.py; bench/NOTES.md, "GPU machine".)
 #pragma once
 
 #include <pybind11/pybind11.h>
