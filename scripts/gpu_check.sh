@@ -3,12 +3,13 @@
 # nothing): build both extensions against that torch, run every GPU test of the triton and cuda backends, then
 # time bench/gpu_step.py. Each stage has its own time limit, so one that hangs still leaves the others' results.
 #
-#   bash scripts/gpu_check.sh [OUTDIR]      # logs and the benchmark's JSON/CSV/PNG go to OUTDIR (8 files at most)
+#   bash scripts/gpu_check.sh [OUTDIR]      # logs and the benchmark's JSON/CSV/PNG go to OUTDIR (8 files at most:
+#                                           # the device tool brings back 8)
 #
 # Environment: PYTHON (default python3), WORKERS (pytest-xdist workers, default 6; 0 = no xdist),
 # BENCH_ARGS (default empty: the full 64M run; --quick for 16M), TORCH_CUDA_ARCH_LIST (default: the device's),
 # PROFILE (default empty: no profile; else space-separated scenario substrings of bench/gpu_step.py, e.g. "bf16 1x64M":
-# each is run under ncu, one report per scenario, ncu_<name>.txt, with the kernels of our two backends and torch fused).
+# each is run under ncu, all reports in ncu.txt, with the kernels of our two backends and torch fused).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-bench/results/gpu_check}
@@ -23,20 +24,21 @@ fi
 rc=0
 stage() { echo; echo "== $1 ($(date +%T))"; }
 
-stage environment
+stage "environment (the head of build.log)"
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
     "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__,
 'cuda', torch.version.cuda, '| triton', triton.__version__, '|', torch.cuda.get_device_name())"
     nvcc --version | tail -1
     gcc --version | head -1
+    echo "CXX=${CXX:-c++}: $("${CXX:-c++}" --version | head -1); its libstdc++.so: $("${CXX:-c++}" -print-file-name=libstdc++.so)"
     echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
-} 2>&1 | tee "$OUT/env.txt"
+} 2>&1 | tee "$OUT/build.log"
 
 stage "build (log: build.log)"
 SECONDS=0
-timeout 200 "$PY" setup.py build_ext --inplace -q >"$OUT/build.log" 2>&1 || { rc=1; echo "build failed:"; tail -30 "$OUT/build.log"; }
-grep -i "warn" "$OUT/build.log" | head -10
+timeout 200 "$PY" setup.py build_ext --inplace -q >>"$OUT/build.log" 2>&1 || { rc=1; echo "build failed:"; tail -30 "$OUT/build.log"; }
+sed -n '/^running build_ext/,$p' "$OUT/build.log" | grep -i "warn" | head -10
 echo "build: ${SECONDS}s"
 "$PY" -c "from fused_adam import backends
 for n in backends.BACKEND_NAMES: print(f'  {n}: {backends.unavailable(n) or \"available\"}')"
@@ -49,7 +51,7 @@ SECONDS=0
 timeout_arg=()
 "$PY" -c "import pytest_timeout" 2>/dev/null && timeout_arg=(--timeout 200)
 timeout 240 "$PY" -m pytest -q -m '' -p no:cacheprovider "${xdist[@]}" "${timeout_arg[@]}" -rfEs --tb=short \
-    tests/test_cuda_backend.py tests/test_triton_backend.py tests/test_beyond_torch.py \
+    tests/test_cuda_backend.py tests/test_triton_backend.py tests/test_beyond_torch.py tests/test_native_link.py \
     >"$OUT/tests.log" 2>&1
 trc=$?
 [ $trc = 0 ] || rc=1
@@ -58,7 +60,8 @@ grep -E "^SKIPPED" "$OUT/tests.log" | head -10
 tail -1 "$OUT/tests.log"
 echo "tests: rc $trc, ${SECONDS}s"
 
-# A binding error that kills the process instead of raising (seen once: bench/NOTES.md, "GPU machine"): the
+# A binding error that kills the process instead of raising (seen in the first two GPU sessions, from a static
+# libstdc++ linked into the extensions; bench/NOTES.md, "GPU machine, second session"): the
 # native stack of a minimal call that must raise, from gdb or cuda-gdb (the lent machines have only cuda-gdb,
 # which debugs host code too).
 debugger=$(command -v gdb || command -v cuda-gdb)
@@ -84,14 +87,15 @@ echo "bench: ${SECONDS}s"
 # contender's 3 profiled steps (gpu_step.py --profile), the first 24 kernels in all are enough to read.
 for scn in ${PROFILE:-}; do
     command -v ncu >/dev/null || { echo "no ncu on this machine"; break; }
-    stage "ncu: $scn (log: ncu_${scn}.txt)"
+    stage "ncu: $scn (log: ncu.txt)"
     SECONDS=0
     timeout 120 ncu --clock-control none --nvtx --launch-count 24 \
         --nvtx-include "fused_adam cuda/" --nvtx-include "fused_adam triton/" --nvtx-include "torch fused/" \
         --section SpeedOfLight --section MemoryWorkloadAnalysis --section LaunchStats --section Occupancy \
-        "$PY" bench/gpu_step.py --profile "$scn" >"$OUT/ncu_${scn}.txt" 2>&1 || rc=1
+        "$PY" bench/gpu_step.py --profile "$scn" >"$OUT/ncu_one.txt" 2>&1 || rc=1
     grep -E "^  [a-zA-Z_].*\(|Duration|DRAM Throughput|Memory Throughput|Registers Per|Achieved Occupancy|profiled" \
-        "$OUT/ncu_${scn}.txt" | head -60
+        "$OUT/ncu_one.txt" | head -60
+    { echo "== ncu: $scn"; cat "$OUT/ncu_one.txt"; } >>"$OUT/ncu.txt" && rm "$OUT/ncu_one.txt"
     echo "ncu $scn: ${SECONDS}s"
 done
 exit $rc
