@@ -17,8 +17,9 @@ CSRC = os.path.join(ROOT, "csrc")
 # Link the shared C++ runtime, the one torch's own libraries use, even where the compiler would link its static one
 # (a toolchain that ships only libstdc++.a, as the lent GPU machines' CXX=/opt/gcc/bin/g++ does). A static copy puts
 # a second iostream and locale inside the extension: a number formatted into a TORCH_CHECK message then cuts the
-# message short or crashes the process (bench/NOTES.md, "GPU machine"). Listed before the driver's own -lstdc++, the
-# shared library defines every symbol first and nothing is pulled from the archive; elsewhere it is the same library.
+# message short or crashes the process (bench/NOTES.md, "GPU machine, second session"). Listed before the driver's
+# own -lstdc++, the shared library defines every symbol first and nothing is pulled from the archive; elsewhere it
+# is the same library.
 CXX_RUNTIME_LINK_ARGS = ["-l:libstdc++.so.6"] if sys.platform.startswith("linux") else []
 
 
