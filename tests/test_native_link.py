@@ -61,9 +61,9 @@ def _build_and_format(tmp_path: Path, name: str, link_args: list[str]) -> tuple[
     src, lib = tmp_path / "fmt.cpp", tmp_path / f"{name}.so"
     src.write_text(SOURCE)
     torch_lib = Path(cpp_extension.library_paths()[0])
-    cmd = ["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-D_GLIBCXX_USE_CXX11_ABI=%d" % torch._C._GLIBCXX_USE_CXX11_ABI,
-           *(f"-I{p}" for p in cpp_extension.include_paths()), str(src), f"-L{torch_lib}", "-lc10",
-           *link_args, "-static-libstdc++", "-o", str(lib)]
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    cmd = ["g++", "-std=c++20", "-O1", "-shared", "-fPIC", abi, *(f"-I{p}" for p in cpp_extension.include_paths()),
+           str(src), f"-L{torch_lib}", "-lc10", *link_args, "-static-libstdc++", "-o", str(lib)]
     build = subprocess.run(cmd, capture_output=True, text=True)
     if build.returncode != 0:
         pytest.skip(f"this g++ cannot link a static libstdc++ into a shared library: {build.stderr[-300:]}")
