@@ -11,10 +11,8 @@
 #include <torch/library.h>
 
 #include "cpu/adam_cpu.h"
-#include "python_errors.h"
 
 namespace py = pybind11;
-using fused_adam::python_errors;  // every binding: NOTE [errors at the binding]
 using fused_adam::cpu::kDefaultChunkSize;
 
 namespace {
@@ -90,7 +88,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The GIL is released: the step is pure C++ on tensors the caller keeps alive for the duration of the call.
   m.def(
       "adam_step_",
-      python_errors(+[](const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+      [](const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
          const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
          const std::vector<at::Tensor>& max_exp_avg_sqs, const std::vector<at::Tensor>& state_steps, double lr,
          double beta1, double beta2, double eps, double weight_decay, bool amsgrad, bool maximize, bool decoupled,
@@ -102,7 +100,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                     beta2, eps, weight_decay, amsgrad, maximize, decoupled, grad_scale, found_inf,
                                     decay, chunk_size, master_params, stochastic_rounding, tensor_ids, seed,
                                     clip_coef);
-      }),
+      },
       py::call_guard<py::gil_scoped_release>(),
         "One Adam/AdamW step over every tensor of one (cpu, dtype) partition, in place (see the backend step "
         "contract in fused_adam/backends/__init__.py, and csrc/cpu/adam_cpu.h for the options beyond torch).",
@@ -123,7 +121,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("params"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("max_exp_avg_sqs"),
            py::arg("state_steps"), py::kw_only(), py::arg("master_params") = std::vector<at::Tensor>{},
            py::arg("tensor_ids") = std::vector<int64_t>{})
-      .def("step_", python_errors(&Partition::step),  // releases the GIL itself (NOTE [grads read in C++])
+      .def("step_", &Partition::step,  // releases the GIL itself (NOTE [grads read in C++])
            "adam_step_ with this partition's tensors and these grads; with grads=None, the params' .grad "
            "(NOTE [grads read in C++]). Returns False, having changed nothing, if grads=None and a param has no grad.",
           py::arg("grads"), py::kw_only(), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
@@ -134,11 +132,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   m.def(
       "cpu_unsupported",
-      python_errors(+[](const std::string& param_dtype, const std::string& state_dtype, bool master,
-                        bool stochastic_rounding) {
+      [](const std::string& param_dtype, const std::string& state_dtype, bool master, bool stochastic_rounding) {
         return fused_adam::cpu::unsupported_combination(scalar_type(param_dtype), scalar_type(state_dtype), master,
                                                         stochastic_rounding);
-      }),
+      },
       "Why adam_step_ refuses params and states of these dtypes ('float32', 'bfloat16', ...) with these options, "
       "or None.",
       py::arg("param_dtype"), py::arg("state_dtype"), py::arg("master"), py::arg("stochastic_rounding"));
@@ -146,25 +143,26 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const char* roofline_doc =
       "Bandwidth probe: one pass with Adam's access pattern (read p, g, m, v; write p, m, v; 28 B/param) over "
       "contiguous float32 tensors, with the step's threading and chunking. Changes the tensors' values.";
-  m.def("roofline_", python_errors(&fused_adam::cpu::roofline_), py::call_guard<py::gil_scoped_release>(), roofline_doc,
+  m.def("roofline_", &fused_adam::cpu::roofline_, py::call_guard<py::gil_scoped_release>(), roofline_doc,
         py::arg("p"), py::arg("g"), py::arg("m"), py::arg("v"), py::kw_only(), py::arg("chunk_size") = kDefaultChunkSize);
   m.def(
       "roofline_",
-      python_errors(+[](const at::Tensor& p, const at::Tensor& g, const at::Tensor& mm, const at::Tensor& v,
-                        int64_t chunk_size) { fused_adam::cpu::roofline_({p}, {g}, {mm}, {v}, chunk_size); }),
+      [](const at::Tensor& p, const at::Tensor& g, const at::Tensor& mm, const at::Tensor& v, int64_t chunk_size) {
+        fused_adam::cpu::roofline_({p}, {g}, {mm}, {v}, chunk_size);
+      },
       py::call_guard<py::gil_scoped_release>(), roofline_doc, py::arg("p"), py::arg("g"), py::arg("m"), py::arg("v"),
       py::kw_only(), py::arg("chunk_size") = kDefaultChunkSize);
 
-  m.def("chunk_table", python_errors(&fused_adam::cpu::chunk_table),
+  m.def("chunk_table", &fused_adam::cpu::chunk_table,
         "The chunk table (csrc/chunk_table.h) of tensors with these numels: a list of (tensor, start, size).",
         py::arg("numels"), py::arg("chunk_size"));
-  m.def("cpu_isa", python_errors(&fused_adam::cpu::isa),
+  m.def("cpu_isa", &fused_adam::cpu::isa,
         "The instruction set the CPU loops run with: avx512bf16, avx512, avx2 or baseline.");
-  m.def("set_cpu_isa", python_errors(&fused_adam::cpu::set_isa),
+  m.def("set_cpu_isa", &fused_adam::cpu::set_isa,
         "Run the CPU loops with 'avx512bf16', 'avx512', 'avx2', 'baseline' or 'auto' (the best this CPU has). For "
         "tests and benchmarks; the environment variable FUSED_ADAM_CPU_ISA does the same for a whole process.",
         py::arg("isa"));
-  m.def("cpu_bf16_store_mismatches", python_errors(&fused_adam::cpu::bf16_store_mismatches),
+  m.def("cpu_bf16_store_mismatches", &fused_adam::cpu::bf16_store_mismatches,
         py::call_guard<py::gil_scoped_release>(),
         "Test hook: the AVX512_BF16 loop's bf16 store against the scalar rounding over the float bit patterns "
         "[begin, end); returns the number of mismatches (0). Needs a CPU with AVX512_BF16.",

@@ -15,7 +15,6 @@
 #include <vector>
 
 #include "cuda/adam_cuda.h"
-#include "python_errors.h"
 
 namespace {
 
@@ -234,8 +233,7 @@ void adam_step(const std::vector<Tensor>& params, const std::vector<Tensor>& gra
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fused_adam CUDA kernels (multi-tensor Adam/AdamW step); see csrc/cuda/adam_cuda.h";
-  m.def("adam_step", fused_adam::python_errors(&adam_step),  // NOTE [errors at the binding]
-        "Adam/AdamW step of one (device, dtype) partition of a param group",
+  m.def("adam_step", &adam_step, "Adam/AdamW step of one (device, dtype) partition of a param group",
         py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("max_exp_avg_sqs"),
         py::arg("state_steps"), py::arg("lr"), py::arg("lr_tensor"), py::arg("beta1"), py::arg("beta2"),
         py::arg("eps"), py::arg("weight_decay"), py::arg("amsgrad"), py::arg("maximize"), py::arg("decoupled"),
