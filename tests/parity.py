@@ -127,3 +127,50 @@ def assert_parity(backend: str, cls_name: str, kwargs: dict, dtype: torch.dtype,
             assert ours_err <= K_LOW_PRECISION * torch_err + floor, (
                 f"{name} of param {i}: error vs fp64 {ours_err:.3g} > {K_LOW_PRECISION} x torch's {torch_err:.3g} + {floor:.3g}"
             )
+
+
+# ---- the options beyond torch: one table for every backend ------------------------------------------------------
+
+# (param dtype, options): every storage layout a kernel compiles (fp32 params with bf16 states, bf16/fp16 params with
+# fp32 states or an fp32 master, bf16 everywhere) and the combinations that share a store (stochastic rounding with a
+# master or with bf16 states), with amsgrad, clipping and capturable where they change the kernel's path.
+FEATURE_CASES = [
+    (torch.float32, dict(state_dtype=torch.bfloat16, amsgrad=True)),
+    (torch.float32, dict(state_dtype=torch.bfloat16, stochastic_rounding=True, seed=2**40 + 3, amsgrad=True)),
+    (torch.bfloat16, dict(master_weights=True)),
+    (torch.bfloat16, dict(master_weights=True, stochastic_rounding=True)),  # the states round stochastically
+    (torch.bfloat16, dict(master_weights=True, state_dtype=torch.bfloat16)),
+    (torch.bfloat16, dict(stochastic_rounding=True, seed=5, amsgrad=True)),
+    (torch.bfloat16, dict(state_dtype=torch.float32, amsgrad=True)),
+    (torch.bfloat16, dict(state_dtype=torch.float32, stochastic_rounding=True)),  # the params round stochastically
+    (torch.bfloat16, dict(state_dtype=torch.float32, master_weights=True)),
+    (torch.bfloat16, dict(stochastic_rounding=True, capturable=True, amsgrad=True)),
+    (torch.float16, dict(master_weights=True, amsgrad=True)),
+    (torch.float16, dict(state_dtype=torch.float32)),
+    (torch.float16, dict(state_dtype=torch.float32, master_weights=True)),
+    (torch.float32, dict(max_grad_norm=0.5, amsgrad=True)),
+    (torch.float32, dict(max_grad_norm=0.5, state_dtype=torch.bfloat16, stochastic_rounding=True, capturable=True)),
+]
+
+
+def feature_id(case) -> str:
+    dtype, kw = case
+    return str(dtype).replace("torch.", "") + "-" + "-".join(
+        f"{k}={str(v).replace('torch.', '')}" if not isinstance(v, bool) else k for k, v in kw.items())
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bits as integers of its width (bitwise comparisons that see -0.0 and NaN payloads)."""
+    return t.contiguous().view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def train(backend: str, params0, steps: int = 3, cls=FusedAdamW, seed: int = 0, make=None, **kwargs):
+    """Copies of params0 (or make()'s params) after `steps` steps on seeded grads; returns (params, optimizer)."""
+    params = make() if make else [p.detach().clone() for p in params0]
+    params = [p.requires_grad_() for p in params]
+    opt = cls(params, backend=backend, **kwargs)
+    for s in range(steps):
+        for p, g in zip(params, make_grads(params0, s, seed)):
+            p.grad = g.to(p.dtype)
+        opt.step()
+    return params, opt

@@ -1,50 +1,48 @@
-"""Backend registry.
+"""Backend registry and the one interface every backend implements.
 
-Every backend is a module in this package that exposes the same three names:
+A backend is an object (one per process, `get(name)`) of a subclass of `Backend`:
 
-    NAME: str
+    name: str
     unavailable() -> str | None
         Why the backend cannot run at all in this process (import or build error), or None.
-    unsupported(device: torch.device, dtype: torch.dtype, hp: Hyper) -> str | None
-        Why it cannot run a partition of a group with these tensors and options, or None.
-    step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, hp, grad_scale, found_inf) -> None
+    supports(part) -> str | None
+        Why it cannot run this partition (its device, dtype and options: part.device, part.dtype, part.options),
+        or None. Called once per partition, when the step plan is built.
+    prepare(part) -> None
+        Once per partition, after supports() said yes: whatever the backend keeps across steps goes into
+        part.prepared (the CPU backend: the lists converted to C++ once; triton and cuda: the device table).
+        The partition, and so what was prepared, lives as long as the plan (NOTE [step plan] in plan.py).
+    step(part, grads, hp, amp) -> bool
+        One step of every tensor of the partition, in place. Returns True. With grads=None (only offered when
+        part.reads_grads) the backend reads each param's .grad itself (natively, or part.grads_from_params());
+        it then returns False, having changed nothing, if a param has no grad.
 
-The `step` contract (the same for every backend, see NOTE [backend step contract] in optimizer.py):
-  * all tensors are on one device, params share one real dtype (complex params arrive as view_as_real views);
-    grads, exp_avgs, exp_avg_sqs and max_exp_avg_sqs have the param's dtype and shape, any strides;
-  * max_exp_avg_sqs is empty unless hp.amsgrad;
-  * state_steps are float32 0-dim tensors: each is incremented by one and the update uses the new value;
-  * grad_scale (AMP): grads are divided by it in place, and the update uses the unscaled grad;
-  * found_inf (AMP): if nonzero, nothing changes at all (params, grads, states and steps).
+The step contract (the same for every backend):
+  * all tensors are on part.device; params share one real dtype (complex params arrive as view_as_real views,
+    DTensor params as their local shards); grads have the param's dtype and shape, any strides; states have
+    part.options.state_dtype and the param's shape, any strides;
+  * part.max_exp_avg_sqs is empty unless options.amsgrad; part.master_params is empty unless options.master;
+  * part.state_steps are float32 0-dim tensors (on the device when options.capturable, else on the CPU): each is
+    incremented by one and the update uses the new value;
+  * amp.grad_scale: grads are divided by it in place, and the update uses the unscaled grad;
+  * amp.found_inf: if nonzero, nothing changes at all (params, grads, states and steps);
+  * amp.clip_coef (options.clip): a 0-dim fp32 tensor; the unscaled grad is multiplied by it for the update only;
+  * bad input (a shape, dtype, device or layout that does not match) raises before anything is written.
 
-Optional features (the options beyond torch's). A backend lists the ones it implements in `FEATURES`; the
-optimizer never hands a backend a partition that needs one it lacks (auto skips it, saying which), and passes
-the extra keyword arguments only when the feature is on:
-  * "master_weights": hp.master_weights; kwarg master_params (fp32 copies of the low-precision params): the
-    update runs on the master and the param gets the master rounded to nearest;
-  * "state_dtype": hp.state_dtype is not None: exp_avg/exp_avg_sq/max_exp_avg_sq are stored in that dtype
-    (fp32 math, one rounding per store);
-  * "stochastic_rounding": hp.stochastic_rounding; kwarg tensor_ids (one int per tensor): bf16 stores that are
-    the only copy of a value (params without a master, states) round stochastically with the bits of
-    csrc/rounding.h, a pure function of (hp.seed, step, tensor id, stream, element index);
-  * "clip": kwarg clip_coef, a 0-dim fp32 tensor on the partition's device: the (unscaled) grad is multiplied
-    by it inside the pass (gradient clipping by global norm without another pass over the grads).
-
-A backend with `READS_GRADS = True` also takes grads=None: it then reads each param's `.grad` itself (plain
-Tensor/Parameter params), and returns False, having changed nothing, if one has none (True when it stepped).
-A backend with `REJECTS_SPARSE = True` raises a RuntimeError for a sparse (any non-strided) grad before it changes
-anything, so the optimizer skips its own per-grad scan and only words the error. A backend with
-`USES_CACHE = True` also takes kwarg `cache`: a dict the caller keeps per partition for as long
-as it hands the same lists (the optimizer's step plan, NOTE [step plan] in optimizer.py), where the backend may
-keep what it prepares from them. Direct callers may leave it out.
+The options beyond torch (PartOptions) are decided once per partition, in one place (PartOptions.of), and
+backends read them: they never re-derive which stores round stochastically or which weight-decay mode applies.
 """
 from __future__ import annotations
 
+import enum
 import importlib
 from dataclasses import dataclass
-from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from ..plan import Partition
 
 BACKEND_NAMES = ("reference", "cpu", "cuda", "triton")
 
@@ -54,39 +52,117 @@ AUTO_ORDER = {
     "cuda": ("cuda", "triton", "reference"),
 }
 
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+class WeightDecay(enum.IntEnum):
+    """csrc/common/options.h's WeightDecay: none, L2 (Adam: grad += wd * param), decoupled (AdamW)."""
+
+    NONE = 0
+    L2 = 1
+    DECOUPLED = 2
+
 
 @dataclass(frozen=True)
 class Hyper:
-    """The options of one param group, as a backend sees them."""
+    """A group's hyperparameters as read at this step: floats, or 0-dim Tensors (lr and betas may be Tensors,
+    e.g. a scheduler's; capturable backends read those on the device)."""
 
     lr: float | torch.Tensor
     beta1: float | torch.Tensor
     beta2: float | torch.Tensor
     eps: float
     weight_decay: float
+
+
+@dataclass(frozen=True)
+class Amp:
+    """What a step takes beyond the hyperparameters, each on the partition's device or None."""
+
+    grad_scale: torch.Tensor | None = None
+    found_inf: torch.Tensor | None = None
+    clip_coef: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class PartOptions:
+    """A partition's options as they apply to its dtype, decided once (the step plan's key covers every input).
+
+    state_dtype is never None (the param's dtype unless the group asks for another). master: the params are
+    bf16/fp16 and keep fp32 masters. sr_param / sr_state: which stores round stochastically: a bf16 store that is
+    the only copy of a value (a bf16 param without a master; bf16 states)."""
+
+    param_dtype: torch.dtype
+    state_dtype: torch.dtype
+    master: bool
+    sr_param: bool
+    sr_state: bool
+    wd_mode: WeightDecay
     amsgrad: bool
     maximize: bool
-    decoupled: bool
     capturable: bool
     differentiable: bool
-    master_weights: bool = False
-    state_dtype: torch.dtype | None = None
-    stochastic_rounding: bool = False
-    seed: int = 0
-    clip: bool = False
+    clip: bool
+    seed: int
+    tensor_lr: bool  # lr is a Tensor (AdamW's decay factor is then computed in its dtype, as torch does)
+
+    @property
+    def stochastic_rounding(self) -> bool:
+        return self.sr_param or self.sr_state
+
+    @property
+    def decoupled(self) -> bool:
+        return self.wd_mode == WeightDecay.DECOUPLED
+
+    @staticmethod
+    def of(group: dict[str, Any], dtype: torch.dtype, clip: bool) -> PartOptions:
+        """The options of a (device, dtype) partition of `group`. The one place that decides them."""
+        master = bool(group.get("master_weights", False)) and dtype in LOW_PRECISION
+        state_dtype = group.get("state_dtype") or dtype
+        sr = bool(group.get("stochastic_rounding", False))
+        wd = group["weight_decay"]
+        wd_mode = WeightDecay.NONE if wd == 0 else (WeightDecay.DECOUPLED if group["decoupled_weight_decay"] else WeightDecay.L2)
+        return PartOptions(
+            param_dtype=dtype, state_dtype=state_dtype, master=master,
+            sr_param=sr and dtype == torch.bfloat16 and not master, sr_state=sr and state_dtype == torch.bfloat16,
+            wd_mode=wd_mode, amsgrad=bool(group["amsgrad"]), maximize=bool(group["maximize"]),
+            capturable=bool(group["capturable"]), differentiable=bool(group["differentiable"]), clip=clip,
+            seed=int(group.get("seed", 0)), tensor_lr=isinstance(group["lr"], torch.Tensor),
+        )
 
     def features(self) -> tuple[str, ...]:
-        """The optional features (see above) this partition needs."""
+        """The options beyond torch this partition needs (for the reasons auto gives)."""
         wanted = {
-            "master_weights": self.master_weights,
-            "state_dtype": self.state_dtype is not None,
+            "master_weights": self.master,
+            "state_dtype": self.state_dtype != self.param_dtype,
             "stochastic_rounding": self.stochastic_rounding,
             "clip": self.clip,
         }
         return tuple(name for name, on in wanted.items() if on)
 
 
-_modules: dict[str, ModuleType | BaseException] = {}
+class Backend:
+    """The interface (see the module docstring). Subclasses set `name` and override what they need."""
+
+    name: str = ""
+
+    def unavailable(self) -> str | None:
+        return None
+
+    def supports(self, part: Partition) -> str | None:
+        raise NotImplementedError
+
+    def prepare(self, part: Partition) -> None:
+        pass
+
+    def step(self, part: Partition, grads: list[torch.Tensor] | None, hp: Hyper, amp: Amp) -> bool:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<fused_adam backend {self.name!r}>"
+
+
+_backends: dict[str, Backend | BaseException] = {}
 
 
 def check_name(name: str) -> None:
@@ -94,38 +170,33 @@ def check_name(name: str) -> None:
         raise ValueError(f"Invalid backend: {name!r}; expected 'auto' or one of {', '.join(BACKEND_NAMES)}")
 
 
-def get(name: str) -> ModuleType:
-    """The backend module, or raise the error that importing it raised."""
+def get(name: str) -> Backend:
+    """The backend object, or raise the error that importing its module raised. Each module `backends/<name>.py`
+    defines `BACKEND`, its instance."""
     check_name(name)
-    if name not in _modules:
+    if name not in _backends:
         try:
-            _modules[name] = importlib.import_module(f"{__name__}.{name}")
+            _backends[name] = importlib.import_module(f"{__name__}.{name}").BACKEND
         except Exception as e:  # a broken optional backend must not break the package
-            _modules[name] = e
-    mod = _modules[name]
-    if isinstance(mod, BaseException):
-        raise mod
-    return mod
+            _backends[name] = e
+    backend = _backends[name]
+    if isinstance(backend, BaseException):
+        raise backend
+    return backend
 
 
 def unavailable(name: str) -> str | None:
     """Why backend `name` cannot run in this process, or None."""
     try:
-        mod = get(name)
+        backend = get(name)
     except Exception as e:
         return f"import failed: {type(e).__name__}: {e}"
-    return mod.unavailable()
+    return backend.unavailable()
 
 
 def available_backends() -> list[str]:
     """The backends that can run in this process (each may still decline some devices or dtypes)."""
     return [n for n in BACKEND_NAMES if unavailable(n) is None]
-
-
-def missing_features(mod: ModuleType, hp: Hyper) -> str | None:
-    """Why backend `mod` cannot run a partition that needs hp.features(), or None."""
-    missing = [f for f in hp.features() if f not in getattr(mod, "FEATURES", ())]
-    return f"does not implement {', '.join(missing)}" if missing else None
 
 
 def candidates(device: torch.device) -> tuple[str, ...]:
