@@ -14,6 +14,7 @@ import math
 import pickle
 import re
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings
@@ -21,6 +22,7 @@ from hypothesis import strategies as st
 
 from conftest import requires_native, requires_triton_interpreter
 from fused_adam import FusedAdam, FusedAdamW
+from fused_adam.args import EXTENSIONS
 from fused_adam.backends import PartOptions
 
 BACKENDS = [
@@ -143,8 +145,8 @@ def _poke(t: torch.Tensor, value: float) -> torch.Tensor:
     return t
 
 
-# name -> (applies to key?, make(tensor) -> new value). The test does not say which are valid: the loader decides,
-# and the property holds either way.
+# name -> the damaged value made from a saved tensor. Which are valid is not said here: the loader decides, and the
+# property holds either way.
 TENSOR_CORRUPTIONS = {
     "wrong shape": lambda t: t.reshape(-1)[:-1] if t.numel() > 1 else t.reshape(1, -1),
     "extra dim": lambda t: t.unsqueeze(0),
@@ -171,10 +173,11 @@ TENSOR_CORRUPTIONS = {
 STEP_VALUES = [-1, -0.5, math.nan, math.inf, -math.inf, "abc", None, [3.0], True, 0, 7, 2.5, 1e6, -0.0,
                torch.tensor([3.0]), torch.tensor(4, dtype=torch.int64), torch.tensor(True), torch.tensor([1.0, 2.0]),
                torch.tensor(math.nan), torch.tensor(-1.0), torch.tensor(5.0, dtype=torch.float64),
-               torch.tensor(2.0 + 1j)]
+               torch.tensor(2.0 + 1j), np.int64(4), np.float32(2.0)]
 GROUP_VALUES = {
-    "lr": ["0.1", None, -1.0, math.nan, math.inf, 0, 1, True, 0.05, torch.tensor(0.01), torch.tensor([0.02]),
-           torch.tensor([0.01, 0.02]), torch.tensor(-0.1), torch.tensor(3), torch.tensor(math.nan)],
+    "lr": [np.float64(0.02), "0.1", None, -1.0, math.nan, math.inf, 0, 1, True, 0.05, torch.tensor(0.01),
+           torch.tensor([0.02]), torch.tensor([0.01, 0.02]), torch.tensor(-0.1), torch.tensor(3),
+           torch.tensor(math.nan)],
     "betas": [(1.5, 0.9), (0.9,), (0.9, 0.999, 0.9), [0.8, 0.99], (0.9, 1.0), (-0.1, 0.9), (0.0, 0.0), (1, 0), "0.9",
               None, (torch.tensor(0.8), torch.tensor(0.95)), (math.nan, 0.9), (0.9, torch.tensor(0.9)),
               (torch.tensor([0.8, 0.9]), torch.tensor(0.9))],
@@ -307,13 +310,13 @@ def _assert_steps_as_torch(opt, backend: str) -> None:
     wide = [(p if m is None else m).detach().float().clone().requires_grad_() for p, m in zip(params, masters)]
     index = {id(p): i for i, p in enumerate(params)}
     torch_sd = {
-        "state": {index[id(p)]: {k: v.detach().to(torch.float32 if k != "step" else v.dtype, copy=True) for k, v in s.items()
-                                 if k != "master_param"}
+        "state": {index[id(p)]: {k: v.detach().to(torch.float32 if k != "step" else v.dtype, copy=True)
+                                 for k, v in s.items() if k != "master_param"}
                   for p, s in opt.state.items() if isinstance(p, torch.Tensor) and s},
         "param_groups": [],
     }
     for g in opt.param_groups:
-        saved = {k: v for k, v in g.items() if k not in ("master_weights", "state_dtype", "stochastic_rounding", "seed")}
+        saved = {k: v for k, v in g.items() if k not in EXTENSIONS}
         saved.update(params=[index[id(p)] for p in g["params"]], foreach=False, fused=False)
         torch_sd["param_groups"].append(saved)
     oracle = torch.optim.AdamW([{"params": wide[:2]}, {"params": wide[2:]}], foreach=False)
@@ -424,9 +427,11 @@ def test_round_trip_is_bitwise(backend, config):
         (lambda sd: sd["state"][0].update(step="abc"), TypeError, ["'step'", "'abc'", "str"]),
         (lambda sd: sd["state"][2].update(exp_avg=[1.0, 2.0]), TypeError, ["group 1", "param 0", "'exp_avg'", "list"]),
         (lambda sd: sd["state"][0].update(exp_avg=torch.zeros(5, 3)), ValueError, ["'exp_avg'", "(5, 3)", "(3, 5)"]),
-        (lambda sd: sd["state"][0]["exp_avg_sq"].view(-1).__setitem__(0, -1.0), ValueError, ["'exp_avg_sq'", "negative"]),
+        (lambda sd: sd["state"][0]["exp_avg_sq"].view(-1).__setitem__(0, -1.0), ValueError,
+         ["'exp_avg_sq'", "negative"]),
         (lambda sd: sd["state"][0]["exp_avg"].view(-1).__setitem__(0, math.nan), ValueError, ["'exp_avg'", "NaN"]),
-        (lambda sd: sd["state"][0].update(exp_avg=torch.zeros(3, 5, dtype=torch.int32)), TypeError, ["'exp_avg'", "int32", "floating"]),
+        (lambda sd: sd["state"][0].update(exp_avg=torch.zeros(3, 5, dtype=torch.int32)), TypeError,
+         ["'exp_avg'", "int32", "floating"]),
         (lambda sd: sd["param_groups"][0].update(lr="0.1"), TypeError, ["group 0", "'lr'", "'0.1'"]),
         (lambda sd: sd["param_groups"][1].update(weight_decay=None), TypeError, ["group 1", "'weight_decay'", "None"]),
         (lambda sd: sd["param_groups"][0].update(betas=(1.5, 0.9)), ValueError, ["'betas'[0]", "1.5", "[0, 1)"]),

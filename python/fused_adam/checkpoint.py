@@ -24,6 +24,7 @@ into state_dict()["state"] under their own key and come back from load_state_dic
 from __future__ import annotations
 
 import math
+import numbers
 import reprlib
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
@@ -79,7 +80,7 @@ def _found(value: Any) -> str:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)  # numpy scalars too, as float() takes them
 
 
 def _readable(t: Tensor) -> bool:
@@ -118,7 +119,8 @@ def _check_group(gi: int, group: dict[str, Any], max_grad_norm: Any) -> None:
     for i, beta in enumerate(betas):
         if isinstance(beta, Tensor):
             if beta.numel() != 1 or not beta.is_floating_point():
-                raise TypeError(f"{where}: 'betas'[{i}] is {_found(beta)}; expected a float or a 1-element floating Tensor")
+                raise TypeError(f"{where}: 'betas'[{i}] is {_found(beta)}; expected a float or a 1-element floating "
+                                "Tensor")
         elif not isinstance(beta, float):  # torch's constructor: both floats or both Tensors, no ints
             raise TypeError(f"{where}: 'betas'[{i}] is {_found(beta)}; expected a float in [0, 1) (or a Tensor)")
         if _readable_value(beta) and not 0.0 <= float(beta) < 1.0:
@@ -247,19 +249,22 @@ def load_state_dict(optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
         result = pre_hook(optimizer, state_dict)
         if result is not None:
             state_dict = result
-    for key, kind in (("state", Mapping), ("param_groups", list)):
+    for key, kind, expected in (("state", Mapping, "a dict"), ("param_groups", (list, tuple), "a list")):
         if not isinstance(state_dict.get(key), kind):
-            raise TypeError(f"state_dict['{key}'] is {_found(state_dict.get(key))}; expected a {kind.__name__}")
+            raise TypeError(f"state_dict['{key}'] is {_found(state_dict.get(key))}; expected {expected}")
     groups = optimizer.param_groups
     saved_groups = deepcopy(state_dict["param_groups"])
     for gi, group in enumerate(saved_groups):
-        if not isinstance(group, dict) or not isinstance(group.get("params"), list):
-            raise TypeError(f"param group {gi} of the state_dict is {_found(group)}; expected a dict with a 'params' list")
+        if not isinstance(group, dict) or not isinstance(group.get("params"), (list, tuple)):
+            raise TypeError(f"param group {gi} of the state_dict is {_found(group)}; expected a dict with a 'params' "
+                            "list")
     # torch's checks, with its messages
     if len(groups) != len(saved_groups):
         raise ValueError("loaded state dict has a different number of parameter groups")
     if any(len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved_groups)):
-        raise ValueError("loaded state dict contains a parameter group that doesn't match the size of optimizer's group")
+        raise ValueError(
+            "loaded state dict contains a parameter group that doesn't match the size of optimizer's group"
+        )
 
     max_grad_norm = getattr(optimizer, "max_grad_norm", None)
     fill_group_defaults(saved_groups)
