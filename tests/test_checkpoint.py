@@ -442,6 +442,7 @@ def test_round_trip_is_bitwise(backend, config):
         (lambda sd: sd["state"].update({0: 5}), TypeError, ["param 0", "state", "dict"]),
         (lambda sd: sd["param_groups"].pop(), ValueError, ["different number of parameter groups"]),  # torch's
     ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else getattr(v, "__name__", None) if isinstance(v, type) else "sd",
 )
 def test_errors_name_what_is_wrong(corrupt, error, words):
     opt = _trained(0, "reference", seed=1)
