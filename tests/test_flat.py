@@ -119,7 +119,7 @@ def test_flatten_keeps_the_model():
         assert torch.equal(a, b), k
     covered = torch.zeros(flat.param_buffer.numel(), dtype=torch.bool)
     for i, p in enumerate(model.parameters()):
-        assert p.data_ptr() % 64 == 0 and p.is_contiguous() and flat.param_in_place(i) and flat.grad_in_place(i)
+        assert p.data_ptr() % 64 == 0 and p.is_contiguous() and flat.params_in_place(i) and flat.grads_in_place(i)
         assert getattr(p, ATTR) == (flat, i)
         covered[flat.offsets[i]: flat.offsets[i] + p.numel()] = True
         assert torch.equal(p.grad, torch.zeros_like(p))
@@ -127,7 +127,7 @@ def test_flatten_keeps_the_model():
     assert flat.param_buffer.numel() == sum(-(-p.numel() // 16) * 16 for p in model.parameters())
     # Loading a state_dict writes into the slots.
     model.load_state_dict(make_model(seed=1).state_dict())
-    assert all(flat.param_in_place(i) for i in range(len(flat)))
+    assert flat.params_in_place()
     assert torch.equal(model(x), make_model(seed=1)(x))
 
 
@@ -141,7 +141,7 @@ def test_flatten_options_and_grouping():
     assert flat.params == decay + no_decay  # in the order given: each group one run of slots
     assert all(p.data_ptr() % 256 == 0 for p in flat.params)
     assert not hasattr(model[2].weight, ATTR) and model[2].weight.grad is None
-    assert torch.equal(model[0].weight.grad, torch.ones(13, 7)) and flat.grad_in_place(0)
+    assert torch.equal(model[0].weight.grad, torch.ones(13, 7)) and flat.grads_in_place(0)
     opts = PartOptions.of(group(), torch.float32, False)
     assert find_run(decay, opts).lo == 0 and find_run(no_decay, opts).first == 2
     assert find_run([model[0].weight, model[0].bias], opts) is None  # not consecutive slots
@@ -185,7 +185,7 @@ def test_backward_accumulates_into_the_grad_buffer():
         for _ in range(2):  # two backwards accumulate
             backward(model, step)
             backward(ref, step)
-        assert all(flat.grad_in_place(i) for i in range(len(flat)))
+        assert flat.grads_in_place()
         for p, q in zip(model.parameters(), ref.parameters()):
             assert torch.equal(p.grad, q.grad)
         opt.step()
@@ -196,11 +196,11 @@ def test_backward_accumulates_into_the_grad_buffer():
     opt.zero_grad()  # torch's default: set_to_none=True
     assert all(p.grad is None for p in model.parameters())
     backward(model, 9)
-    assert not any(flat.grad_in_place(i) for i in range(len(flat)))  # fresh grads
+    assert not any(flat.grads_in_place(i) for i in range(len(flat)))  # fresh grads
     flat.zero_grad()
-    assert all(flat.grad_in_place(i) for i in range(len(flat))) and not flat.grad_buffer.any()
+    assert flat.grads_in_place() and not flat.grad_buffer.any()
     backward(model, 9)
-    assert all(flat.grad_in_place(i) for i in range(len(flat))) and flat.grad_buffer.any()
+    assert flat.grads_in_place() and flat.grad_buffer.any()
 
 
 # ---- the optimizer side: a run stepped as one range ---------------------------------------------------------------
@@ -405,7 +405,7 @@ def test_fused_adamw_trains_a_flattened_model(backend):
             oracle_opt.step()
             opt.zero_grad(set_to_none=False)
             oracle_opt.zero_grad()
-            assert all(flat.grad_in_place(i) for i in range(len(flat)))
+            assert flat.grads_in_place()
 
     train(range(5))
     exact = backend == "reference"
@@ -418,6 +418,6 @@ def test_fused_adamw_trains_a_flattened_model(backend):
         for k, v in torch_opt.state[p].items():
             assert torch.equal(v, opt.state[params[i]][k]), k
     opt.load_state_dict(copy.deepcopy(oracle_opt.state_dict()))  # torch's states into the flattened model's optimizer
-    assert all(flat.param_in_place(i) for i in range(len(flat)))
+    assert flat.params_in_place()
     train(range(5, 8))
     assert_same(params, oracle_params, opt.state, oracle_opt.state, exact=exact)
