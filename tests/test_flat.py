@@ -421,3 +421,24 @@ def test_fused_adamw_trains_a_flattened_model(backend):
     assert flat.params_in_place()
     train(range(5, 8))
     assert_same(params, oracle_params, opt.state, oracle_opt.state, exact=exact)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kw", [dict(master_weights=True), dict(state_dtype=torch.float32, amsgrad=True)],
+                         ids=["master", "fp32-states"])
+def test_flat_run_low_precision(backend, kw):
+    """bf16 params with an fp32 master or fp32 states: the flat master / state buffers step bitwise as the same
+    backend steps the params one by one."""
+    model, ref = make_model(dtype=torch.bfloat16), make_model(dtype=torch.bfloat16)
+    (flat,) = flatten_parameters(model)
+    driver = FlatDriver(list(model.parameters()), backend, **kw)
+    per_tensor = FlatDriver(list(ref.parameters()), backend, **kw)
+    assert driver.run is not None and per_tensor.run is None
+    for step in range(4):
+        for m in (model, ref):
+            backward(m, step)
+        assert driver.step()
+        per_tensor.step()
+        flat.zero_grad()
+        ref.zero_grad()
+    assert_same(list(model.parameters()), list(ref.parameters()), driver.state, per_tensor.state)

@@ -236,6 +236,8 @@ def find_run(params: list[Tensor], options) -> FlatRun | None:
     if tag is None:
         return None
     flat, first = tag
+    if flat.dtype.is_complex:  # a partition holds view_as_real views of complex params, not the params
+        return None
     last = first + len(params)
     if last > len(flat) or not all(map(operator.is_, params, flat.params[first:last])):
         return None
