@@ -27,6 +27,21 @@ log = __import__("logging").getLogger("fused_adam")
 _EXTENSION_ITEMS = tuple(EXTENSIONS.items())
 
 
+def _not_traced(fn: Callable) -> Callable:
+    """torch.compiler.disable(fn), made at its first call: the decorator imports torch._dynamo (~1 s), which
+    `import fused_adam` and a step that is never compiled do not need (torch's optimizers do the same)."""
+    disabled = None
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        nonlocal disabled
+        if disabled is None:
+            disabled = torch.compiler.disable(fn)
+        return disabled(*args, **kwargs)
+
+    return wrapper
+
+
 def _scalar(x):
     """torch's _to_scalar: a 1-element Tensor hyperparameter becomes 0-dim; a number stays a number."""
     return x.squeeze() if isinstance(x, Tensor) and x.dim() != 0 else x
@@ -309,7 +324,7 @@ class FusedAdam(Optimizer):
             return self._step_not_traced(closure, grad_scale=grad_scale, found_inf=found_inf)
         return self._step(closure, grad_scale=grad_scale, found_inf=found_inf)
 
-    @torch.compiler.disable
+    @_not_traced
     def _step_not_traced(self, closure, *, grad_scale, found_inf):
         return self._step(closure, grad_scale=grad_scale, found_inf=found_inf)
 
