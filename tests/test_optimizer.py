@@ -634,3 +634,20 @@ def test_import_pulls_in_nothing_a_step_may_not_need():
     ours_step = ("import fused_adam; p = torch.nn.Parameter(torch.randn(3)); p.grad = torch.randn(3); "
                  "fused_adam.FusedAdamW([p]).step()")
     assert _new_modules(torch_step, ours_step) == "[]"
+
+
+@pytest.mark.parametrize("make", [lambda: torch.randn(3, dtype=torch.complex64), lambda: torch.randn(3, device="meta")],
+                         ids=["complex", "meta"])
+def test_fused_true_rejects_what_torchs_fused_path_rejects(make):
+    """fused=True asks for torch's fused semantics: the params torch's fused Adam refuses raise torch's error at the
+    first step, before anything changes; the default (fused=None) runs complex params."""
+    ours_p, ref_p = torch.nn.Parameter(make()), torch.nn.Parameter(make())
+    for p in (ours_p, ref_p):
+        p.grad = torch.ones_like(p)
+    with pytest.raises(RuntimeError) as theirs:
+        torch.optim.Adam([ref_p], fused=True).step()
+    ours = FusedAdam([ours_p], fused=True)
+    with pytest.raises(RuntimeError) as ours_err:
+        ours.step()
+    assert str(ours_err.value) == str(theirs.value)
+    assert not ours.state.get(ours_p)

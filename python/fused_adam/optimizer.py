@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import backends, plan as plans
-from .args import EXTENSIONS, check_args, check_extensions
+from .args import EXTENSIONS, check_args, check_extensions, check_fused_param
 from .backends import Amp, Hyper
 from .plan import Dispatch, Partition, Plan
 from .state import Generation, StateDict, dtensor_type, kernel_view, packed_states, param_state, rebind
@@ -261,7 +261,11 @@ class FusedAdam(Optimizer):
                 group["decoupled_weight_decay"], group["weight_decay"] != 0, isinstance(group["lr"], Tensor),
                 self.max_grad_norm is not None, *[get(k, v) for k, v in _EXTENSION_ITEMS])
 
-    def _make_states(self, opts, members: list[Tensor]) -> list[dict[str, Tensor]]:
+    def _make_states(self, group: dict[str, Any], opts, members: list[Tensor]) -> list[dict[str, Tensor]]:
+        if group["fused"]:
+            for p in members:
+                if not self.state.get(p):
+                    check_fused_param(p)
         packed = packed_states(self.state, opts, members)
         return [param_state(self.state, p, opts, packed[i]) for i, p in enumerate(members)]
 

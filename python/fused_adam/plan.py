@@ -119,7 +119,7 @@ class Plan:
 
 def build(group_index: int, group: dict[str, Any], has_grad: list[bool], key: tuple, generation: int,
           first_id: int, clip: bool, choose: Callable[[Partition], tuple[Backend, Dispatch]],
-          make_states: Callable[[PartOptions, list[Tensor]], list[dict[str, Tensor]]]) -> Plan:
+          make_states: Callable[[dict, PartOptions, list[Tensor]], list[dict[str, Tensor]]]) -> Plan:
     """Split the group's params with grads into (device, dtype, occurrence) partitions, create their states, and
     pick and prepare each partition's backend. `first_id`: the group's first param's index over all groups."""
     params = group["params"]
@@ -137,7 +137,7 @@ def build(group_index: int, group: dict[str, Any], has_grad: list[bool], key: tu
     for (device, dtype, _), index in by_key.items():
         opts = PartOptions.of(group, dtype, clip)
         members = [params[i] for i in index]
-        packed = make_states(opts, members)
+        packed = make_states(group, opts, members)
         lists: dict[str, list[Tensor]] = {k: [] for k in ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs",
                                                          "state_steps", "master_params")}
         view_pos = []
