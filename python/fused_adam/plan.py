@@ -174,9 +174,17 @@ def check_tensors(part: Partition, grads: list[Tensor]) -> None:
         arrays.append(("max_exp_avg_sqs", part.max_exp_avg_sqs))
     if part.options.master:
         arrays.append(("master_params", part.master_params))
+    state_dtype = part.options.state_dtype
     for pos, p in enumerate(part.params):
+        where = f"(param {part.param_index(pos)} of group {part.group_index})"
+        if p.dtype != part.dtype:
+            raise RuntimeError(f"{who}: params[{pos}] {where} has dtype {p.dtype}; this partition steps {part.dtype} "
+                               "(a param's dtype changed under the optimizer)")
         for name, tensors in arrays:
             t = tensors[pos]
+            want = torch.float32 if name == "master_params" else (p.dtype if name == "grads" else state_dtype)
+            if t.dtype != want:
+                raise RuntimeError(f"{who}: {name}[{pos}] {where} has dtype {t.dtype}; expected {want}")
             if t.layout != torch.strided:
                 raise RuntimeError(f"{who}: {name}[{pos}] (param {part.param_index(pos)} of group "
                                    f"{part.group_index}) has layout {t.layout}; expected torch.strided")
