@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import backends, plan as plans
-from .args import EXTENSIONS, check_args, check_extensions
+from .args import EXTENSIONS, check_args, check_extensions, check_fused_param
 from .backends import Amp, Hyper
 from .plan import Dispatch, Partition, Plan
 from .state import Generation, StateDict, dtensor_type, kernel_view, packed_states, param_state, rebind
@@ -25,6 +25,21 @@ __all__ = ["FusedAdam", "FusedAdamW", "Dispatch"]
 log = __import__("logging").getLogger("fused_adam")
 
 _EXTENSION_ITEMS = tuple(EXTENSIONS.items())
+
+
+def _not_traced(fn: Callable) -> Callable:
+    """torch.compiler.disable(fn), made at its first call: the decorator imports torch._dynamo (~1 s), which
+    `import fused_adam` and a step that is never compiled do not need (torch's optimizers do the same)."""
+    disabled = None
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        nonlocal disabled
+        if disabled is None:
+            disabled = torch.compiler.disable(fn)
+        return disabled(*args, **kwargs)
+
+    return wrapper
 
 
 def _scalar(x):
@@ -246,7 +261,11 @@ class FusedAdam(Optimizer):
                 group["decoupled_weight_decay"], group["weight_decay"] != 0, isinstance(group["lr"], Tensor),
                 self.max_grad_norm is not None, *[get(k, v) for k, v in _EXTENSION_ITEMS])
 
-    def _make_states(self, opts, members: list[Tensor]) -> list[dict[str, Tensor]]:
+    def _make_states(self, group: dict[str, Any], opts, members: list[Tensor]) -> list[dict[str, Tensor]]:
+        if group["fused"]:
+            for p in members:
+                if not self.state.get(p):
+                    check_fused_param(p)
         packed = packed_states(self.state, opts, members)
         return [param_state(self.state, p, opts, packed[i]) for i, p in enumerate(members)]
 
@@ -309,7 +328,7 @@ class FusedAdam(Optimizer):
             return self._step_not_traced(closure, grad_scale=grad_scale, found_inf=found_inf)
         return self._step(closure, grad_scale=grad_scale, found_inf=found_inf)
 
-    @torch.compiler.disable
+    @_not_traced
     def _step_not_traced(self, closure, *, grad_scale, found_inf):
         return self._step(closure, grad_scale=grad_scale, found_inf=found_inf)
 

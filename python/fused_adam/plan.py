@@ -119,7 +119,7 @@ class Plan:
 
 def build(group_index: int, group: dict[str, Any], has_grad: list[bool], key: tuple, generation: int,
           first_id: int, clip: bool, choose: Callable[[Partition], tuple[Backend, Dispatch]],
-          make_states: Callable[[PartOptions, list[Tensor]], list[dict[str, Tensor]]]) -> Plan:
+          make_states: Callable[[dict, PartOptions, list[Tensor]], list[dict[str, Tensor]]]) -> Plan:
     """Split the group's params with grads into (device, dtype, occurrence) partitions, create their states, and
     pick and prepare each partition's backend. `first_id`: the group's first param's index over all groups."""
     params = group["params"]
@@ -137,7 +137,7 @@ def build(group_index: int, group: dict[str, Any], has_grad: list[bool], key: tu
     for (device, dtype, _), index in by_key.items():
         opts = PartOptions.of(group, dtype, clip)
         members = [params[i] for i in index]
-        packed = make_states(opts, members)
+        packed = make_states(group, opts, members)
         lists: dict[str, list[Tensor]] = {k: [] for k in ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs",
                                                          "state_steps", "master_params")}
         view_pos = []
@@ -174,9 +174,17 @@ def check_tensors(part: Partition, grads: list[Tensor]) -> None:
         arrays.append(("max_exp_avg_sqs", part.max_exp_avg_sqs))
     if part.options.master:
         arrays.append(("master_params", part.master_params))
+    state_dtype = part.options.state_dtype
     for pos, p in enumerate(part.params):
+        where = f"(param {part.param_index(pos)} of group {part.group_index})"
+        if p.dtype != part.dtype:
+            raise RuntimeError(f"{who}: params[{pos}] {where} has dtype {p.dtype}; this partition steps {part.dtype} "
+                               "(a param's dtype changed under the optimizer)")
         for name, tensors in arrays:
             t = tensors[pos]
+            want = torch.float32 if name == "master_params" else (p.dtype if name == "grads" else state_dtype)
+            if t.dtype != want:
+                raise RuntimeError(f"{who}: {name}[{pos}] {where} has dtype {t.dtype}; expected {want}")
             if t.layout != torch.strided:
                 raise RuntimeError(f"{who}: {name}[{pos}] (param {part.param_index(pos)} of group "
                                    f"{part.group_index}) has layout {t.layout}; expected torch.strided")
