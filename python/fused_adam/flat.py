@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -266,6 +267,7 @@ class FlatRun:
     _tensors: list[Tensor] = dataclasses.field(default_factory=list)
     _params: list[Tensor] = dataclasses.field(default_factory=list)
     _slots: tuple = ()  # (param_ptrs, grad_ptrs, numels) of the run's slots
+    _warned: bool = False
     _steps_version: int = -1
 
     def __repr__(self) -> str:
@@ -378,8 +380,16 @@ class FlatRun:
         param its slot, every grad its view, every state tensor its view, and the step counts equal (checked
         only when the step buffer's version moved: a step count changed in place)."""
         params, (p_ptrs, g_ptrs, numels) = self._params, self._slots
-        if not (_all_at(params, p_ptrs, numels) and _all_at(list(map(_grad, params)), g_ptrs, numels)
-                and list(map(_ptr, self._tensors)) == self._expected):
+        if not _all_at(params, p_ptrs, numels) or list(map(_ptr, self._tensors)) != self._expected:
+            return False
+        if not _all_at(list(map(_grad, params)), g_ptrs, numels):
+            if not self._warned:  # else a training loop would run per tensor, unaware, step after step
+                self._warned = True
+                warnings.warn(
+                    f"fused_adam: the grads of {self.count} flattened params are not their grad buffer's views "
+                    "(set to None by zero_grad(set_to_none=True), torch's default, or replaced): this step and every "
+                    "one like it runs per tensor. Zero them with zero_grad(set_to_none=False) or "
+                    "FlatBuffer.zero_grad() to keep the flat step.", stacklevel=4)
             return False
         if self.steps._version != self._steps_version:
             # Changed in place: still one counter if they are all equal (e.g. every count set to the same value).
