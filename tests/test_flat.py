@@ -449,3 +449,20 @@ def test_flat_run_low_precision(backend, kw):
         flat.zero_grad()
         ref.zero_grad()
     assert_same(list(model.parameters()), list(ref.parameters()), driver.state, per_tensor.state)
+
+
+def test_saved_and_copied_models_are_plain():
+    """torch.save/load and deepcopy of a flattened model give a model that computes the same and is not flat (its
+    params are not slots of the original's buffer): an optimizer over the copy steps it per tensor."""
+    import io
+
+    model = make_model()
+    flatten_parameters(model)
+    saved = io.BytesIO()
+    torch.save(model, saved)
+    saved.seek(0)
+    opts = PartOptions.of(group(), torch.float32, False)
+    for other in (torch.load(saved, weights_only=False), copy.deepcopy(model)):
+        assert torch.equal(other(batch(0)), model(batch(0)))
+        params = list(other.parameters())
+        assert all(not hasattr(p, ATTR) for p in params) and find_run(params, opts) is None
