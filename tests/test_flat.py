@@ -21,7 +21,7 @@ from parity import backends_here, bits
 
 from fused_adam import FusedAdamW, backends
 from fused_adam.backends import Amp, Hyper, PartOptions
-from fused_adam.flat import ATTR, FlatBuffer, find_run, flatten_parameters
+from fused_adam.flat import ATTR, _Tag, find_run, flatten_parameters
 from fused_adam.plan import Partition
 from fused_adam.state import Generation, StateDict, param_state
 
@@ -122,7 +122,7 @@ def test_flatten_keeps_the_model():
     covered = torch.zeros(flat.param_buffer.numel(), dtype=torch.bool)
     for i, p in enumerate(model.parameters()):
         assert p.data_ptr() % 64 == 0 and p.is_contiguous() and flat.params_in_place(i) and flat.grads_in_place(i)
-        assert getattr(p, ATTR) == (flat, i)
+        assert getattr(p, ATTR).flat is flat and getattr(p, ATTR).index == i
         covered[flat.offsets[i]: flat.offsets[i] + p.numel()] = True
         assert torch.equal(p.grad, torch.zeros_like(p))
     assert not flat.param_buffer[~covered].any() and not flat.grad_buffer.any()  # padding zero
@@ -465,4 +465,5 @@ def test_saved_and_copied_models_are_plain():
     for other in (torch.load(saved, weights_only=False), copy.deepcopy(model)):
         assert torch.equal(other(batch(0)), model(batch(0)))
         params = list(other.parameters())
-        assert all(not hasattr(p, ATTR) for p in params) and find_run(params, opts) is None
+        assert all(getattr(p, ATTR, _Tag(None, -1)).flat is None for p in params)
+        assert find_run(params, opts) is None

@@ -39,9 +39,22 @@ from torch import Tensor
 
 __all__ = ["FlatBuffer", "FlatRun", "flatten_parameters", "find_run"]
 
-# The attribute a flattened param carries: (its FlatBuffer, its slot index). A plain attribute, not a registry keyed
-# by id(): it lives and dies with the param, and a deepcopy of the param (a fresh clone) does not carry it.
+# The attribute a flattened param carries (a _Tag). A plain attribute, not a registry keyed by id(): it lives and
+# dies with the param.
 ATTR = "_fused_adam_flat"
+
+
+class _Tag:
+    """A flattened param's buffer and slot index. A pickled or copied param is a new tensor of its own memory, not
+    the slot: its copy of the tag is empty (and pickling a param does not pickle the whole buffer's params)."""
+
+    __slots__ = ("flat", "index")
+
+    def __init__(self, flat: FlatBuffer | None, index: int) -> None:
+        self.flat, self.index = flat, index
+
+    def __reduce__(self):
+        return (_Tag, (None, -1))
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
 
 
@@ -218,7 +231,7 @@ def flatten_parameters(module_or_params, *, align: int = 64) -> list[FlatBuffer]
                 grad.copy_(p.grad)
             p.data = slot
             p.grad = grad
-            setattr(p, ATTR, (flat, i))
+            setattr(p, ATTR, _Tag(flat, i))
         buffers.append(flat)
     return buffers
 
@@ -234,9 +247,9 @@ def find_run(params: list[Tensor], options) -> FlatRun | None:
     if not params or options.stochastic_rounding or options.differentiable:
         return None
     tag = getattr(params[0], ATTR, None)
-    if tag is None:
+    if tag is None or tag.flat is None:
         return None
-    flat, first = tag
+    flat, first = tag.flat, tag.index
     if flat.dtype.is_complex:  # a partition holds view_as_real views of complex params, not the params
         return None
     last = first + len(params)
