@@ -12,9 +12,10 @@ to `align` bytes, the padding zero) and makes `p.data` a view of its slot, and p
 second, zeroed buffer. The Parameter objects stay the same objects, so modules, autograd, hooks, state_dict and
 checkpoints see nothing new (as with Megatron's param-and-grad buffers and apex's contiguous buffers). Autograd
 accumulates into an existing dense grad in place (AccumulateGrad's "existing grad, grad mode off" case), so a
-backward writes into the grad buffer; only zero_grad(set_to_none=True), torch's default, breaks that: it sets
-p.grad to None and the next backward makes fresh grads. Use zero_grad(set_to_none=False), or FlatBuffer.zero_grad()
-(one memset, and the views put back where a grad was set to None or replaced).
+backward writes into the grad buffer; zero_grad(set_to_none=True), torch's default, breaks that: it sets p.grad
+to None and the next backward makes fresh grads (as does a backward with create_graph=True, out of place). Use
+zero_grad(set_to_none=False), or FlatBuffer.zero_grad() (one memset, and the views put back where a grad was set
+to None or replaced).
 
 The optimizer side (find_run, FlatRun): when a partition's params are consecutive slots of one buffer, the
 optimizer keeps their states as views of flat state buffers of the same layout (state_dict is torch's layout) and
@@ -25,6 +26,14 @@ checks what a user can change: every param still its slot (`p.data` not replaced
 replaced, not None), every state tensor still its view, and the step counts not changed in place (the step
 buffer's version counter). If anything differs, the partition is stepped tensor by tensor, as without flat
 buffers: never a wrong step.
+
+NOTE [flat run wiring]: what the step plan does with a partition (tests/test_flat.py's FlatDriver does the same):
+  * when it builds the partition: run = find_run(members, opts); views = run.states(optimizer.state) (None: no
+    run); each param's state made by state.param_state(..., packed=views[i]); run.bind(states) (False: no run);
+    then flat_part = run.partition(part), which the backend prepares like part;
+  * each step: run.valid() ? (backend.step(flat_part, [run.grad], hp, amp); run.stepped()) : the per-tensor step.
+    The flat step reads no grad list, so it may skip the group's list of grads only where the plan covers every
+    param of the group: a param outside the partitions that gains a grad must be stepped too.
 """
 from __future__ import annotations
 
@@ -33,9 +42,13 @@ import operator
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from .backends import PartOptions
 
 __all__ = ["FlatBuffer", "FlatRun", "flatten_parameters", "find_run"]
 
@@ -239,7 +252,7 @@ def flatten_parameters(module_or_params, *, align: int = 64) -> list[FlatBuffer]
 # ---- the optimizer side --------------------------------------------------------------------------------------
 
 
-def find_run(params: list[Tensor], options) -> FlatRun | None:
+def find_run(params: list[Tensor], options: PartOptions) -> FlatRun | None:
     """The flat run these params (one partition's, in its order) form, or None: they must be consecutive slots of
     one FlatBuffer, in buffer order, each still a view of its slot. `options`: the partition's PartOptions
     (stochastic rounding draws its bits per tensor and element index, so a range would round differently: declined;
@@ -270,7 +283,7 @@ class FlatRun:
     flat: FlatBuffer
     first: int
     count: int
-    options: object  # the partition's PartOptions
+    options: PartOptions  # the partition's
     lo: int = 0
     hi: int = 0
     buffers: dict[str, Tensor] = dataclasses.field(default_factory=dict)  # state key -> flat state buffer
@@ -284,7 +297,8 @@ class FlatRun:
     _steps_version: int = -1
 
     def __repr__(self) -> str:
-        return f"FlatRun(slots {self.first}..{self.first + self.count - 1} of {self.flat}, elements {self.lo}..{self.hi})"
+        last = self.first + self.count - 1
+        return f"FlatRun(slots {self.first}..{last} of {self.flat}, elements {self.lo}..{self.hi})"
 
     def __post_init__(self) -> None:
         f = self.flat
