@@ -29,9 +29,20 @@ BACKENDS = backends_here()
 LR, WD = 1e-2, 0.1
 
 
+class Scaled(torch.nn.Linear):
+    """A Linear with a 0-element param too (a slot of no elements between two others)."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.empty = torch.nn.Parameter(torch.zeros(0))
+
+    def forward(self, x):
+        return super().forward(x) + self.empty.sum()
+
+
 def make_model(seed: int = 0, dtype=torch.float32) -> torch.nn.Module:
     torch.manual_seed(seed)  # odd sizes: 7x13 weights, 13-element biases, ... none a multiple of a 64-byte slot
-    return torch.nn.Sequential(torch.nn.Linear(7, 13), torch.nn.Tanh(), torch.nn.Linear(13, 5), torch.nn.Tanh(),
+    return torch.nn.Sequential(torch.nn.Linear(7, 13), torch.nn.Tanh(), Scaled(13, 5), torch.nn.Tanh(),
                                torch.nn.Linear(5, 3)).to(dtype)
 
 
@@ -198,7 +209,7 @@ def test_backward_accumulates_into_the_grad_buffer():
     opt.zero_grad()  # torch's default: set_to_none=True
     assert all(p.grad is None for p in model.parameters())
     backward(model, 9)
-    assert not any(flat.grads_in_place(i) for i in range(len(flat)))  # fresh grads
+    assert not any(flat.grads_in_place(i) for i in range(len(flat)) if flat.numels[i])  # fresh grads
     flat.zero_grad()
     assert flat.grads_in_place() and not flat.grad_buffer.any()
     backward(model, 9)
@@ -245,7 +256,7 @@ def test_flat_run_steps_as_per_tensor(backend, kw):
     for i, p in enumerate(params):
         st = driver.state[p]
         off = run.flat.offsets[i]
-        assert st["exp_avg"].data_ptr() == run.buffers["exp_avg"].data_ptr() + 4 * off
+        assert st["exp_avg"].data_ptr() == (run.buffers["exp_avg"].data_ptr() + 4 * off if p.numel() else 0)
         assert st["step"].data_ptr() == run.steps.data_ptr() + 4 * i
     covered = torch.zeros(run.hi - run.lo, dtype=torch.bool)
     for i, p in enumerate(params):
@@ -389,7 +400,8 @@ def test_states_adopted_or_declined():
     for i, p in enumerate(params):
         for k, v in before[id(p)].items():
             assert torch.equal(state[p][k], v), k
-        assert state[p]["exp_avg"].data_ptr() == run.buffers["exp_avg"].data_ptr() + 4 * run.flat.offsets[i]
+        expected = run.buffers["exp_avg"].data_ptr() + 4 * run.flat.offsets[i] if p.numel() else 0
+        assert state[p]["exp_avg"].data_ptr() == expected
 
 
 # ---- through the optimizer --------------------------------------------------------------------------------------

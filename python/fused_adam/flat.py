@@ -103,8 +103,11 @@ class FlatBuffer:
 
     def __post_init__(self) -> None:
         self.numels = [s.numel() for s in self.shapes]
-        self.param_ptrs = [self.param_buffer.data_ptr() + o * self.dtype.itemsize for o in self.offsets]
-        self.grad_ptrs = [self.grad_buffer.data_ptr() + o * self.dtype.itemsize for o in self.offsets]
+        size = self.dtype.itemsize
+        # data_ptr() of a tensor without elements is 0 (and nothing of it is stepped)
+        slots = list(zip(self.offsets, self.numels))
+        self.param_ptrs = [self.param_buffer.data_ptr() + o * size if n else 0 for o, n in slots]
+        self.grad_ptrs = [self.grad_buffer.data_ptr() + o * size if n else 0 for o, n in slots]
 
     def __len__(self) -> int:
         return len(self.params)
