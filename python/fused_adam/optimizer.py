@@ -261,12 +261,14 @@ class FusedAdam(Optimizer):
                 group["decoupled_weight_decay"], group["weight_decay"] != 0, isinstance(group["lr"], Tensor),
                 self.max_grad_norm is not None, *[get(k, v) for k, v in _EXTENSION_ITEMS])
 
-    def _make_states(self, group: dict[str, Any], opts, members: list[Tensor]) -> list[dict[str, Tensor]]:
+    def _make_states(self, group: dict[str, Any], opts, members: list[Tensor], run=None) -> list[dict[str, Tensor]]:
         if group["fused"]:
             for p in members:
                 if not self.state.get(p):
                     check_fused_param(p)
-        packed = packed_states(self.state, opts, members)
+        packed = run.states(self.state) if run is not None else None  # NOTE [flat run wiring]
+        if packed is None:
+            packed = packed_states(self.state, opts, members)
         return [param_state(self.state, p, opts, packed[i]) for i, p in enumerate(members)]
 
     def _build_plan(self, gi: int, group: dict[str, Any], has_grad: list[bool], key: tuple) -> Plan:
@@ -368,6 +370,14 @@ class FusedAdam(Optimizer):
                 valid = plan is not None and plan.valid(params, key, generation)
                 # A backend may read the grads itself (grads=None); it declines, having changed nothing, if a param
                 # has no grad, and the path below handles that.
+                # Flat runs (NOTE [flat run wiring]) read no grad list either, where the plan covers every param.
+                if (valid and not clipping and all(plan.has_grad) and all(part.flat is not None for part in plan.parts)
+                        and all([part.flat.valid() for part in plan.parts])):
+                    for part in plan.parts:
+                        part.backend.step(part.flat_part, [part.flat.grad], hp,
+                                          Amp(on(part.device, grad_scale), on(part.device, found_inf)))
+                        part.flat.stepped()
+                    continue
                 if valid and not clipping and len(plan.parts) == 1 and plan.parts[0].reads_grads:
                     part = plan.parts[0]
                     try:
@@ -382,7 +392,11 @@ class FusedAdam(Optimizer):
                     built = True
                 for part in plan.parts:
                     amp = Amp(on(part.device, grad_scale), on(part.device, found_inf), on(part.device, clip_coef))
-                    part.backend.step(part, self._part_grads(part, grads), hp, amp)
+                    if part.flat is not None and part.flat.valid():
+                        part.backend.step(part.flat_part, [part.flat.grad], hp, amp)
+                        part.flat.stepped()
+                    else:
+                        part.backend.step(part, self._part_grads(part, grads), hp, amp)
             if built:  # the states created for one group's plan must not invalidate the others' (NOTE [step plan])
                 for built_plan in self._plans.values():
                     built_plan.generation = self._generation.value
