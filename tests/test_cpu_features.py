@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import requires_native
-from cpu_kernel import _C, assert_bitwise, cpu_isa, group_of, kernel_step, make_part, num_threads, op_step, supported_isas
+from cpu_kernel import assert_bitwise, cpu_isa, group_of, kernel_step, make_part, num_threads, op_step, supported_isas
 from cpu_kernel import ulp_distance
 from parity import FEATURE_CASES, bits, feature_id
 from parity import train as _train

@@ -192,3 +192,19 @@ def test_addresses_at_ten_thousand():
     lists["params"][9_000].grad = torch.randn(4)
     assert part.addresses(None, out) == (1 << GRAD) | ALIGNED | FLAT
     assert out[GRAD, 7_000] == lists["params"][7_000].grad.data_ptr()
+
+
+def test_addresses_reads_only_metadata_on_any_device():
+    """Meta tensors (no memory): the pass runs on whatever device the params are on, each array checked against it."""
+    meta = [torch.empty(4, device="meta") for _ in range(3)]
+    states = [[torch.empty(4, device="meta") for _ in meta] for _ in range(2)]
+    part = _C().Partition(meta, *states, [], [torch.tensor(0.0) for _ in meta], options=_options())
+    out = torch.ones(6, 3, dtype=torch.int64)
+    grads = [torch.empty(4, device="meta") for _ in meta]
+    assert part.addresses(grads, out) == 0x3F | ALIGNED | FLAT  # every row was ones, is now the null address
+    assert not out.any()
+    with pytest.raises(RuntimeError, match=r"grads\[1\] is on cpu, expected meta"):
+        part.addresses([grads[0], torch.empty(4), grads[2]], out)
+    capturable = _C().Partition(meta, *states, [], [torch.tensor(0.0) for _ in meta], options=_options(capturable=True))
+    with pytest.raises(RuntimeError, match=r"state_steps\[0\] must be a one-element float32 tensor on meta"):
+        capturable.addresses(grads, out)

@@ -1,6 +1,7 @@
 // CPU backend of FusedAdam: one call per (CPU, dtype) partition of a param group covers all its tensors.
 //
-//   1. check every tensor once, at the boundary (errors name the list, the index and the value);
+//   1. check every tensor once, at the boundary (csrc/common/tensor_pass.h: errors name the list, the index and the
+//      value), reading each param's grad where the caller gave none;
 //   2. found_inf nonzero: return, nothing changed; otherwise increment every state_steps[i] and compute each
 //      tensor's StepScalars from its own step (adam_math.h), in C++, with no per-parameter Python;
 //   3. split the partition into the chunk table (NOTE [chunk table]) and give each thread an equal share of
@@ -8,10 +9,9 @@
 //      across tensors, not only inside each (10,000 tensors of 1,000 elements keep both cores busy);
 //   4. each entry runs the SIMD loop of kernel_impl.h for this CPU's ISA and this step's modes.
 //
-// NOTE [cpu layout]: the loop sees flat memory. A tensor whose param, grad and states are all
-// non-overlapping-and-dense with identical strides is flat as it stands (any memory format, any permutation).
-// Any other tensor (e.g. a transposed param with a contiguous grad, which torch 2.13's fused CPU Adam gets
-// wrong) runs on contiguous copies of the arrays that need one, and they are copied back after the step.
+// The loop sees flat memory (NOTE [flat layout] in csrc/common/tensor_pass.h): a tensor whose arrays do not share its
+// param's dense layout (e.g. a transposed param with a contiguous grad, which torch 2.13's fused CPU Adam gets wrong)
+// runs on copies of the arrays that need one, copied back after the step.
 #include "cpu/adam_cpu.h"
 
 #include <ATen/Parallel.h>

@@ -26,8 +26,8 @@ namespace cpu {
 
 enum class Isa : uint8_t { kBaseline, kAvx2, kAvx512, kAvx512Bf16 };
 
-// One tensor of a multi-tensor step as raw memory: all six arrays share one flat layout (NOTE [cpu layout] in
-// adam_cpu.cpp). max_exp_avg_sq is null unless amsgrad, master null unless master weights.
+// One tensor of a multi-tensor step as raw memory: all six arrays share one flat layout (NOTE [flat layout] in
+// csrc/common/tensor_pass.h). max_exp_avg_sq is null unless amsgrad, master null unless master weights.
 struct TensorPtrs {
   void* param;
   void* grad;
