@@ -477,59 +477,55 @@ _ONE = torch.ones(())
 
 
 # NOTE [host steps]: without capturable, the step counts are 0-dim float32 CPU tensors, one per param, which the
-# optimizer packs as views into shared buffers. Read and incremented one tensor at a time they cost ~0.45 us each;
-# read where they lie, once per partition, they cost a few torch calls: the partition's steps found in prepare()
-# as one strided view of one buffer (the usual case: min/max, then add_), else a gather and a scatter per buffer,
-# else (separate tensors) a stack and a foreach add. The same fp32 addition either way.
+# optimizer packs as views into one buffer per bucket of small params (NOTE [packed states] in state.py). Read and
+# incremented one tensor at a time they cost ~0.45 us each; here each buffer's run of counts is found once, in
+# prepare(), as one strided view, and a step reads them all with one cat and one min/max and bumps them with one
+# foreach add. Counts that are not such runs (separate tensors) are read with one stack instead. The same fp32
+# addition either way.
 class _HostSteps:
     def __init__(self, steps: list[Tensor]):
         self.steps = steps
-        self.view: Tensor | None = None
-        self.buffers: list[tuple[Tensor, Tensor, Tensor]] | None = None
-        if not steps or any(s.dtype != torch.float32 or s.device.type != "cpu" or s.numel() != 1 for s in steps):
+        self.views: list[Tensor] | None = None  # runs of counts, each a strided view of one buffer
+        self.order: Tensor | None = None  # list positions of the views' elements when not 0..T-1 in order
+        if any(s.dtype != torch.float32 or s.device.type != "cpu" or s.numel() != 1 for s in steps):
             return
-        by_storage: dict[int, tuple[torch.UntypedStorage, list[int]]] = {}
+        runs: dict[int, tuple[torch.UntypedStorage, list[int]]] = {}
         for j, s in enumerate(steps):
             storage = s.untyped_storage()
-            by_storage.setdefault(storage.data_ptr(), (storage, []))[1].append(j)
-        if 32 * len(by_storage) > len(steps):  # mostly separate tensors
+            runs.setdefault(storage.data_ptr(), (storage, []))[1].append(j)
+        if 8 * len(runs) > len(steps):  # mostly separate tensors: one stack reads them
             return
-        buffers = []
-        for start, (storage, positions) in by_storage.items():
+        views, order = [], []
+        for start, (storage, positions) in runs.items():
             offsets = [steps[j].data_ptr() - start for j in positions]
-            if any(o % 4 for o in offsets) or len(set(offsets)) != len(offsets):
+            stride = offsets[1] - offsets[0] if len(offsets) > 1 else 4
+            if offsets[0] % 4 or stride <= 0 or stride % 4 or any(o != offsets[0] + k * stride for k, o in enumerate(offsets)):
                 return
             base = torch.empty(0, dtype=torch.float32).set_(storage, 0, (storage.nbytes() // 4,), (1,))
-            buffers.append((base, [o // 4 for o in offsets], positions))
-        if len(buffers) == 1:
-            base, offs, _ = buffers[0]  # positions are 0..T-1 in order
-            stride = offs[1] - offs[0] if len(offs) > 1 else 1
-            if stride > 0 and all(o == offs[0] + k * stride for k, o in enumerate(offs)):
-                self.view = base.as_strided((len(offs),), (stride,), offs[0])
-                return
-        self.buffers = [(b, torch.tensor(o), torch.tensor(p)) for b, o, p in buffers]
+            views.append(base.as_strided((len(offsets),), (stride // 4,), offsets[0] // 4))
+            order.extend(positions)
+        self.views = views
+        if order != list(range(len(steps))):
+            self.order = torch.tensor(order)
 
     def bump(self) -> tuple[float | None, Tensor | None]:
         """Increments every count; returns (the count before, None) when all were equal, else (None, the counts
         before, as a float32 tensor in list order)."""
-        if self.view is not None:
-            lo, hi = torch.aminmax(self.view)
-            lo, hi = lo.item(), hi.item()
-            before = None if lo == hi else self.view.clone()
-            self.view.add_(_ONE)
-            return (lo, None) if before is None else (None, before)
-        if self.buffers is not None:
-            before = torch.empty(len(self.steps), dtype=torch.float32)
-            for base, offsets, positions in self.buffers:
-                old = base[offsets]
-                base[offsets] = old + _ONE
-                before[positions] = old
-        else:
+        views = self.views
+        if views is None:
             before = torch.stack(self.steps).reshape(-1)
-            torch._foreach_add_(self.steps, _ONE)
+        else:
+            before = views[0] if len(views) == 1 else torch.cat(views)
         lo, hi = torch.aminmax(before)
         lo, hi = lo.item(), hi.item()
-        return (lo, None) if lo == hi else (None, before)
+        uniform = lo == hi  # (NaN counts take the per-tensor path)
+        if not uniform:
+            if views is not None and len(views) == 1:
+                before = before.clone()
+            if self.order is not None:
+                before = torch.empty_like(before).index_copy_(0, self.order, before)
+        torch._foreach_add_(self.steps if views is None else views, _ONE)
+        return (lo, None) if uniform else (None, before)
 
 
 # ---- host side -------------------------------------------------------------------------------------------------
