@@ -33,6 +33,8 @@ _capturable_step_kernel (capturable=True: steps and lr stay on the device, so th
 """
 from __future__ import annotations
 
+import itertools
+import operator
 import os
 from dataclasses import dataclass, field
 
@@ -402,8 +404,12 @@ def _dense(t: Tensor) -> bool:
     return True
 
 
+_shape, _stride, _dtype, _device, _layout = (operator.attrgetter(k) for k in ("shape", "stride", "dtype", "device", "layout"))
+
+
 class _PyPartition:
-    """_C.Partition's check pass (`addresses`) in Python, same semantics, where the extension lacks it."""
+    """_C.Partition's check pass (`addresses`) in Python, same semantics, where the extension lacks it: each check
+    runs as one C-level map over a list; the per-tensor loop that words the error runs only when one fails."""
 
     def __init__(self, params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, master_params=(),
                  tensor_ids=()):
@@ -414,18 +420,45 @@ class _PyPartition:
         n = len(params)
         if grads is None:
             grads = [p.grad for p in params]
-            if any(g is None for g in grads):
+            if not all(map(operator.is_not, grads, itertools.repeat(None))):
                 return -1
         elif len(grads) != n:
             raise ValueError(f"{_WHO}: grads has {len(grads)} tensors, expected {n} (one per param)")
         named = [("params", params), ("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs),
                  ("max_exp_avg_sqs", max_exp_avg_sqs), ("master_params", masters)]
         named = [(name, lst) for name, lst in named if lst]
-        device, dtype = params[0].device, params[0].dtype
-        state_dtype = exp_avgs[0].dtype
-        layout = True
+        device, dtype, state_dtype = params[0].device, params[0].dtype, exp_avgs[0].dtype
+        wants = {"params": dtype, "grads": dtype, "master_params": torch.float32}
+        try:
+            shapes = list(map(_shape, params))
+            ok = all(set(map(_layout, lst)) == {torch.strided} and set(map(_device, lst)) == {device}
+                     and set(map(_dtype, lst)) == {wants.get(name, state_dtype)} and list(map(_shape, lst)) == shapes
+                     for name, lst in named)
+        except AttributeError:  # a None: worded below
+            ok = False
+        if not ok:
+            self._raise_first(named, device, dtype, state_dtype)
+        strides = list(map(_stride, params))
+        layout = (all(list(map(_stride, lst)) == strides for _, lst in named[1:])
+                  and all(_dense(p) for p, contiguous in zip(params, map(Tensor.is_contiguous, params))
+                          if not contiguous))
+        rows = [list(map(Tensor.data_ptr, lst)) if lst else [0] * n
+                for lst in (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters)]
+        new = torch.tensor(rows, dtype=torch.int64).reshape(_ADDRESS_ROWS, n)
+        changed = (new != out).any(dim=1).tolist()
+        mask = sum(1 << r for r, c in enumerate(changed) if c)
+        if not bool((new & 15).any()):
+            mask |= _ALIGNED_BIT
+        if layout:
+            mask |= _LAYOUT_BIT
+        out.copy_(new)
+        return mask
+
+    @staticmethod
+    def _raise_first(named, device, dtype, state_dtype) -> None:
+        """The error of the first bad tensor, in the native pass's order (tensor by tensor, list by list)."""
+        params = named[0][1]
         for i, p in enumerate(params):
-            pstride = None
             for name, lst in named:
                 t = lst[i]
                 if t is None:
@@ -443,22 +476,6 @@ class _PyPartition:
                 if t.shape != p.shape:
                     raise RuntimeError(f"{_WHO}: {name}[{i}] has shape {list(t.shape)}, but params[{i}] has shape "
                                        f"{list(p.shape)}")
-                if layout and t.numel() > 1:
-                    if pstride is None:
-                        pstride = p.stride()
-                        layout = _dense(p)
-                    layout = layout and t.stride() == pstride
-        rows = [[t.data_ptr() for t in lst] if lst else [0] * n
-                for lst in (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters)]
-        new = torch.tensor(rows, dtype=torch.int64).reshape(_ADDRESS_ROWS, n)
-        changed = (new != out).any(dim=1).tolist()
-        mask = sum(1 << r for r, c in enumerate(changed) if c)
-        if bool((new % 16 == 0).all()):
-            mask |= _ALIGNED_BIT
-        if layout:
-            mask |= _LAYOUT_BIT
-        out.copy_(new)
-        return mask
 
 
 def _partition_checker(part):
