@@ -297,6 +297,26 @@ def test_host_step_counts_views_and_separate_tensors():
     assert uniform is None and before.tolist() == [0.0, 1.0, 2.0] and [float(s) for s in separate] == [1.0, 2.0, 3.0]
 
 
+@requires_triton_interpreter
+def test_step_count_data_replaced_is_read_where_it_lives():
+    """`state["step"].data = t` on a count packed into a buffer: the next step reads and bumps t, as torch does."""
+    params0 = make_params(torch.float32, [(5,)] * 40)
+    ours = [p.clone().requires_grad_() for p in params0]
+    ref = [p.clone().requires_grad_() for p in params0]
+    o, r = FusedAdamW(ours, lr=0.1, backend="triton"), torch.optim.AdamW(ref, lr=0.1, foreach=False)
+    for s in range(4):
+        if s == 2:
+            for opt, ps in ((o, ours), (r, ref)):
+                opt.state[ps[1]]["step"].data = torch.tensor(50.0)
+        for ps in (ours, ref):
+            _set_grads(ps, params0, s)
+        o.step()
+        r.step()
+    assert [float(o.state[p]["step"]) for p in ours] == [float(r.state[p]["step"]) for p in ref]
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a.detach(), b.detach())
+
+
 # ---- interpreter: capturable -----------------------------------------------------------------------------------
 
 

@@ -1,5 +1,6 @@
 """The Triton kernels compiled ahead of time for sm_80 and sm_90 (no GPU needed): 128-bit global accesses on the
-16-byte-aligned path, and no spills, from the PTX and the ptxas shipped in the triton wheel.
+16-byte-aligned path (the whole launch, or per chunk), and no spills, from the PTX and the ptxas shipped in the
+triton wheel.
 
 Each variant is compiled once per session (about 0.5 s each; 70 variants). Run with the interpreter off.
 """
@@ -31,6 +32,7 @@ MODES = {
 # 128-bit accesses: v4 of 32-bit words, or v2 of 64-bit words (fp64).
 _VEC4_LOAD = re.compile(r"ld\.global(?:\.[\w:]+)*\.(?:v4\.(?:b32|f32|u32)|v2\.(?:b64|f64|u64))")
 _VEC4_STORE = re.compile(r"st\.global(?:\.[\w:]+)*\.(?:v4\.(?:b32|f32|u32)|v2\.(?:b64|f64|u64))")
+_SCALAR_LOAD = re.compile(r"ld\.global(?:\.(?!v[24]\b)[\w:]+)*\.[bfu](?:16|32|64)\b")
 
 
 def _compile(fn, signature: dict, constexprs: dict, arch: int, num_warps: int, **options):
@@ -119,11 +121,14 @@ def test_aligned_path_is_128_bit(dtype, mode, arch):
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_generic_path_compiles_without_vector_accesses(dtype, mode, arch):
-    """Without the alignment promise the compiler cannot use 128-bit accesses: this is the variant that runs
-    when some address of a launch is not 16-byte aligned."""
+def test_unaligned_launch_decides_per_chunk(dtype, mode, arch):
+    """The variant that runs when some address of a launch is not 16-byte aligned checks each chunk's addresses:
+    its aligned branch has exactly the aligned variant's 128-bit accesses, its other branch only scalar ones."""
     ptx, report = _adam(dtype, False, mode, arch)
-    assert not _VEC4_LOAD.search(ptx) and not _VEC4_STORE.search(ptx)
+    aligned, _ = _adam(dtype, True, mode, arch)
+    assert len(_VEC4_LOAD.findall(ptx)) == len(_VEC4_LOAD.findall(aligned)) > 0
+    assert len(_VEC4_STORE.findall(ptx)) == len(_VEC4_STORE.findall(aligned)) > 0
+    assert len(_SCALAR_LOAD.findall(ptx)) > len(_SCALAR_LOAD.findall(aligned))
     assert report["spill_stores"] == report["spill_loads"] == report["stack"] == 0, report["log"]
 
 
@@ -186,8 +191,10 @@ def test_feature_variants_no_spills(name, aligned, arch):
     ptx, report = _feature_variant(name, aligned, arch)
     assert report["spill_stores"] == report["spill_loads"] == report["stack"] == 0, report["log"]
     assert report["regs"] <= 128, report["log"]
-    if not aligned:
-        assert not _VEC4_LOAD.search(ptx) and not _VEC4_STORE.search(ptx)
+    if not aligned:  # decided per chunk: the aligned branch's 128-bit accesses, and scalar ones
+        vectorized, _ = _feature_variant(name, True, arch)
+        assert len(_VEC4_LOAD.findall(ptx)) == len(_VEC4_LOAD.findall(vectorized))
+        assert len(_SCALAR_LOAD.findall(ptx)) > len(_SCALAR_LOAD.findall(vectorized))
 
 
 @pytest.mark.parametrize("arch", ARCHS)

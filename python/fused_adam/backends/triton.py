@@ -231,7 +231,7 @@ if triton is not None:
         WD_MODE: tl.constexpr,  # 0 none, 1 L2 (Adam), 2 decoupled (AdamW): fused_adam::WeightDecay
         AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, UNSCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
         SCALARS: tl.constexpr,  # 0: the arguments; 1: scal[0:8] (one step for all); 2: scal, per tensor
-        ALIGNED: tl.constexpr,  # every address of the launch is 16-byte aligned: 128-bit accesses
+        ALIGNED: tl.constexpr,  # every address of the launch is 16-byte aligned (else decided per chunk)
         CHUNK: tl.constexpr, BLOCK: tl.constexpr,
         SOFT_BF16: tl.constexpr,  # interpreter: round fp32 -> bf16 by hand (see _round_bf16)
         MASTER: tl.constexpr = False,  # the fp32 master (row 5) is read and written; the param is its rounding
@@ -275,23 +275,14 @@ if triton is not None:
             t = tl.load(table + 9 * n_tensors + c)
             start = tl.load(table + 9 * n_tensors + n_chunks + c)  # int64: tensors of 2^31 elements and more
             n = tl.minimum(tl.load(table + 7 * n_tensors + t) - start, CHUNK).to(tl.int32)
-            if ALIGNED:
-                start = tl.multiple_of(start, 16)
-            p_ptr = tl.load(table + t).to(tl.pointer_type(P_TY)) + start
-            g_ptr = tl.load(table + n_tensors + t).to(tl.pointer_type(G_TY)) + start
-            m_ptr = tl.load(table + 2 * n_tensors + t).to(tl.pointer_type(M_TY)) + start
-            v_ptr = tl.load(table + 3 * n_tensors + t).to(tl.pointer_type(V_TY)) + start
-            x_ptr = tl.load(table + 4 * n_tensors + t).to(tl.pointer_type(X_TY)) + start
-            w_ptr = p_ptr
+            p_addr = tl.load(table + t)
+            g_addr = tl.load(table + n_tensors + t)
+            m_addr = tl.load(table + 2 * n_tensors + t)
+            v_addr = tl.load(table + 3 * n_tensors + t)
+            x_addr = tl.load(table + 4 * n_tensors + t)  # 0 without amsgrad
+            w_addr = p_addr
             if MASTER:
-                w_ptr = tl.load(table + 5 * n_tensors + t).to(tl.pointer_type(tl.float32)) + start
-            if ALIGNED:
-                p_ptr = tl.multiple_of(p_ptr, 16)
-                g_ptr = tl.multiple_of(g_ptr, 16)
-                m_ptr = tl.multiple_of(m_ptr, 16)
-                v_ptr = tl.multiple_of(v_ptr, 16)
-                x_ptr = tl.multiple_of(x_ptr, 16)
-                w_ptr = tl.multiple_of(w_ptr, 16)
+                w_addr = tl.load(table + 5 * n_tensors + t)
             if SCALARS == 2:
                 neg_step = tl.load(scal + 8 + 2 * t).to(MATH_TY)
                 bc2 = tl.load(scal + 9 + 2 * t).to(MATH_TY)
@@ -310,19 +301,66 @@ if triton is not None:
                     step_now = sr_step
                 elem_base, key_p, key_m, key_v, key_x = _sr_keys(sr_seed_key, step_now,
                                                                  tl.load(table + 8 * n_tensors + t), start)
-            n_full = n // BLOCK * BLOCK
-            for off in tl.range(0, n_full, BLOCK):
-                offs = tl.max_contiguous(tl.multiple_of(off + tl.arange(0, BLOCK), BLOCK), BLOCK)
-                _tile(p_ptr, g_ptr, m_ptr, v_ptr, x_ptr, w_ptr, offs, None, grad_scale, clip_coef,
-                      lerp_coeff, lerp_small, b2, omb2, dec, wd, neg_step, bc2, ep,
-                      elem_base, key_p, key_m, key_v, key_x,
-                      WD_MODE, AMSGRAD, MAXIMIZE, UNSCALE, False, SOFT_BF16, MASTER, CLIP, SR, MATH_TY)
-            if n_full < n:  # the tail tile, masked
-                offs = n_full + tl.arange(0, BLOCK)
-                _tile(p_ptr, g_ptr, m_ptr, v_ptr, x_ptr, w_ptr, offs, offs < n, grad_scale, clip_coef,
-                      lerp_coeff, lerp_small, b2, omb2, dec, wd, neg_step, bc2, ep,
-                      elem_base, key_p, key_m, key_v, key_x,
-                      WD_MODE, AMSGRAD, MAXIMIZE, UNSCALE, True, SOFT_BF16, MASTER, CLIP, SR, MATH_TY)
+            if ALIGNED:
+                _chunk(p_addr, g_addr, m_addr, v_addr, x_addr, w_addr, start, n, grad_scale, clip_coef,
+                       lerp_coeff, lerp_small, b2, omb2, dec, wd, neg_step, bc2, ep,
+                       elem_base, key_p, key_m, key_v, key_x,
+                       P_TY, G_TY, M_TY, V_TY, X_TY, WD_MODE, AMSGRAD, MAXIMIZE, UNSCALE, SOFT_BF16, MASTER, CLIP,
+                       SR, MATH_TY, BLOCK, True)
+            else:
+                # 128-bit accesses decided per chunk: the chunk's start is a multiple of CHUNK elements, so its
+                # arrays are 16-byte aligned when their tensors' addresses are.
+                if ((p_addr | g_addr | m_addr | v_addr | x_addr | w_addr) & 15) == 0:
+                    _chunk(p_addr, g_addr, m_addr, v_addr, x_addr, w_addr, start, n, grad_scale, clip_coef,
+                           lerp_coeff, lerp_small, b2, omb2, dec, wd, neg_step, bc2, ep,
+                           elem_base, key_p, key_m, key_v, key_x,
+                           P_TY, G_TY, M_TY, V_TY, X_TY, WD_MODE, AMSGRAD, MAXIMIZE, UNSCALE, SOFT_BF16, MASTER,
+                           CLIP, SR, MATH_TY, BLOCK, True)
+                else:
+                    _chunk(p_addr, g_addr, m_addr, v_addr, x_addr, w_addr, start, n, grad_scale, clip_coef,
+                           lerp_coeff, lerp_small, b2, omb2, dec, wd, neg_step, bc2, ep,
+                           elem_base, key_p, key_m, key_v, key_x,
+                           P_TY, G_TY, M_TY, V_TY, X_TY, WD_MODE, AMSGRAD, MAXIMIZE, UNSCALE, SOFT_BF16, MASTER,
+                           CLIP, SR, MATH_TY, BLOCK, False)
+
+    @triton.jit
+    def _chunk(p_addr, g_addr, m_addr, v_addr, x_addr, w_addr, start, n, grad_scale, clip_coef,
+               lerp_coeff, lerp_small, beta2, one_minus_beta2, decay, weight_decay, neg_step_size, bc2_sqrt, eps,
+               elem_base, key_p, key_m, key_v, key_x,
+               P_TY: tl.constexpr, G_TY: tl.constexpr, M_TY: tl.constexpr, V_TY: tl.constexpr, X_TY: tl.constexpr,
+               WD_MODE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, UNSCALE: tl.constexpr,
+               SOFT_BF16: tl.constexpr, MASTER: tl.constexpr, CLIP: tl.constexpr, SR: tl.constexpr,
+               MATH_TY: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr):
+        # One chunk: n elements from `start` of one tensor's arrays, in full tiles and a masked tail tile. VEC: every
+        # address is 16-byte aligned (the hints let the compiler use 128-bit accesses on full tiles).
+        if VEC:
+            start = tl.multiple_of(start, 16)
+        p_ptr = p_addr.to(tl.pointer_type(P_TY)) + start
+        g_ptr = g_addr.to(tl.pointer_type(G_TY)) + start
+        m_ptr = m_addr.to(tl.pointer_type(M_TY)) + start
+        v_ptr = v_addr.to(tl.pointer_type(V_TY)) + start
+        x_ptr = x_addr.to(tl.pointer_type(X_TY)) + start
+        w_ptr = w_addr.to(tl.pointer_type(tl.float32)) + start
+        if VEC:
+            p_ptr = tl.multiple_of(p_ptr, 16)
+            g_ptr = tl.multiple_of(g_ptr, 16)
+            m_ptr = tl.multiple_of(m_ptr, 16)
+            v_ptr = tl.multiple_of(v_ptr, 16)
+            x_ptr = tl.multiple_of(x_ptr, 16)
+            w_ptr = tl.multiple_of(w_ptr, 16)
+        n_full = n // BLOCK * BLOCK
+        for off in tl.range(0, n_full, BLOCK):
+            offs = tl.max_contiguous(tl.multiple_of(off + tl.arange(0, BLOCK), BLOCK), BLOCK)
+            _tile(p_ptr, g_ptr, m_ptr, v_ptr, x_ptr, w_ptr, offs, None, grad_scale, clip_coef,
+                  lerp_coeff, lerp_small, beta2, one_minus_beta2, decay, weight_decay, neg_step_size, bc2_sqrt, eps,
+                  elem_base, key_p, key_m, key_v, key_x,
+                  WD_MODE, AMSGRAD, MAXIMIZE, UNSCALE, False, SOFT_BF16, MASTER, CLIP, SR, MATH_TY)
+        if n_full < n:  # the tail tile, masked
+            offs = n_full + tl.arange(0, BLOCK)
+            _tile(p_ptr, g_ptr, m_ptr, v_ptr, x_ptr, w_ptr, offs, offs < n, grad_scale, clip_coef,
+                  lerp_coeff, lerp_small, beta2, one_minus_beta2, decay, weight_decay, neg_step_size, bc2_sqrt, eps,
+                  elem_base, key_p, key_m, key_v, key_x,
+                  WD_MODE, AMSGRAD, MAXIMIZE, UNSCALE, True, SOFT_BF16, MASTER, CLIP, SR, MATH_TY)
 
     @triton.jit
     def _pow_int(base, e):
@@ -495,16 +533,27 @@ _ONE = torch.ones(())
 
 # NOTE [host steps]: without capturable, the step counts are 0-dim float32 CPU tensors, one per param, which the
 # optimizer packs as views into one buffer per bucket of small params (NOTE [packed states] in state.py). Read and
-# incremented one tensor at a time they cost ~0.45 us each; here each buffer's run of counts is found once, in
-# prepare(), as one strided view, and a step reads them all with one cat and one min/max and bumps them with one
-# foreach add. Counts that are not such runs (separate tensors) are read with one stack instead. The same fp32
-# addition either way.
+# incremented one tensor at a time they cost ~0.45 us each; here each buffer's run of counts is found once as one
+# strided view, and a step reads them all with one cat and one min/max and bumps them with one foreach add. Counts
+# that are not such runs (separate tensors) are read with one stack instead. The same fp32 addition either way.
+# A count whose `.data` is replaced leaves its buffer: each buffer's storage use count (one per tensor that views
+# it) is compared every step, a few ns a buffer, and any change rescans the counts.
+_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+
 class _HostSteps:
     def __init__(self, steps: list[Tensor]):
         self.steps = steps
+        self._scan()
+
+    def _scan(self) -> None:
+        steps = self.steps
         self.views: list[Tensor] | None = None  # runs of counts, each a strided view of one buffer
         self.order: Tensor | None = None  # list positions of the views' elements when not 0..T-1 in order
-        if any(s.dtype != torch.float32 or s.device.type != "cpu" or s.numel() != 1 for s in steps):
+        self.storages: list[torch.UntypedStorage] = []
+        self.guard: list[int] | None = None  # the storages' use counts, taken at the first bump after a scan
+        if _use_count is None or any(s.dtype != torch.float32 or s.device.type != "cpu" or s.numel() != 1
+                                     for s in steps):
             return
         runs: dict[int, tuple[torch.UntypedStorage, list[int]]] = {}
         for j, s in enumerate(steps):
@@ -522,12 +571,21 @@ class _HostSteps:
             views.append(base.as_strided((len(offsets),), (stride // 4,), offsets[0] // 4))
             order.extend(positions)
         self.views = views
+        self.storages = [storage for storage, _ in runs.values()]
         if order != list(range(len(steps))):
             self.order = torch.tensor(order)
+
+    def _moved(self) -> bool:
+        counts = [_use_count(s._cdata) for s in self.storages]
+        if self.guard is None:
+            self.guard = counts
+        return counts != self.guard
 
     def bump(self) -> tuple[float | None, Tensor | None]:
         """Increments every count; returns (the count before, None) when all were equal, else (None, the counts
         before, as a float32 tensor in list order)."""
+        if self.views is not None and self._moved():
+            self._scan()
         views = self.views
         if views is None:
             before = torch.stack(self.steps).reshape(-1)
