@@ -92,7 +92,7 @@ def _adam_variant(types: tuple, aligned: bool, flags: tuple, arch: int):
         flags["SCALARS"] = max(flags["SCALARS"], 1)  # fp64 scalars come from the device buffer
     constexprs = dict(zip(("P_TY", "G_TY", "M_TY", "V_TY", "X_TY"), tys), MATH_TY=tl_types[math], **flags, ALIGNED=aligned,
                       CHUNK=tb.GPU_CHUNK, BLOCK=tb.GPU_BLOCK, SOFT_BF16=False)
-    options = tb._compile_options(torch.device("cuda"), flags["MASTER"], flags["SR"])  # as step() launches it
+    options = tb._compile_options(torch.device("cuda"), flags["MASTER"], flags["SR"], aligned, math == "fp64")  # as step()
     k = _compile(tb._adam_kernel, _adam_signature(math), constexprs, arch, tb.GPU_WARPS, **options)
     return k.asm["ptx"], _ptxas_report(k.asm["ptx"], arch)
 

@@ -72,9 +72,11 @@ _GROUP_SLOTS = 8  # scal[0:8]: group scalars and the uniform step's pair; per-te
 # dominates, so big tiles and one program per chunk.
 GPU_CHUNK, GPU_BLOCK, GPU_WARPS = 1 << 14, 1024, 4
 PROGRAMS_PER_SM = 8
-# ptxas's own register target for the master-weight and stochastic-rounding variants is ~80, where it spills
-# 4 bytes on sm_80 (tests/test_triton_ptx.py); for those variants only, a cap lets it allocate more without
-# spilling. The other variants keep ptxas's choice (64-80 registers).
+# Registers: ptxas's own target for the master-weight and stochastic-rounding variants is ~80, where it spills
+# 4 bytes on sm_80, and the unaligned variant (both branches of the per-chunk decision) reaches ~150 on sm_90
+# (tests/test_triton_ptx.py); for those variants a cap of 128 lets it allocate without spilling and keeps 4
+# programs of 4 warps per SM resident (not for fp64 math, which would spill under it). The other variants keep
+# ptxas's choice (64-80 registers).
 GPU_MAXNREG = 128
 INTERPRET_CHUNK, INTERPRET_BLOCK = 1 << 16, 1 << 12
 STEP_BLOCK = 128  # tensors per program of _capturable_step_kernel
@@ -449,8 +451,8 @@ class _PyPartition:
     """_C.Partition's check pass (`addresses`) in Python, same semantics, where the extension lacks it: each check
     runs as one C-level map over a list; the per-tensor loop that words the error runs only when one fails."""
 
-    def __init__(self, params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, master_params=(),
-                 tensor_ids=()):
+    def __init__(self, params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, master_params=(),
+                 tensor_ids=(), options=None):
         self.lists = (params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params)
 
     def addresses(self, grads: list[Tensor] | None, out: Tensor) -> int:
@@ -517,7 +519,7 @@ class _PyPartition:
 
 
 def _partition_checker(part):
-    lists = {}
+    lists = {"options": part.options}
     if part.options.master:
         lists["master_params"] = list(part.master_params)
     if part.options.stochastic_rounding:
@@ -645,9 +647,10 @@ def _grid(device: torch.device, n_chunks: int) -> int:
     return max(1, min(n_chunks, PROGRAMS_PER_SM * sms))
 
 
-def _compile_options(device: torch.device, master: bool, sr: bool) -> dict:
+def _compile_options(device: torch.device, master: bool, sr: bool, aligned: bool, fp64: bool = False) -> dict:
     """Launch options beyond the geometry: see GPU_MAXNREG."""
-    return {"maxnreg": GPU_MAXNREG} if device.type != "cpu" and (master or sr) else {}
+    capped = master or sr or not (aligned or fp64)
+    return {"maxnreg": GPU_MAXNREG} if device.type != "cpu" and capped else {}
 
 
 def _to_device(host: Tensor, device: torch.device) -> Tensor:
@@ -685,6 +688,7 @@ class _Prepared:
     grid: int
     math: torch.dtype
     constexprs: dict  # the launch's structure, fixed for the partition
+    options: dict  # ALIGNED -> compile options (_compile_options)
     steps: _HostSteps | None  # None when capturable (the steps live on the device)
     scal: Tensor | None = None  # capturable: written by _capturable_step_kernel
     hyper_key: tuple | None = None  # capturable: values in hyper_dev
@@ -737,12 +741,13 @@ class TritonBackend(Backend):
             X_TY=_TL_DTYPE[sd], MATH_TY=_TL_DTYPE[math], WD_MODE=int(o.wd_mode), AMSGRAD=o.amsgrad,
             MAXIMIZE=o.maximize, CHUNK=chunk, BLOCK=block, SOFT_BF16=device.type == "cpu", MASTER=o.master,
             CLIP=o.clip, SR=o.stochastic_rounding, num_warps=warps, enable_fp_fusion=False,
-            **_compile_options(device, o.master, o.stochastic_rounding),
         )
         prep = _Prepared(
             checker=_partition_checker(part), out=torch.zeros(_ADDRESS_ROWS, n, dtype=torch.int64),
             table=_to_device(host, device), n_chunks=n_chunks, grid=_grid(device, n_chunks), math=math,
             constexprs=constexprs, steps=None if o.capturable else _HostSteps(part.state_steps),
+            options={a: _compile_options(device, o.master, o.stochastic_rounding, a, math == torch.float64)
+                     for a in (False, True)},
         )
         if o.capturable:
             prep.scal = torch.zeros(_GROUP_SLOTS + 3 * n, dtype=math, device=device)
@@ -891,7 +896,7 @@ def _step(part, prep: _Prepared, grads: list[Tensor] | None, hp: Hyper, amp: Amp
 def _launch(prep: _Prepared, T: int, scal, grad_scale, found_inf, clip_coef, args, sr_seed_key, sr_step, flags):
     _adam_kernel[(prep.grid,)](
         prep.table, T, prep.n_chunks, scal, grad_scale, found_inf, clip_coef, *args, sr_seed_key, sr_step,
-        **prep.constexprs, **flags,
+        **prep.constexprs, **flags, **prep.options[flags["ALIGNED"]],
     )
 
 
