@@ -316,14 +316,9 @@ MUTATIONS = _mutations()
 def test_broken_flatness_steps_as_torch(backend, mutation):
     """At step 2 something changes what flatness rests on: that step runs per tensor (unless every count was set
     alike); from the next one it is flat again where the break mends (zero_grad put the views back), per tensor
-    where it does not. Every
-    step is exactly what the same backend does on the unflattened model (through the same interface), and
+    where it does not. Every step is exactly what the same backend does on the unflattened model (through the same interface), and
     torch's for-loop's result."""
     name, mutate, at_break, mends = mutation
-    if backend == "triton" and name == "state_data_replaced":
-        pytest.skip("the triton backend's per-tensor step keeps each state's address from its first step (NOTE "
-                    "[triton cache]: only params' and grads' data_ptr are compared): after `.data = ...` on a "
-                    "state it writes the freed memory (issue 14)")
     model, ref, oracle = make_model(), make_model(), make_model()
     (flat,) = flatten_parameters(model)
     driver = FlatDriver(list(model.parameters()), backend, amsgrad=True)
