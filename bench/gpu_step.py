@@ -7,7 +7,7 @@ Contenders, timed interleaved by bench/harness.py (each round runs each contende
 FusedAdamW backend="triton" and backend="cuda" (each where available), torch.optim.AdamW fused=True and
 foreach=True, and the device-to-device copy (dst.copy_(src): 2 bytes moved per byte copied, buffers sized so a
 copy moves as many bytes as the scenario's step). Each sample is triton.testing.do_bench's median (it flushes L2
-between calls), or CUDA events without triton. GB/s use DESIGN.md's bytes model (28 B/param fp32, 14 B/param bf16
+between calls), or CUDA events without triton. GB/s use docs/design.md's cost model (28 B/param fp32, 14 B/param bf16
 with bf16 states); "roofline" is the fraction of the copy's GB/s in the same round. Memory: peak growth of
 torch.cuda.max_memory_allocated during one step. Results: bench/results/gpu_step[_quick].{json,csv,png}.
 
