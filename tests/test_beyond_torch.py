@@ -25,11 +25,12 @@ def _tol(backend):
 @pytest.mark.parametrize("backend", _backends_with("master_weights", "state_dtype"))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_master_weights_match_fp32_adam_on_the_master(backend, dtype):
-    """master_weights + fp32 states: the master is torch's fp32 AdamW on an fp32 copy, the param its rounding."""
+    """master_weights (fp32 states by default): the master is torch's fp32 AdamW on an fp32 copy, bitwise on the
+    reference backend; the param is its rounding."""
     params = make_params(dtype, SHAPES)
     ours_p = [p.clone().requires_grad_() for p in params]
     ref_p = [p.float().requires_grad_() for p in params]
-    ours = FusedAdamW(ours_p, lr=0.01, master_weights=True, state_dtype=torch.float32, backend=backend)
+    ours = FusedAdamW(ours_p, lr=0.01, master_weights=True, backend=backend)
     ref = torch.optim.AdamW(ref_p, lr=0.01)
     for s in range(10):
         for a, b, g in zip(ours_p, ref_p, make_grads(params, s)):

@@ -1,5 +1,6 @@
 """The Triton kernels compiled ahead of time for sm_80 and sm_90 (no GPU needed): 128-bit global accesses on the
-16-byte-aligned path, and no spills, from the PTX and the ptxas shipped in the triton wheel.
+16-byte-aligned path (the whole launch, or per chunk), and no spills, from the PTX and the ptxas shipped in the
+triton wheel.
 
 Each variant is compiled once per session (about 0.5 s each; 70 variants). Run with the interpreter off.
 """
@@ -22,14 +23,16 @@ pytestmark = [
 ]
 
 ARCHS = (80, 90)
-DTYPES = ("fp32", "bf16", "fp16")
+DTYPES = ("fp32", "bf16", "fp16", "fp64")
 # Every mode flag off (AdamW, decoupled weight decay), and every flag on (the widest kernel: 5 arrays, grad store).
 MODES = {
-    "plain": dict(WD_MODE=2, AMSGRAD=False, MAXIMIZE=False, UNSCALE=False, HAS_FOUND_INF=False, DEVICE_SCALARS=False),
-    "everything": dict(WD_MODE=1, AMSGRAD=True, MAXIMIZE=True, UNSCALE=True, HAS_FOUND_INF=True, DEVICE_SCALARS=True),
+    "plain": dict(WD_MODE=2, AMSGRAD=False, MAXIMIZE=False, UNSCALE=False, HAS_FOUND_INF=False, SCALARS=0),
+    "everything": dict(WD_MODE=1, AMSGRAD=True, MAXIMIZE=True, UNSCALE=True, HAS_FOUND_INF=True, SCALARS=2),
 }
-_VEC4_LOAD = re.compile(r"ld\.global(?:\.[\w:]+)*\.v4\.(?:b32|f32|u32)")
-_VEC4_STORE = re.compile(r"st\.global(?:\.[\w:]+)*\.v4\.(?:b32|f32|u32)")
+# 128-bit accesses: v4 of 32-bit words, or v2 of 64-bit words (fp64).
+_VEC4_LOAD = re.compile(r"ld\.global(?:\.[\w:]+)*\.(?:v4\.(?:b32|f32|u32)|v2\.(?:b64|f64|u64))")
+_VEC4_STORE = re.compile(r"st\.global(?:\.[\w:]+)*\.(?:v4\.(?:b32|f32|u32)|v2\.(?:b64|f64|u64))")
+_SCALAR_LOAD = re.compile(r"ld\.global(?:\.(?!v[24]\b)[\w:]+)*\.[bfu](?:16|32|64)\b")
 
 
 def _compile(fn, signature: dict, constexprs: dict, arch: int, num_warps: int, **options):
@@ -64,8 +67,8 @@ def _ptxas_report(ptx: str, arch: int) -> dict:
                 stack=int(stack.group(1)), log=log)
 
 
-def _adam_signature() -> dict:
-    signature = {"table": "*i64", "n_tensors": "i32", "n_chunks": "i32", "scal": "*fp32", "grad_scale_ptr": "*fp32",
+def _adam_signature(math: str = "fp32") -> dict:
+    signature = {"table": "*i64", "n_tensors": "i32", "n_chunks": "i32", "scal": f"*{math}", "grad_scale_ptr": "*fp32",
                  "found_inf_ptr": "*fp32", "clip_coef_ptr": "*fp32"}
     for name in ("neg_step_size", "bc2_sqrt", "one_minus_beta1", "beta2", "one_minus_beta2", "decay", "eps", "weight_decay"):
         signature[name] = "fp32"
@@ -81,12 +84,16 @@ def _adam_variant(types: tuple, aligned: bool, flags: tuple, arch: int):
 
     from fused_adam.backends import triton as tb
 
-    tys = [{"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}[t] for t in types]
+    tl_types = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16, "fp64": tl.float64}
+    tys = [tl_types[t] for t in types]
+    math = "fp64" if types[0] == "fp64" else "fp32"
     flags = {"MASTER": False, "CLIP": False, "SR": False, **dict(flags)}
-    constexprs = dict(zip(("P_TY", "G_TY", "M_TY", "V_TY", "X_TY"), tys), **flags, ALIGNED=aligned,
+    if math == "fp64":
+        flags["SCALARS"] = max(flags["SCALARS"], 1)  # fp64 scalars come from the device buffer
+    constexprs = dict(zip(("P_TY", "G_TY", "M_TY", "V_TY", "X_TY"), tys), MATH_TY=tl_types[math], **flags, ALIGNED=aligned,
                       CHUNK=tb.GPU_CHUNK, BLOCK=tb.GPU_BLOCK, SOFT_BF16=False)
-    options = tb._compile_options(torch.device("cuda"), flags["MASTER"], flags["SR"])  # as step() launches it
-    k = _compile(tb._adam_kernel, _adam_signature(), constexprs, arch, tb.GPU_WARPS, **options)
+    options = tb._compile_options(torch.device("cuda"), flags["MASTER"], flags["SR"], aligned, math == "fp64")  # as step()
+    k = _compile(tb._adam_kernel, _adam_signature(math), constexprs, arch, tb.GPU_WARPS, **options)
     return k.asm["ptx"], _ptxas_report(k.asm["ptx"], arch)
 
 
@@ -99,13 +106,13 @@ def _adam(dtype: str, aligned: bool, mode: str, arch: int):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_aligned_path_is_128_bit(dtype, mode, arch):
     """Full tiles of the aligned variant load and store every array with 128-bit accesses (v4 of b32: 4 fp32 or
-    8 bf16/fp16 per access); the masked tail tile stays scalar."""
+    8 bf16/fp16 per access; v2 of b64: 2 fp64); the masked tail tile stays scalar."""
     from fused_adam.backends import triton as tb
 
     ptx, _ = _adam(dtype, True, mode, arch)
     n_arrays_read = 5 if MODES[mode]["AMSGRAD"] else 4  # p, g, m, v (+ vmax)
     n_arrays_written = n_arrays_read - 1 + (1 if MODES[mode]["UNSCALE"] else 0)
-    bytes_per_thread = tb.GPU_BLOCK // (32 * tb.GPU_WARPS) * {"fp32": 4, "bf16": 2, "fp16": 2}[dtype]
+    bytes_per_thread = tb.GPU_BLOCK // (32 * tb.GPU_WARPS) * {"fp32": 4, "bf16": 2, "fp16": 2, "fp64": 8}[dtype]
     per_array = bytes_per_thread // 16
     assert len(_VEC4_LOAD.findall(ptx)) == n_arrays_read * per_array
     assert len(_VEC4_STORE.findall(ptx)) == n_arrays_written * per_array
@@ -114,11 +121,14 @@ def test_aligned_path_is_128_bit(dtype, mode, arch):
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_generic_path_compiles_without_vector_accesses(dtype, mode, arch):
-    """Without the alignment promise the compiler cannot use 128-bit accesses: this is the variant that runs
-    when some address of a launch is not 16-byte aligned."""
+def test_unaligned_launch_decides_per_chunk(dtype, mode, arch):
+    """The variant that runs when some address of a launch is not 16-byte aligned checks each chunk's addresses:
+    its aligned branch has exactly the aligned variant's 128-bit accesses, its other branch only scalar ones."""
     ptx, report = _adam(dtype, False, mode, arch)
-    assert not _VEC4_LOAD.search(ptx) and not _VEC4_STORE.search(ptx)
+    aligned, _ = _adam(dtype, True, mode, arch)
+    assert len(_VEC4_LOAD.findall(ptx)) == len(_VEC4_LOAD.findall(aligned)) > 0
+    assert len(_VEC4_STORE.findall(ptx)) == len(_VEC4_STORE.findall(aligned)) > 0
+    assert len(_SCALAR_LOAD.findall(ptx)) > len(_SCALAR_LOAD.findall(aligned))
     assert report["spill_stores"] == report["spill_loads"] == report["stack"] == 0, report["log"]
 
 
@@ -181,8 +191,10 @@ def test_feature_variants_no_spills(name, aligned, arch):
     ptx, report = _feature_variant(name, aligned, arch)
     assert report["spill_stores"] == report["spill_loads"] == report["stack"] == 0, report["log"]
     assert report["regs"] <= 128, report["log"]
-    if not aligned:
-        assert not _VEC4_LOAD.search(ptx) and not _VEC4_STORE.search(ptx)
+    if not aligned:  # decided per chunk: the aligned branch's 128-bit accesses, and scalar ones
+        vectorized, _ = _feature_variant(name, True, arch)
+        assert len(_VEC4_LOAD.findall(ptx)) == len(_VEC4_LOAD.findall(vectorized))
+        assert len(_SCALAR_LOAD.findall(ptx)) > len(_SCALAR_LOAD.findall(vectorized))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -201,7 +213,7 @@ def test_capturable_step_kernel_compiles(arch):
     from fused_adam.backends import triton as tb
 
     signature = {"table": "*i64", "n_tensors": "i32", "scal": "*fp32", "found_inf_ptr": "*fp32", "lr_ptr": "*fp32",
-                 "beta1_ptr": "*fp64", "beta2_ptr": "*fp64", "weight_decay_ptr": "*fp64"}
+                 "beta1_ptr": "*fp64", "beta2_ptr": "*fp64", "hyper_ptr": "*fp64"}
     k = _compile(tb._capturable_step_kernel, signature, dict(HAS_FOUND_INF=True, BLOCK=tb.STEP_BLOCK), arch, 4)
     report = _ptxas_report(k.asm["ptx"], arch)
     assert report["spill_stores"] == report["spill_loads"] == report["stack"] == 0, report["log"]
@@ -218,7 +230,8 @@ def test_aligned_fp32_sass_uses_128_bit_instructions():
         pytest.skip("cuobjdump not shipped with this triton")
     signature = _adam_signature()
     ty = tl.float32
-    constexprs = dict(P_TY=ty, G_TY=ty, M_TY=ty, V_TY=ty, X_TY=ty, **MODES["plain"], MASTER=False, CLIP=False, SR=False, ALIGNED=True,
+    constexprs = dict(P_TY=ty, G_TY=ty, M_TY=ty, V_TY=ty, X_TY=ty, MATH_TY=ty, **MODES["plain"], MASTER=False, CLIP=False,
+                      SR=False, ALIGNED=True,
                       CHUNK=tb.GPU_CHUNK, BLOCK=tb.GPU_BLOCK, SOFT_BF16=False)
     k = _compile(tb._adam_kernel, signature, constexprs, 90, tb.GPU_WARPS)
     with tempfile.TemporaryDirectory() as d:

@@ -1,58 +1,47 @@
-"""Triton backend: one multi-tensor launch per (dtype combination, mode) through a device-side pointer table.
+"""Triton backend: one launch per step per partition, over a device-resident pointer table.
 
 Computes the Adam/AdamW step of csrc/adam_math.h (Kingma & Ba, arXiv:1412.6980; Loshchilov & Hutter,
-arXiv:1711.05101; AMSGrad: Reddi et al.) for every tensor of a partition in one launch: each program takes one
-chunk of NOTE [chunk table] (csrc/chunk_table.h), reads its tensor's addresses from an int64 table on the device,
-casts them to typed pointers and streams the chunk once (28 B/param for fp32, 14 B/param for bf16 with bf16
-states). Math is fp32 for fp32/bf16/fp16 params; fp64 params are declined (the cuda and reference backends run
-them).
+arXiv:1711.05101; AMSGrad: Reddi et al.) for every tensor of a partition in one launch. The chunks of NOTE [chunk
+table] (csrc/chunk_table.h) are one list; a grid sized to the device (persistent programs) strides it, each chunk
+streamed once (28 B/param for fp32, 14 B/param for bf16 with bf16 states). Math is fp32 for fp32/bf16/fp16 params
+and fp64 for fp64 params (opmath, as csrc/adam_math.h).
 
-The options beyond torch (FEATURES, backends/__init__.py), each a constexpr of one kernel, bitwise the reference
-backend's stores for the same fp32 values:
-  * state_dtype: each array has its own constexpr dtype (the launch groups tensors by dtype combination), e.g. fp32
-    params with bf16 states (20 B/param) or bf16 params with fp32 states; fp64 states are declined;
-  * master_weights (MASTER): the fp32 master (table row 7) is read instead of the param and written back, and the
-    param gets it rounded to nearest (bf16 + fp32 master and states: 28 B/param);
-  * stochastic_rounding (SR): bf16 stores that are the only copy of a value (params without a master, states)
-    round with csrc/rounding.h's bits, NOTE [triton sr]; the salt needs each tensor's step, which capturable
-    steps read on the device (scal's step row), so SR works with capturable;
-  * clip (CLIP): the grad is multiplied by clip_coef, read from device memory in the kernel (no host sync),
-    after unscaling (the stored grad stays unscaled and unclipped) and before maximize, as csrc/adam_math.h.
+The options beyond torch (PartOptions), each a constexpr of one kernel, bitwise the reference backend's stores for
+the same fp32 values:
+  * state_dtype: the states' own constexpr dtype, e.g. fp32 params with bf16 states (20 B/param), bf16 params with
+    fp32 states, fp32 params with fp64 states;
+  * master (MASTER): the fp32 master (address row 5) is read instead of the param and written back, and the param
+    gets it rounded to nearest;
+  * stochastic rounding (SR): bf16 stores that are the only copy of a value (part.options.sr_param / sr_state)
+    round with csrc/rounding.h's bits, NOTE [triton sr]; the salt needs each tensor's step, which capturable steps
+    read on the device, so SR works with capturable;
+  * clip (CLIP): the grad is multiplied by clip_coef, read from device memory in the kernel (no host sync), after
+    unscaling (the stored grad stays unscaled and unclipped) and before maximize, as csrc/adam_math.h.
 
-NOTE [triton table]: the table is one int64 device tensor, array-major so that one array's addresses are one
+NOTE [triton table]: one int64 device tensor per partition, built once (prepare), array-major so that a row is one
 contiguous slice:
-    rows 0..5 (each n_tensors long): addresses of param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step
-    row 6: numels;  row 7: fp32 master addresses (0 without masters);  row 8: tensor ids (stochastic rounding)
+    rows 0..5 (T each): addresses of param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, fp32 master (0: none)
+    row 6: step addresses (capturable);  row 7: numels;  row 8: tensor ids (stochastic rounding)
     then chunk -> tensor index (n_chunks);  then chunk -> first element (n_chunks)
-It is built once per partition and reused while the optimizer's lists and the params' addresses are unchanged
-(NOTE [triton cache]); each step compares one data_ptr() per param and per grad and re-uploads only the grad row
-when the grads moved (zero_grad(set_to_none=True) makes new grads every step). Per-tensor step scalars are either kernel
-arguments (every tensor at the same step: the usual case, nothing uploaded) or a small fp32 device buffer:
-    scal[0:4] = 1 - beta1, beta2, 1 - beta2, 1 - lr*wd;  scal[8 + 2t] = -lr/bc1(t);  scal[9 + 2t] = sqrt(bc2(t));
-    scal[8 + 2T + t] = step(t) (stochastic rounding's salt)
-filled on the host from each tensor's own step (mixed steps), or on the device by _capturable_step_kernel
-(capturable=True: steps and lr stay on the device, so the step can be captured in a CUDA graph).
-
-Tensors whose param/grad/states/master are not all dense with one set of strides (with stochastic rounding: not
-all contiguous, NOTE [triton sr]) run on contiguous scratch copies that live in the cache (so the table stays
-valid) and are copied back after the launch.
+Rows 0..5 are exactly what the native check pass writes (NOTE [triton host path]), so a step uploads the rows that
+changed as they are. Step scalars are kernel arguments (every tensor at the same step, fp32 math: nothing uploaded)
+or a small device buffer `scal` in the math dtype (SCALARS):
+    scal[0:8] = 1 - beta1, beta2, 1 - beta2, 1 - lr*wd, eps, wd, -lr/bc1, sqrt(bc2)   (the last two: uniform step)
+    scal[8 + 2t] = -lr/bc1(t);  scal[9 + 2t] = sqrt(bc2(t));  scal[8 + 2T + t] = step(t)   (per tensor)
+filled on the host (fp64 math, whose scalars a kernel argument cannot carry; mixed steps) or on the device by
+_capturable_step_kernel (capturable=True: steps and lr stay on the device, so the step can be captured in a graph).
 """
 from __future__ import annotations
 
+import itertools
 import operator
 import os
-import weakref
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from types import SimpleNamespace
-
 from . import Amp, Backend, Hyper
-
-NAME = "triton"
-FEATURES = ("master_weights", "state_dtype", "stochastic_rounding", "clip")  # backends/__init__.py
 
 try:
     import triton
@@ -64,17 +53,30 @@ except Exception as e:  # pragma: no cover - depends on the machine
     tl = None
     _IMPORT_ERROR = f"triton is not importable: {type(e).__name__}: {e}"
 
-_SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
-_P, _G, _M, _V, _X, _STEP, _NUMEL, _MASTER, _TID = range(9)  # table rows, NOTE [triton table]
-_ROWS = 9  # then chunk -> tensor, chunk -> first element
-_GROUP_SLOTS = 8  # scal[0:8]: group scalars; per-tensor pairs follow
+try:
+    from .. import _C
+except Exception:  # the pure-Python check pass below stands in (NOTE [triton host path])
+    _C = None
 
-# Launch geometry. GPU: 64K-element chunks (apex's size) streamed in 1024-element tiles by 4 warps, i.e. 8 fp32
-# per thread = two 128-bit accesses per array. Interpreter: per-program cost dominates, so big tiles.
-GPU_CHUNK, GPU_BLOCK, GPU_WARPS = 1 << 16, 1024, 4
-# ptxas's own register target for the master-weight and stochastic-rounding variants is ~80, where it spills
-# 4 bytes on sm_80 (tests/test_triton_ptx.py); for those variants only, a cap lets it allocate more without
-# spilling. The other variants keep ptxas's choice (64-80 registers).
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_P, _G, _M, _V, _X, _W, _STEP, _NUMEL, _TID = range(9)  # table rows, NOTE [triton table]
+_ROWS = 9  # then chunk -> tensor, chunk -> first element
+_ADDRESS_ROWS = 6  # rows 0..5: what the check pass writes
+_LAYOUT_BIT, _ALIGNED_BIT = 1 << 7, 1 << 6  # the check pass's mask (NOTE [triton host path])
+_ROW_BITS = (1 << _ADDRESS_ROWS) - 1
+_GROUP_SLOTS = 8  # scal[0:8]: group scalars and the uniform step's pair; per-tensor pairs follow
+
+# Launch geometry. GPU: 16K-element chunks streamed in 1024-element tiles by 4 warps (8 fp32 per thread = two
+# 128-bit accesses per array), by at most PROGRAMS_PER_SM programs per SM striding the chunk list: one launch
+# covers any number of tensors, and chunks this small keep the last wave short. Interpreter: per-program cost
+# dominates, so big tiles and one program per chunk.
+GPU_CHUNK, GPU_BLOCK, GPU_WARPS = 1 << 14, 1024, 4
+PROGRAMS_PER_SM = 8
+# Registers: ptxas's own target for the master-weight and stochastic-rounding variants is ~80, where it spills
+# 4 bytes on sm_80, and the unaligned variant (both branches of the per-chunk decision) reaches ~150 on sm_90
+# (tests/test_triton_ptx.py); for those variants a cap of 128 lets it allocate without spilling and keeps 4
+# programs of 4 warps per SM resident (not for fp64 math, which would spill under it). The other variants keep
+# ptxas's choice (64-80 registers).
 GPU_MAXNREG = 128
 INTERPRET_CHUNK, INTERPRET_BLOCK = 1 << 16, 1 << 12
 STEP_BLOCK = 128  # tensors per program of _capturable_step_kernel
@@ -84,39 +86,31 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def unavailable() -> str | None:
-    return _IMPORT_ERROR
-
-
-def unsupported(device: torch.device, dtype: torch.dtype, hp: Hyper) -> str | None:
-    if _IMPORT_ERROR is not None:
-        return _IMPORT_ERROR
-    if hp.differentiable:
-        return "differentiable=True: only the reference backend keeps autograd through the step"
-    if dtype not in _SUPPORTED:
-        return f"{dtype} params are not supported (fp32, bf16 and fp16 only; the cuda and reference backends run fp64)"
-    if hp.state_dtype is not None and hp.state_dtype not in _SUPPORTED:
-        return (f"state_dtype={hp.state_dtype} is not supported (fp32, bf16 and fp16 states only; the reference "
-                "backend runs fp64 states)")
-    if device.type == "cpu":
-        if not _interpret():
-            return "CPU tensors run only under the Triton interpreter (set TRITON_INTERPRET=1 before importing triton)"
-        return None
-    if device.type != "cuda":
-        return f"device type {device.type!r} is not supported (cuda, or cpu under TRITON_INTERPRET=1)"
-    return None
-
-
 # ---- kernels ---------------------------------------------------------------------------------------------------
 
 if triton is not None:
 
     @triton.jit
-    def _load(ptr, mask, MASKED: tl.constexpr):
+    def _load(ptr, mask, MASKED: tl.constexpr, MATH_TY: tl.constexpr):
         if MASKED:
-            return tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+            return tl.load(ptr, mask=mask, other=0.0).to(MATH_TY)
         else:
-            return tl.load(ptr).to(tl.float32)
+            return tl.load(ptr).to(MATH_TY)
+
+    @triton.jit
+    def _div(a, b):
+        # IEEE division: div_rn for fp32 (plain `/` is approximate there); fp64's `/` is div.rn.f64.
+        if a.dtype == tl.float64:
+            return a / b
+        else:
+            return tl.div_rn(a, b)
+
+    @triton.jit
+    def _sqrt(x):
+        if x.dtype == tl.float64:
+            return tl.sqrt(x)  # sqrt.rn.f64
+        else:
+            return tl.sqrt_rn(x)
 
     @triton.jit
     def _round_bf16(x):
@@ -140,7 +134,7 @@ if triton is not None:
     @triton.jit
     def _sr_keys(seed_key, step, tensor_id, start):
         # NOTE [triton sr]: csrc/rounding.h's sr_salt(seed, step, tensor id, stream) for the four streams (param,
-        # exp_avg, exp_avg_sq, max_exp_avg_sq), once per program, each xor the chunk's constant part of sr_bits:
+        # exp_avg, exp_avg_sq, max_exp_avg_sq), once per chunk, each xor the chunk's constant part of sr_bits:
         # a chunk never crosses a multiple of 2^32 elements, so hi32(index) is the chunk start's and lo32(index) is
         # lo32(start) + offset. Per element there is then one fmix32(lo32(index) ^ key) per bf16 store.
         # The index is the element's row-major index (the reference's), so under SR only contiguous tensors run in
@@ -157,6 +151,9 @@ if triton is not None:
     @triton.jit
     def _store(ptr, val, mask, MASKED: tl.constexpr, SOFT_BF16: tl.constexpr,
                SR: tl.constexpr = False, elem=None, key=None):
+        # fp64 math stores a narrower dtype through fp32, as c10's conversions to bf16/fp16 do (no-op for fp32).
+        if ptr.dtype.element_ty != tl.float64:
+            val = val.to(tl.float32)
         # SR: bf16_bits_sr of csrc/rounding.h with the bits sr_bits(salt, index) = fmix32(elem ^ key) & 0xffff.
         if SR and ptr.dtype.element_ty == tl.bfloat16:
             bits = val.to(tl.uint32, bitcast=True)
@@ -182,41 +179,41 @@ if triton is not None:
               elem_base, key_p, key_m, key_v, key_x,
               WD_MODE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, UNSCALE: tl.constexpr,
               MASKED: tl.constexpr, SOFT_BF16: tl.constexpr, MASTER: tl.constexpr, CLIP: tl.constexpr,
-              SR: tl.constexpr):
-        # Same order of operations as fused_adam::adam_update (csrc/adam_math.h), in fp32 with IEEE div and sqrt;
-        # launched with FP contraction off, so the three tl.fma (ATen's add-with-alpha, lerp, addcmul) are the only
-        # fused multiply-adds.
+              SR: tl.constexpr, MATH_TY: tl.constexpr):
+        # Same order of operations as fused_adam::adam_update (csrc/adam_math.h), in MATH_TY with IEEE div and
+        # sqrt; launched with FP contraction off, so the three tl.fma (ATen's add-with-alpha, lerp, addcmul) are
+        # the only fused multiply-adds.
         elem = elem_base
         if SR:
             elem = elem_base + offs.to(tl.uint32)  # lo32 of the element index
-        g = _load(g_ptr + offs, mask, MASKED)
+        g = _load(g_ptr + offs, mask, MASKED, MATH_TY)
         if UNSCALE:
-            g = tl.div_rn(g, grad_scale)
+            g = _div(g, grad_scale)
             _store(g_ptr + offs, g, mask, MASKED, SOFT_BF16)
         if CLIP:
             g = g * clip_coef  # for the update only: the stored grad stays unclipped
         if MAXIMIZE:
             g = -g
         if MASTER:
-            p = _load(w_ptr + offs, mask, MASKED)
+            p = _load(w_ptr + offs, mask, MASKED, MATH_TY)
         else:
-            p = _load(p_ptr + offs, mask, MASKED)
+            p = _load(p_ptr + offs, mask, MASKED, MATH_TY)
         if WD_MODE == 2:
             p = p * decay
         if WD_MODE == 1:
             g = tl.fma(weight_decay, p, g)  # grad.add(param, alpha=wd)
-        m = _load(m_ptr + offs, mask, MASKED)
+        m = _load(m_ptr + offs, mask, MASKED, MATH_TY)
         m = tl.fma(lerp_coeff, g - m, tl.where(lerp_small, m, g))  # at::lerp, one fma
-        v = _load(v_ptr + offs, mask, MASKED)
+        v = _load(v_ptr + offs, mask, MASKED, MATH_TY)
         v = tl.fma(one_minus_beta2 * g, g, v * beta2)  # v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         second = v
         if AMSGRAD:
-            x = _load(x_ptr + offs, mask, MASKED)
+            x = _load(x_ptr + offs, mask, MASKED, MATH_TY)
             x = tl.where((x != x) | (x > v), x, v)  # torch.maximum: NaN propagates
             _store(x_ptr + offs, x, mask, MASKED, SOFT_BF16, SR, elem, key_x)
             second = x
-        denom = tl.div_rn(tl.sqrt_rn(second), bc2_sqrt) + eps
-        p = p + tl.div_rn(neg_step_size * m, denom)
+        denom = _div(_sqrt(second), bc2_sqrt) + eps
+        p = p + _div(neg_step_size * m, denom)
         _store(m_ptr + offs, m, mask, MASKED, SOFT_BF16, SR, elem, key_m)
         _store(v_ptr + offs, v, mask, MASKED, SOFT_BF16, SR, elem, key_v)
         if MASTER:
@@ -230,82 +227,142 @@ if triton is not None:
         table, n_tensors, n_chunks, scal, grad_scale_ptr, found_inf_ptr, clip_coef_ptr,
         neg_step_size, bc2_sqrt, one_minus_beta1, beta2, one_minus_beta2, decay, eps, weight_decay,
         sr_seed_key,  # int32 bits of sr_salt's seed part (host): fmix32(lo32(seed) ^ fmix32(hi32(seed) + 0x9e3779b9))
-        sr_step,  # fp32: the step every tensor is at (used unless DEVICE_SCALARS: then scal's step row)
+        sr_step,  # fp32: the step every tensor is at (SCALARS < 2; else scal's step row)
         P_TY: tl.constexpr, G_TY: tl.constexpr, M_TY: tl.constexpr, V_TY: tl.constexpr, X_TY: tl.constexpr,
+        MATH_TY: tl.constexpr,  # fp32, or fp64 for fp64 params
         WD_MODE: tl.constexpr,  # 0 none, 1 L2 (Adam), 2 decoupled (AdamW): fused_adam::WeightDecay
         AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, UNSCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-        DEVICE_SCALARS: tl.constexpr,  # step scalars from `scal` (per tensor) instead of the arguments
-        ALIGNED: tl.constexpr,  # every address of the launch is 16-byte aligned: 128-bit accesses
+        SCALARS: tl.constexpr,  # 0: the arguments; 1: scal[0:8] (one step for all); 2: scal, per tensor
+        ALIGNED: tl.constexpr,  # every address of the launch is 16-byte aligned (else decided per chunk)
         CHUNK: tl.constexpr, BLOCK: tl.constexpr,
         SOFT_BF16: tl.constexpr,  # interpreter: round fp32 -> bf16 by hand (see _round_bf16)
-        MASTER: tl.constexpr = False,  # the fp32 master (table row 7) is read and written; the param is its rounding
+        MASTER: tl.constexpr = False,  # the fp32 master (row 5) is read and written; the param is its rounding
         CLIP: tl.constexpr = False,  # grad * clip_coef (a device scalar) for the update
         SR: tl.constexpr = False,  # bf16 stores that are the only copy of a value round stochastically
     ):
         if HAS_FOUND_INF:
             if tl.load(found_inf_ptr) != 0:
                 return
-        pid = tl.program_id(0)
-        t = tl.load(table + 9 * n_tensors + pid)
-        start = tl.load(table + 9 * n_tensors + n_chunks + pid)  # int64: tensors of 2^31 elements and more
-        n = tl.minimum(tl.load(table + 6 * n_tensors + t) - start, CHUNK).to(tl.int32)
-        if ALIGNED:
+        if SCALARS == 0:
+            omb1 = tl.cast(one_minus_beta1, MATH_TY)
+            b2 = tl.cast(beta2, MATH_TY)
+            omb2 = tl.cast(one_minus_beta2, MATH_TY)
+            dec = tl.cast(decay, MATH_TY)
+            ep = tl.cast(eps, MATH_TY)
+            wd = tl.cast(weight_decay, MATH_TY)
+        else:
+            omb1 = tl.load(scal).to(MATH_TY)
+            b2 = tl.load(scal + 1).to(MATH_TY)
+            omb2 = tl.load(scal + 2).to(MATH_TY)
+            dec = tl.load(scal + 3).to(MATH_TY)
+            ep = tl.load(scal + 4).to(MATH_TY)
+            wd = tl.load(scal + 5).to(MATH_TY)
+        if SCALARS == 1:
+            nss_all = tl.load(scal + 6).to(MATH_TY)
+            bc2_all = tl.load(scal + 7).to(MATH_TY)
+        else:
+            nss_all = tl.cast(neg_step_size, MATH_TY)
+            bc2_all = tl.cast(bc2_sqrt, MATH_TY)
+        # make_step_scalars' choice between at::lerp's two forms, on the math-dtype value of 1 - beta1.
+        lerp_small = (omb1 < 0.5) & (omb1 > -0.5)
+        lerp_coeff = tl.where(lerp_small, omb1, omb1 - 1.0)
+        grad_scale = tl.full([], 1.0, MATH_TY)
+        if UNSCALE:
+            grad_scale = tl.load(grad_scale_ptr).to(MATH_TY)
+        clip_coef = tl.full([], 1.0, MATH_TY)
+        if CLIP:
+            clip_coef = tl.load(clip_coef_ptr).to(MATH_TY)
+        # Persistent programs: program i takes chunks i, i + grid, ... (the interpreter's grid is one per chunk).
+        for c in tl.range(tl.program_id(0), n_chunks, tl.num_programs(0)):
+            t = tl.load(table + 9 * n_tensors + c)
+            start = tl.load(table + 9 * n_tensors + n_chunks + c)  # int64: tensors of 2^31 elements and more
+            n = tl.minimum(tl.load(table + 7 * n_tensors + t) - start, CHUNK).to(tl.int32)
+            p_addr = tl.load(table + t)
+            g_addr = tl.load(table + n_tensors + t)
+            m_addr = tl.load(table + 2 * n_tensors + t)
+            v_addr = tl.load(table + 3 * n_tensors + t)
+            x_addr = tl.load(table + 4 * n_tensors + t)  # 0 without amsgrad
+            w_addr = p_addr
+            if MASTER:
+                w_addr = tl.load(table + 5 * n_tensors + t)
+            if SCALARS == 2:
+                neg_step = tl.load(scal + 8 + 2 * t).to(MATH_TY)
+                bc2 = tl.load(scal + 9 + 2 * t).to(MATH_TY)
+            else:
+                neg_step = nss_all
+                bc2 = bc2_all
+            elem_base = tl.full([], 0, tl.uint32)
+            key_p = elem_base
+            key_m = elem_base
+            key_v = elem_base
+            key_x = elem_base
+            if SR:
+                if SCALARS == 2:
+                    step_now = tl.load(scal + 8 + 2 * n_tensors + t).to(tl.float32)
+                else:
+                    step_now = sr_step
+                elem_base, key_p, key_m, key_v, key_x = _sr_keys(sr_seed_key, step_now,
+                                                                 tl.load(table + 8 * n_tensors + t), start)
+            if ALIGNED:
+                _chunk(p_addr, g_addr, m_addr, v_addr, x_addr, w_addr, start, n, grad_scale, clip_coef,
+                       lerp_coeff, lerp_small, b2, omb2, dec, wd, neg_step, bc2, ep,
+                       elem_base, key_p, key_m, key_v, key_x,
+                       P_TY, G_TY, M_TY, V_TY, X_TY, WD_MODE, AMSGRAD, MAXIMIZE, UNSCALE, SOFT_BF16, MASTER, CLIP,
+                       SR, MATH_TY, BLOCK, True)
+            else:
+                # 128-bit accesses decided per chunk: the chunk's start is a multiple of CHUNK elements, so its
+                # arrays are 16-byte aligned when their tensors' addresses are.
+                if ((p_addr | g_addr | m_addr | v_addr | x_addr | w_addr) & 15) == 0:
+                    _chunk(p_addr, g_addr, m_addr, v_addr, x_addr, w_addr, start, n, grad_scale, clip_coef,
+                           lerp_coeff, lerp_small, b2, omb2, dec, wd, neg_step, bc2, ep,
+                           elem_base, key_p, key_m, key_v, key_x,
+                           P_TY, G_TY, M_TY, V_TY, X_TY, WD_MODE, AMSGRAD, MAXIMIZE, UNSCALE, SOFT_BF16, MASTER,
+                           CLIP, SR, MATH_TY, BLOCK, True)
+                else:
+                    _chunk(p_addr, g_addr, m_addr, v_addr, x_addr, w_addr, start, n, grad_scale, clip_coef,
+                           lerp_coeff, lerp_small, b2, omb2, dec, wd, neg_step, bc2, ep,
+                           elem_base, key_p, key_m, key_v, key_x,
+                           P_TY, G_TY, M_TY, V_TY, X_TY, WD_MODE, AMSGRAD, MAXIMIZE, UNSCALE, SOFT_BF16, MASTER,
+                           CLIP, SR, MATH_TY, BLOCK, False)
+
+    @triton.jit
+    def _chunk(p_addr, g_addr, m_addr, v_addr, x_addr, w_addr, start, n, grad_scale, clip_coef,
+               lerp_coeff, lerp_small, beta2, one_minus_beta2, decay, weight_decay, neg_step_size, bc2_sqrt, eps,
+               elem_base, key_p, key_m, key_v, key_x,
+               P_TY: tl.constexpr, G_TY: tl.constexpr, M_TY: tl.constexpr, V_TY: tl.constexpr, X_TY: tl.constexpr,
+               WD_MODE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, UNSCALE: tl.constexpr,
+               SOFT_BF16: tl.constexpr, MASTER: tl.constexpr, CLIP: tl.constexpr, SR: tl.constexpr,
+               MATH_TY: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr):
+        # One chunk: n elements from `start` of one tensor's arrays, in full tiles and a masked tail tile. VEC: every
+        # address is 16-byte aligned (the hints let the compiler use 128-bit accesses on full tiles).
+        if VEC:
             start = tl.multiple_of(start, 16)
-        p_ptr = tl.load(table + t).to(tl.pointer_type(P_TY)) + start
-        g_ptr = tl.load(table + n_tensors + t).to(tl.pointer_type(G_TY)) + start
-        m_ptr = tl.load(table + 2 * n_tensors + t).to(tl.pointer_type(M_TY)) + start
-        v_ptr = tl.load(table + 3 * n_tensors + t).to(tl.pointer_type(V_TY)) + start
-        x_ptr = tl.load(table + 4 * n_tensors + t).to(tl.pointer_type(X_TY)) + start
-        w_ptr = p_ptr
-        if MASTER:
-            w_ptr = tl.load(table + 7 * n_tensors + t).to(tl.pointer_type(tl.float32)) + start
-        if ALIGNED:
+        p_ptr = p_addr.to(tl.pointer_type(P_TY)) + start
+        g_ptr = g_addr.to(tl.pointer_type(G_TY)) + start
+        m_ptr = m_addr.to(tl.pointer_type(M_TY)) + start
+        v_ptr = v_addr.to(tl.pointer_type(V_TY)) + start
+        x_ptr = x_addr.to(tl.pointer_type(X_TY)) + start
+        w_ptr = w_addr.to(tl.pointer_type(tl.float32)) + start
+        if VEC:
             p_ptr = tl.multiple_of(p_ptr, 16)
             g_ptr = tl.multiple_of(g_ptr, 16)
             m_ptr = tl.multiple_of(m_ptr, 16)
             v_ptr = tl.multiple_of(v_ptr, 16)
             x_ptr = tl.multiple_of(x_ptr, 16)
             w_ptr = tl.multiple_of(w_ptr, 16)
-        if DEVICE_SCALARS:
-            one_minus_beta1 = tl.load(scal)
-            beta2 = tl.load(scal + 1)
-            one_minus_beta2 = tl.load(scal + 2)
-            decay = tl.load(scal + 3)
-            neg_step_size = tl.load(scal + 8 + 2 * t)
-            bc2_sqrt = tl.load(scal + 9 + 2 * t)
-        # make_step_scalars' choice between at::lerp's two forms, on the fp32 value of 1 - beta1.
-        lerp_small = (one_minus_beta1 < 0.5) & (one_minus_beta1 > -0.5)
-        lerp_coeff = tl.where(lerp_small, one_minus_beta1, one_minus_beta1 - 1.0)
-        grad_scale = 1.0
-        if UNSCALE:
-            grad_scale = tl.load(grad_scale_ptr).to(tl.float32)
-        clip_coef = 1.0
-        if CLIP:
-            clip_coef = tl.load(clip_coef_ptr).to(tl.float32)
-        elem_base = tl.full([], 0, tl.uint32)
-        key_p = elem_base
-        key_m = elem_base
-        key_v = elem_base
-        key_x = elem_base
-        if SR:
-            if DEVICE_SCALARS:
-                step_now = tl.load(scal + 8 + 2 * n_tensors + t)
-            else:
-                step_now = sr_step
-            elem_base, key_p, key_m, key_v, key_x = _sr_keys(sr_seed_key, step_now, tl.load(table + 8 * n_tensors + t), start)
         n_full = n // BLOCK * BLOCK
         for off in tl.range(0, n_full, BLOCK):
             offs = tl.max_contiguous(tl.multiple_of(off + tl.arange(0, BLOCK), BLOCK), BLOCK)
             _tile(p_ptr, g_ptr, m_ptr, v_ptr, x_ptr, w_ptr, offs, None, grad_scale, clip_coef,
                   lerp_coeff, lerp_small, beta2, one_minus_beta2, decay, weight_decay, neg_step_size, bc2_sqrt, eps,
                   elem_base, key_p, key_m, key_v, key_x,
-                  WD_MODE, AMSGRAD, MAXIMIZE, UNSCALE, False, SOFT_BF16, MASTER, CLIP, SR)
-        if n_full < n:
+                  WD_MODE, AMSGRAD, MAXIMIZE, UNSCALE, False, SOFT_BF16, MASTER, CLIP, SR, MATH_TY)
+        if n_full < n:  # the tail tile, masked
             offs = n_full + tl.arange(0, BLOCK)
             _tile(p_ptr, g_ptr, m_ptr, v_ptr, x_ptr, w_ptr, offs, offs < n, grad_scale, clip_coef,
                   lerp_coeff, lerp_small, beta2, one_minus_beta2, decay, weight_decay, neg_step_size, bc2_sqrt, eps,
                   elem_base, key_p, key_m, key_v, key_x,
-                  WD_MODE, AMSGRAD, MAXIMIZE, UNSCALE, True, SOFT_BF16, MASTER, CLIP, SR)
+                  WD_MODE, AMSGRAD, MAXIMIZE, UNSCALE, True, SOFT_BF16, MASTER, CLIP, SR, MATH_TY)
 
     @triton.jit
     def _pow_int(base, e):
@@ -320,15 +377,16 @@ if triton is not None:
 
     @triton.jit
     def _capturable_step_kernel(
-        table, n_tensors, scal, found_inf_ptr, lr_ptr, beta1_ptr, beta2_ptr, weight_decay_ptr,
+        table, n_tensors, scal, found_inf_ptr, lr_ptr, beta1_ptr, beta2_ptr, hyper_ptr,
         HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr,
     ):
         # step += 1 (- found_inf, as torch's fused step), then each tensor's bias corrections from its own
-        # step, in fp64 as make_step_scalars, rounded once to fp32 into scal (NOTE [triton table]).
+        # step, in fp64 as make_step_scalars, rounded once to scal's dtype (NOTE [triton table]).
+        # hyper_ptr: fp64 [lr, beta1, beta2, weight_decay, eps] (the float ones; lr/beta pointers may be tensors).
         pid = tl.program_id(0)
         idx = pid * BLOCK + tl.arange(0, BLOCK)
         mask = idx < n_tensors
-        step_ptrs = tl.load(table + 5 * n_tensors + idx, mask=mask, other=0).to(tl.pointer_type(tl.float32))
+        step_ptrs = tl.load(table + 6 * n_tensors + idx, mask=mask, other=0).to(tl.pointer_type(tl.float32))
         step = tl.load(step_ptrs, mask=mask, other=0.0)
         inc = 1.0
         if HAS_FOUND_INF:
@@ -341,22 +399,37 @@ if triton is not None:
         e = tl.maximum(step, 1.0).to(tl.int64)  # step 0 only when found_inf skips the update
         bc1 = 1.0 - _pow_int(tl.full([BLOCK], 0.0, tl.float64) + beta1, e)
         bc2 = 1.0 - _pow_int(tl.full([BLOCK], 0.0, tl.float64) + beta2, e)
-        tl.store(scal + 8 + 2 * idx, (-(lr / bc1)).to(tl.float32), mask=mask)
-        tl.store(scal + 9 + 2 * idx, tl.sqrt(bc2).to(tl.float32), mask=mask)
-        tl.store(scal + 8 + 2 * n_tensors + idx, step, mask=mask)  # stochastic rounding's salt (NOTE [triton sr])
+        out_ty = scal.dtype.element_ty
+        tl.store(scal + 8 + 2 * idx, (-(lr / bc1)).to(out_ty), mask=mask)
+        tl.store(scal + 9 + 2 * idx, tl.sqrt(bc2).to(out_ty), mask=mask)
+        tl.store(scal + 8 + 2 * n_tensors + idx, step.to(out_ty), mask=mask)  # SR's salt (NOTE [triton sr])
         if pid == 0:
-            tl.store(scal, (1.0 - beta1).to(tl.float32))
-            tl.store(scal + 1, beta2.to(tl.float32))
-            tl.store(scal + 2, (1.0 - beta2).to(tl.float32))
-            tl.store(scal + 3, (1.0 - lr * tl.load(weight_decay_ptr).to(tl.float64)).to(tl.float32))
+            tl.store(scal, (1.0 - beta1).to(out_ty))
+            tl.store(scal + 1, beta2.to(out_ty))
+            tl.store(scal + 2, (1.0 - beta2).to(out_ty))
+            weight_decay = tl.load(hyper_ptr + 3)
+            tl.store(scal + 3, (1.0 - lr * weight_decay).to(out_ty))
+            tl.store(scal + 4, tl.load(hyper_ptr + 4).to(out_ty))
+            tl.store(scal + 5, weight_decay.to(out_ty))
 
 
 _TL_DTYPE = {}
 if tl is not None:
-    _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+    _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
+                 torch.float64: tl.float64}
 
 
-# ---- host side -------------------------------------------------------------------------------------------------
+# ---- the check pass: native, or the same in Python ------------------------------------------------------------
+
+# NOTE [triton host path]: a step's host work is O(1) Python: one native pass over the partition
+# (_C.Partition.addresses: reads each param's .grad, checks every tensor, writes the six address rows of NOTE
+# [triton table] into `out` and says which rows changed, whether every address is 16-byte aligned and whether every
+# tensor's arrays share one dense layout), one host-to-device copy of the rows that changed (usually the grad row,
+# or nothing), one read-and-bump of the step counts (_HostSteps), the launch. A `.data` replaced with a tensor of
+# the same shape is stepped where it now lives; another shape is an error of the check pass, before anything is
+# written. Unusual layouts (bit 7 clear) take the staging path, which is per tensor.
+_NATIVE_ADDRESSES = _C is not None and hasattr(getattr(_C, "Partition", None), "addresses")
+_WHO = "FusedAdam (triton backend)"
 
 
 def _dense(t: Tensor) -> bool:
@@ -371,220 +444,176 @@ def _dense(t: Tensor) -> bool:
     return True
 
 
-def _geometry(device: torch.device) -> tuple[int, int, int]:
-    if device.type == "cpu":
-        return INTERPRET_CHUNK, INTERPRET_BLOCK, 1
-    return GPU_CHUNK, GPU_BLOCK, GPU_WARPS
+_shape, _stride, _dtype, _device, _layout = (operator.attrgetter(k) for k in ("shape", "stride", "dtype", "device", "layout"))
 
 
-def _compile_options(device: torch.device, master: bool, sr: bool) -> dict:
-    """Launch options beyond the geometry: see GPU_MAXNREG."""
-    return {"maxnreg": GPU_MAXNREG} if device.type != "cpu" and (master or sr) else {}
+class _PyPartition:
+    """_C.Partition's check pass (`addresses`) in Python, same semantics, where the extension lacks it: each check
+    runs as one C-level map over a list; the per-tensor loop that words the error runs only when one fails."""
+
+    def __init__(self, params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, master_params=(),
+                 tensor_ids=(), options=None):
+        self.lists = (params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params)
+
+    def addresses(self, grads: list[Tensor] | None, out: Tensor) -> int:
+        params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters = self.lists
+        n = len(params)
+        if grads is None:
+            grads = [p.grad for p in params]
+            if not all(map(operator.is_not, grads, itertools.repeat(None))):
+                return -1
+        elif len(grads) != n:
+            raise ValueError(f"{_WHO}: grads has {len(grads)} tensors, expected {n} (one per param)")
+        named = [("params", params), ("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs),
+                 ("max_exp_avg_sqs", max_exp_avg_sqs), ("master_params", masters)]
+        named = [(name, lst) for name, lst in named if lst]
+        device, dtype, state_dtype = params[0].device, params[0].dtype, exp_avgs[0].dtype
+        wants = {"params": dtype, "grads": dtype, "master_params": torch.float32}
+        try:
+            shapes = list(map(_shape, params))
+            ok = all(set(map(_layout, lst)) == {torch.strided} and set(map(_device, lst)) == {device}
+                     and set(map(_dtype, lst)) == {wants.get(name, state_dtype)} and list(map(_shape, lst)) == shapes
+                     for name, lst in named)
+        except AttributeError:  # a None: worded below
+            ok = False
+        if not ok:
+            self._raise_first(named, device, dtype, state_dtype)
+        strides = list(map(_stride, params))
+        layout = (all(list(map(_stride, lst)) == strides for _, lst in named[1:])
+                  and all(_dense(p) for p, contiguous in zip(params, map(Tensor.is_contiguous, params))
+                          if not contiguous))
+        rows = [list(map(Tensor.data_ptr, lst)) if lst else [0] * n
+                for lst in (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters)]
+        new = torch.tensor(rows, dtype=torch.int64).reshape(_ADDRESS_ROWS, n)
+        changed = (new != out).any(dim=1).tolist()
+        mask = sum(1 << r for r, c in enumerate(changed) if c)
+        if not bool((new & 15).any()):
+            mask |= _ALIGNED_BIT
+        if layout:
+            mask |= _LAYOUT_BIT
+        out.copy_(new)
+        return mask
+
+    @staticmethod
+    def _raise_first(named, device, dtype, state_dtype) -> None:
+        """The error of the first bad tensor, in the native pass's order (tensor by tensor, list by list)."""
+        params = named[0][1]
+        for i, p in enumerate(params):
+            for name, lst in named:
+                t = lst[i]
+                if t is None:
+                    raise RuntimeError(f"{_WHO}: {name}[{i}] is None")
+                if t.layout != torch.strided:
+                    raise RuntimeError(f"{_WHO}: {name}[{i}] has layout {t.layout}; only strided (dense) tensors "
+                                       "are supported")
+                if t.device != device:
+                    raise RuntimeError(f"{_WHO}: {name}[{i}] is on {t.device}, expected {device}")
+                want, like = ((dtype, "params[0]") if name in ("params", "grads") else
+                              (torch.float32, None) if name == "master_params" else (state_dtype, "exp_avgs[0]"))
+                if t.dtype != want:
+                    raise TypeError(f"{_WHO}: {name}[{i}] has dtype {t.dtype}, "
+                                    + (f"but {like} has dtype {want}" if like else f"expected {want}"))
+                if t.shape != p.shape:
+                    raise RuntimeError(f"{_WHO}: {name}[{i}] has shape {list(t.shape)}, but params[{i}] has shape "
+                                       f"{list(p.shape)}")
 
 
-def _upload(host: Tensor, device: torch.device) -> Tensor:
-    if device.type == "cpu":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
+def _partition_checker(part):
+    lists = {"options": part.options}
+    if part.options.master:
+        lists["master_params"] = list(part.master_params)
+    if part.options.stochastic_rounding:
+        lists["tensor_ids"] = list(part.tensor_ids)
+    cls = _C.Partition if _NATIVE_ADDRESSES else _PyPartition
+    return cls(part.params, part.exp_avgs, part.exp_avg_sqs, part.max_exp_avg_sqs, part.state_steps, **lists)
 
 
-def _check_not_capturing(device: torch.device, what: str) -> None:
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(
-            f"FusedAdam (triton backend): {what} changed during CUDA graph capture; run one eager step with the "
-            "same tensors before capturing, and keep them (static grads) while the graph is replayed"
-        )
+# ---- step counts on the host -----------------------------------------------------------------------------------
 
-
-@dataclass
-class _Launch:
-    """One (dtype combination) launch of a partition: its tensors, table and scratch copies."""
-
-    index: list[int]  # positions in the partition's lists
-    dtypes: tuple  # torch dtypes of param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq (and master's, if any)
-    table: Tensor  # NOTE [triton table], on the device
-    n_chunks: int
-    aligned: bool
-    grad_ptrs: list[int]  # the grad row as uploaded
-    grad_strides: list[tuple]  # the strides a grad must have to be used in place (its param's)
-    everything: bool  # index is every position, in order
-    grads_aligned: bool = False  # every address in the uploaded grad row is 16-byte aligned
-    scratch: dict[int, list[Tensor]] = field(default_factory=dict)  # position -> contiguous p, g, m, v, x, w copies
-    scal: Tensor | None = None  # capturable: device buffer written by _capturable_step_kernel
-
-
-@dataclass
-class _Entry:
-    step0: weakref.ref  # the partition's first step tensor: the entry dies with it (with the optimizer's state)
-    steps_id: int  # id() of the state_steps list (not held: holding it would keep step0 alive)
-    lists: tuple  # params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters: held, so identity checks are sound
-    param_ptrs: list[int]
-    step_ptrs: list[int]  # capturable: the step row of the table
-    chunk: int
-    amsgrad: bool
-    capturable: bool
-    launches: list[_Launch]
-    tensor_ids: list[int] | None  # stochastic rounding: the table's tensor id row (NOTE [triton sr])
-    hyper_key: tuple | None = None  # capturable: values in hyper_dev
-    hyper_dev: Tensor | None = None
-    host_steps: tuple | None = None  # not capturable: (the steps' addresses, _step_buffers of them)
-
-
-# NOTE [triton cache]: keyed by id() of the partition's first step tensor. An entry is used while it is handed
-# the same params and state tensors (the same list objects, as the optimizer's step plan does: NOTE [step plan]
-# in optimizer.py; or new lists of the same tensors, one identity check each) and the params still have the
-# addresses in the table (a param's storage can be swapped under the optimizer, e.g. `p.data = ...`); the grads
-# are checked by _grads_for. Per step that is one data_ptr() per param and per grad. The entry holds no step
-# tensor, so it dies with the optimizer's state.
-_cache: dict[int, _Entry] = {}
-
-
-def _drop_dead(key: int) -> None:
-    entry = _cache.get(key)
-    if entry is not None and entry.step0() is None:
-        del _cache[key]
-
-
-def _build(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, hp: Hyper, masters, tensor_ids) -> _Entry:
-    device = params[0].device
-    n = len(params)
-    chunk, _, _ = _geometry(device)
-    groups: dict[tuple, list[int]] = {}
-    for i, p in enumerate(params):
-        if grads[i].dtype != p.dtype:
-            raise RuntimeError(f"FusedAdam (triton backend): grad of param {i} is {grads[i].dtype}, param is {p.dtype}")
-        x = max_exp_avg_sqs[i] if hp.amsgrad else exp_avg_sqs[i]
-        if masters and masters[i].dtype != torch.float32:
-            raise RuntimeError(f"FusedAdam (triton backend): master of param {i} is {masters[i].dtype}, expected float32")
-        groups.setdefault((p.dtype, grads[i].dtype, exp_avgs[i].dtype, exp_avg_sqs[i].dtype, x.dtype), []).append(i)
-    launches = []
-    for dtypes, index in groups.items():
-        T = len(index)
-        rows = [[0] * T for _ in range(_ROWS)]
-        numels = [0] * T
-        scratch: dict[int, list[Tensor]] = {}
-        grad_strides = []
-        for j, i in enumerate(index):
-            p = params[i]
-            arrays = [p, grads[i], exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sqs[i] if hp.amsgrad else exp_avg_sqs[i]]
-            if masters:
-                arrays.append(masters[i])
-            fixed = [arrays[0]] + arrays[2:]
-            # Stochastic rounding draws by row-major index (NOTE [triton sr]): memory order must be that order.
-            layout_ok = p.is_contiguous() if hp.stochastic_rounding else _dense(p)
-            in_place = layout_ok and all(a.stride() == p.stride() for a in fixed)
-            grad_strides.append(p.stride() if in_place else None)
-            if not in_place:
-                scratch[j] = [torch.empty(p.shape, dtype=a.dtype, device=device) for a in arrays]
-                arrays = scratch[j]
-            for r in range(5):
-                rows[r][j] = arrays[r].data_ptr()
-            rows[_STEP][j] = state_steps[i].data_ptr() if hp.capturable else 0
-            rows[_MASTER][j] = arrays[5].data_ptr() if masters else 0
-            rows[_TID][j] = tensor_ids[i] if tensor_ids else 0
-            numels[j] = p.numel()
-        nums = torch.tensor(numels, dtype=torch.int64)
-        per = (nums + chunk - 1) // chunk
-        chunk_tensor = torch.repeat_interleave(torch.arange(T, dtype=torch.int64), per)
-        first = torch.cumsum(per, 0) - per
-        chunk_start = (torch.arange(chunk_tensor.numel(), dtype=torch.int64) - first[chunk_tensor]) * chunk
-        rows[_NUMEL] = numels
-        host = torch.cat([torch.tensor(rows, dtype=torch.int64).reshape(-1), chunk_tensor, chunk_start])
-        # The grad row is rechecked every step: alignment of everything else is fixed, grads are checked then.
-        aligned = all(a % 16 == 0 for r in (_P, _M, _V, _X, _MASTER) for a in rows[r])
-        launch = _Launch(index, dtypes, _upload(host, device), int(chunk_tensor.numel()), aligned,
-                         rows[_G], grad_strides, index == list(range(n)),
-                         grads_aligned=all(a % 16 == 0 for a in rows[_G]), scratch=scratch)
-        if hp.capturable:
-            launch.scal = torch.zeros(_GROUP_SLOTS + 3 * T, dtype=torch.float32, device=device)
-        launches.append(launch)
-    key = id(state_steps[0])
-    entry = _Entry(
-        weakref.ref(state_steps[0], lambda _, key=key: _drop_dead(key)), id(state_steps),
-        (params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters), list(map(Tensor.data_ptr, params)),
-        list(map(Tensor.data_ptr, state_steps)) if hp.capturable else [], chunk, hp.amsgrad,
-        hp.capturable, launches, list(tensor_ids) if tensor_ids else None,
-    )
-    _cache[key] = entry
-    return entry
-
-
-def _same(a: list, b: list) -> bool:
-    return a is b or (len(a) == len(b) and all(map(operator.is_, a, b)))
-
-
-def _entry(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, hp: Hyper, masters, tensor_ids) -> _Entry:
-    lists = (params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters)
-    entry = _cache.get(id(state_steps[0]))
-    if (
-        entry is None
-        or entry.step0() is not state_steps[0]
-        or not all(map(_same, entry.lists, lists))  # the same tensors (new lists of them are fine: direct callers)
-        or (entry.steps_id != id(state_steps) and hp.capturable
-            and entry.step_ptrs != list(map(Tensor.data_ptr, state_steps)))
-        or entry.chunk != _geometry(params[0].device)[0]
-        or entry.amsgrad != hp.amsgrad
-        or entry.capturable != hp.capturable
-        or entry.param_ptrs != list(map(Tensor.data_ptr, params))
-        or entry.tensor_ids != (list(tensor_ids) if tensor_ids else None)  # also: SR on or off (in-place rule)
-    ):
-        _check_not_capturing(params[0].device, "the params or optimizer states")
-        return _build(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, hp, masters, tensor_ids)
-    entry.lists, entry.steps_id = lists, id(state_steps)
-    return entry
+_ONE = torch.ones(())
 
 
 # NOTE [host steps]: without capturable, the step counts are 0-dim float32 CPU tensors, one per param, which the
-# optimizer makes as views into a few shared buffers (NOTE [packed states] in optimizer.py). Read and incremented
-# one tensor at a time they cost ~0.45 us each (4.4 ms of a 10k-tensor step); per buffer, one gather and one
-# scatter do the same (~0.5 ms in all), with the same fp32 addition. Keyed by the steps' addresses, so a step
-# tensor replaced or moved (load_state_dict, `.data = ...`) is seen; separate tensors take the per-tensor path.
-def _count_host_steps(entry: _Entry, state_steps: list[Tensor]) -> list[float]:
-    """Each step count before this step, as floats; the counts incremented in place."""
-    ptrs = list(map(Tensor.data_ptr, state_steps))
-    if entry.host_steps is None or entry.host_steps[0] != ptrs:
-        entry.host_steps = (ptrs, _step_buffers(state_steps, ptrs))
-    buffers = entry.host_steps[1]
-    if buffers is None:
-        steps = list(map(float, state_steps))
-        torch._foreach_add_(state_steps, [_ONE] * len(state_steps))
-        return steps
-    before = torch.empty(len(state_steps), dtype=torch.float32)
-    for base, offsets, positions in buffers:
-        old = base[offsets]
-        base[offsets] = old + _ONE
-        before[positions] = old
-    return before.tolist()
+# optimizer packs as views into one buffer per bucket of small params (NOTE [packed states] in state.py). Read and
+# incremented one tensor at a time they cost ~0.45 us each; here each buffer's run of counts is found once as one
+# strided view, and a step reads them all with one cat and one min/max and bumps them with one foreach add. Counts
+# that are not such runs (separate tensors) are read with one stack instead. The same fp32 addition either way.
+# A count whose `.data` is replaced leaves its buffer: each buffer's storage use count (one per tensor that views
+# it) is compared every step, a few ns a buffer, and any change rescans the counts.
+_use_count = getattr(torch._C, "_storage_Use_Count", None)
 
 
-def _step_buffers(state_steps: list[Tensor], ptrs: list[int]) -> list[tuple[Tensor, Tensor, Tensor]] | None:
-    """Per storage the step tensors view: (the storage as a float32 vector, their element offsets in it, their
-    positions in the list); None where they are mostly separate tensors, or anything is unusual."""
-    by_storage: dict[int, tuple[torch.UntypedStorage, list[int]]] = {}
-    for j, s in enumerate(state_steps):
-        if s.dtype != torch.float32 or s.device.type != "cpu" or s.numel() != 1:
-            return None
-        storage = s.untyped_storage()
-        by_storage.setdefault(storage.data_ptr(), (storage, []))[1].append(j)
-    if 32 * len(by_storage) > len(state_steps):  # ~15 us a buffer against ~0.45 us a tensor
-        return None
-    buffers = []
-    for start, (storage, positions) in by_storage.items():
-        offsets = [ptrs[j] - start for j in positions]
-        if any(o % 4 for o in offsets) or len(set(offsets)) != len(offsets):
-            return None
-        base = torch.empty(0, dtype=torch.float32).set_(storage, 0, (storage.nbytes() // 4,), (1,))
-        buffers.append((base, torch.tensor([o // 4 for o in offsets]), torch.tensor(positions)))
-    return buffers
+class _HostSteps:
+    def __init__(self, steps: list[Tensor]):
+        self.steps = steps
+        self._scan()
+
+    def _scan(self) -> None:
+        steps = self.steps
+        self.views: list[Tensor] | None = None  # runs of counts, each a strided view of one buffer
+        self.order: Tensor | None = None  # list positions of the views' elements when not 0..T-1 in order
+        self.storages: list[torch.UntypedStorage] = []
+        self.guard: list[int] | None = None  # the storages' use counts, taken at the first bump after a scan
+        if _use_count is None or any(s.dtype != torch.float32 or s.device.type != "cpu" or s.numel() != 1
+                                     for s in steps):
+            return
+        runs: dict[int, tuple[torch.UntypedStorage, list[int]]] = {}
+        for j, s in enumerate(steps):
+            storage = s.untyped_storage()
+            runs.setdefault(storage.data_ptr(), (storage, []))[1].append(j)
+        if 8 * len(runs) > len(steps):  # mostly separate tensors: one stack reads them
+            return
+        views, order = [], []
+        for start, (storage, positions) in runs.items():
+            offsets = [steps[j].data_ptr() - start for j in positions]
+            stride = offsets[1] - offsets[0] if len(offsets) > 1 else 4
+            if offsets[0] % 4 or stride <= 0 or stride % 4 or any(o != offsets[0] + k * stride for k, o in enumerate(offsets)):
+                return
+            base = torch.empty(0, dtype=torch.float32).set_(storage, 0, (storage.nbytes() // 4,), (1,))
+            views.append(base.as_strided((len(offsets),), (stride // 4,), offsets[0] // 4))
+            order.extend(positions)
+        self.views = views
+        self.storages = [storage for storage, _ in runs.values()]
+        if order != list(range(len(steps))):
+            self.order = torch.tensor(order)
+
+    def _moved(self) -> bool:
+        counts = [_use_count(s._cdata) for s in self.storages]
+        if self.guard is None:
+            self.guard = counts
+        return counts != self.guard
+
+    def bump(self) -> tuple[float | None, Tensor | None]:
+        """Increments every count; returns (the count before, None) when all were equal, else (None, the counts
+        before, as a float32 tensor in list order)."""
+        if self.views is not None and self._moved():
+            self._scan()
+        views = self.views
+        if views is None:
+            before = torch.stack(self.steps).reshape(-1)
+        else:
+            before = views[0] if len(views) == 1 else torch.cat(views)
+        lo, hi = torch.aminmax(before)
+        lo, hi = lo.item(), hi.item()
+        uniform = lo == hi  # (NaN counts take the per-tensor path)
+        if not uniform:
+            if views is not None and len(views) == 1:
+                before = before.clone()
+            if self.order is not None:
+                before = torch.empty_like(before).index_copy_(0, self.order, before)
+        torch._foreach_add_(self.steps if views is None else views, _ONE)
+        return (lo, None) if uniform else (None, before)
+
+
+# ---- host side -------------------------------------------------------------------------------------------------
 
 
 def _float(x) -> float:
     return float(x.item()) if isinstance(x, Tensor) else float(x)
 
 
-def _host_scalars(hp: Hyper, step: float) -> tuple[float, float]:
+def _host_scalars(lr: float, beta1: float, beta2: float, step: float) -> tuple[float, float]:
     """make_step_scalars' step-dependent pair, in double: (-lr / (1 - beta1^t), (1 - beta2^t) ** 0.5)."""
-    lr, beta1, beta2 = _float(hp.lr), _float(hp.beta1), _float(hp.beta2)
     bias_correction1 = 1.0 - beta1**step
     bias_correction2 = 1.0 - beta2**step
     return -(lr / bias_correction1), bias_correction2**0.5
@@ -604,189 +633,293 @@ def _sr_seed_key(seed: int) -> int:
     return h - (1 << 32) if h >= 1 << 31 else h  # always an i32 argument: one compile
 
 
-def _wd_mode(hp: Hyper) -> int:
-    if hp.weight_decay == 0:
-        return 0
-    return 2 if hp.decoupled else 1
+def _geometry(device: torch.device) -> tuple[int, int, int]:
+    if device.type == "cpu":
+        return INTERPRET_CHUNK, INTERPRET_BLOCK, 1
+    return GPU_CHUNK, GPU_BLOCK, GPU_WARPS
 
 
-def _grads_for(launch: _Launch, grads: list[Tensor], params: list[Tensor], device) -> tuple[list[Tensor], list]:
-    """The grads a launch reads: each in place when its strides are its param's, else a copy (copied back after
-    unscaling). Uploads the grad row when addresses changed. Returns (grads in launch order, copies to write back)."""
-    gs = grads if launch.everything else [grads[i] for i in launch.index]
-    strides = list(map(Tensor.stride, gs))
-    copies = []
-    if strides != launch.grad_strides:
-        gs = list(gs)
-        for j, (g, want) in enumerate(zip(gs, launch.grad_strides)):
-            if want is not None and g.stride() != want:
-                p = params[launch.index[j]]
-                c = torch.empty_strided(p.shape, p.stride(), dtype=g.dtype, device=g.device).copy_(g)
-                copies.append((g, c))
-                gs[j] = c
-    ptrs = list(map(Tensor.data_ptr, gs))
-    for j in launch.scratch:
-        ptrs[j] = launch.scratch[j][1].data_ptr()
-    if ptrs != launch.grad_ptrs:
-        _check_not_capturing(device, "the grads' addresses")
-        T = len(launch.index)
-        host = torch.tensor(ptrs, dtype=torch.int64)
-        launch.table[_G * T:(_G + 1) * T].copy_(host if device.type == "cpu" else host.pin_memory(), non_blocking=True)
-        launch.grad_ptrs = ptrs
-        launch.grads_aligned = all(a % 16 == 0 for a in ptrs)
-    return gs, copies
+def _grid(device: torch.device, n_chunks: int) -> int:
+    """Programs of one launch: one per chunk in the interpreter; on a GPU at most PROGRAMS_PER_SM per SM."""
+    if device.type == "cpu":
+        return n_chunks
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(n_chunks, PROGRAMS_PER_SM * sms))
 
 
-def step(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    hp: Hyper,
-    grad_scale: Tensor | None,
-    found_inf: Tensor | None,
-    *,
-    master_params: list[Tensor] | None = None,
-    tensor_ids: list[int] | None = None,
-    clip_coef: Tensor | None = None,
-) -> None:
-    if not params:
-        return
-    device = params[0].device
-    if not hp.capturable and found_inf is not None and bool(found_inf.item()):
-        return  # the steps live on the host: reading found_inf there is the only way to leave them unchanged
-    masters = master_params if hp.master_weights and master_params else []
-    if hp.stochastic_rounding and (tensor_ids is None or len(tensor_ids) != len(params)):
-        raise RuntimeError("FusedAdam (triton backend): stochastic_rounding needs tensor_ids, one per param")
-    ids = tensor_ids if hp.stochastic_rounding else None
-    entry = _entry(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, hp, masters, ids)
-    chunk, block, warps = _geometry(device)
-    wd_mode = _wd_mode(hp)
-    dummy = entry.launches[0].table
+def _compile_options(device: torch.device, master: bool, sr: bool, aligned: bool, fp64: bool = False) -> dict:
+    """Launch options beyond the geometry: see GPU_MAXNREG."""
+    capped = master or sr or not (aligned or fp64)
+    return {"maxnreg": GPU_MAXNREG} if device.type != "cpu" and capped else {}
 
-    if hp.capturable:
-        # lr and betas: read where they live (a device tensor, e.g. a scheduler's), else from a cached fp64 copy.
-        values = [None if isinstance(x, Tensor) and x.device == device else _float(x) for x in (hp.lr, hp.beta1, hp.beta2)]
-        key = (*values, float(hp.weight_decay))
-        if entry.hyper_key != key:
-            _check_not_capturing(device, "a float lr or beta")
-            host = [0.0 if v is None else v for v in values] + [float(hp.weight_decay)]
-            entry.hyper_dev = _upload(torch.tensor(host, dtype=torch.float64), device)
-            entry.hyper_key = key
-        ptrs = [x if v is None else entry.hyper_dev[k:k + 1] for k, (x, v) in enumerate(zip((hp.lr, hp.beta1, hp.beta2), values))]
-        for launch in entry.launches:
-            T = len(launch.index)
-            _capturable_step_kernel[(triton.cdiv(T, STEP_BLOCK),)](
-                launch.table, T, launch.scal, found_inf if found_inf is not None else dummy, *ptrs,
-                entry.hyper_dev[3:4], HAS_FOUND_INF=found_inf is not None, BLOCK=STEP_BLOCK, enable_fp_fusion=False,
-            )
-        uniform = None
-        sr_step = 0.0
-    else:
-        steps = _count_host_steps(entry, state_steps)
-        sr_step = steps[0] + 1.0
-        if len(set(steps)) == 1:
-            uniform = _host_scalars(hp, steps[0] + 1.0)
-        else:
-            uniform = None
-            pairs = {s: _host_scalars(hp, s + 1.0) for s in set(steps)}
-        lr, beta1, beta2 = _float(hp.lr), _float(hp.beta1), _float(hp.beta2)
-        group = [1.0 - beta1, beta2, 1.0 - beta2, 1.0 - lr * hp.weight_decay]
-    sr_seed_key = _sr_seed_key(hp.seed) if hp.stochastic_rounding else 0
-    if clip_coef is not None:
-        clip_coef = clip_coef.to(device=device, dtype=torch.float32)
 
-    for launch in entry.launches:
-        if launch.n_chunks == 0:
-            continue
-        T = len(launch.index)
-        gs, copies = _grads_for(launch, grads, params, device)
-        for j, bufs in launch.scratch.items():
-            i = launch.index[j]
-            srcs = [params[i], gs[j], exp_avgs[i], exp_avg_sqs[i]] + ([max_exp_avg_sqs[i]] if hp.amsgrad else [])
-            dsts = bufs[: len(srcs)]
-            if masters:
-                srcs.append(masters[i])
-                dsts = dsts + [bufs[5]]
-            torch._foreach_copy_(dsts, srcs)
-        aligned = launch.aligned and launch.grads_aligned
-        if hp.capturable:
-            scal, args = launch.scal, (1.0,) * 6
-        elif uniform is not None:
-            scal, args = dummy, (uniform[0], uniform[1], *group)
-        else:
-            host = [*group, 0.0, 0.0, 0.0, 0.0]
-            for i in launch.index:
-                host.extend(pairs[steps[i]])
-            host.extend(steps[i] + 1.0 for i in launch.index)  # NOTE [triton sr]
-            scal, args = _upload(torch.tensor(host, dtype=torch.float32), device), (1.0,) * 6
-        _adam_kernel[(launch.n_chunks,)](
-            launch.table, T, launch.n_chunks, scal,
-            grad_scale if grad_scale is not None else dummy,
-            found_inf if (found_inf is not None and hp.capturable) else dummy,
-            clip_coef if clip_coef is not None else dummy,
-            *args, float(hp.eps), float(hp.weight_decay), sr_seed_key, sr_step,
-            P_TY=_TL_DTYPE[launch.dtypes[0]], G_TY=_TL_DTYPE[launch.dtypes[1]], M_TY=_TL_DTYPE[launch.dtypes[2]],
-            V_TY=_TL_DTYPE[launch.dtypes[3]], X_TY=_TL_DTYPE[launch.dtypes[4]],
-            WD_MODE=wd_mode, AMSGRAD=hp.amsgrad, MAXIMIZE=hp.maximize, UNSCALE=grad_scale is not None,
-            HAS_FOUND_INF=found_inf is not None and hp.capturable, DEVICE_SCALARS=scal is not dummy,
-            ALIGNED=aligned, CHUNK=chunk, BLOCK=block, SOFT_BF16=device.type == "cpu",
-            MASTER=bool(masters), CLIP=clip_coef is not None, SR=hp.stochastic_rounding,
-            num_warps=warps, enable_fp_fusion=False, **_compile_options(device, bool(masters), hp.stochastic_rounding),
+def _to_device(host: Tensor, device: torch.device) -> Tensor:
+    if device.type == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def _check_not_capturing(device: torch.device, what: str) -> None:
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"{_WHO}: {what} changed during CUDA graph capture; run one eager step with the same tensors before "
+            "capturing, and keep them (static grads) while the graph is replayed"
         )
-        for j, bufs in launch.scratch.items():
-            i = launch.index[j]
-            dsts = [params[i], exp_avgs[i], exp_avg_sqs[i]] + ([max_exp_avg_sqs[i]] if hp.amsgrad else [])
-            srcs = [bufs[0], bufs[2], bufs[3]] + ([bufs[4]] if hp.amsgrad else [])
-            if masters:
-                dsts.append(masters[i])
-                srcs.append(bufs[5])
-            if grad_scale is not None:
-                dsts.append(gs[j])
-                srcs.append(bufs[1])
-            torch._foreach_copy_(dsts, srcs)
-        if grad_scale is not None:
-            for g, c in copies:
-                g.copy_(c)
 
 
-_ONE = torch.ones(())
+def chunk_rows(numels: list[int], chunk: int) -> tuple[Tensor, Tensor]:
+    """NOTE [chunk table]: chunk -> tensor index and chunk -> first element, for tensors of these numels."""
+    nums = torch.tensor(numels, dtype=torch.int64)
+    per = (nums + chunk - 1) // chunk
+    chunk_tensor = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int64), per)
+    first = torch.cumsum(per, 0) - per
+    chunk_start = (torch.arange(chunk_tensor.numel(), dtype=torch.int64) - first[chunk_tensor]) * chunk
+    return chunk_tensor, chunk_start
 
 
-def _legacy_hyper(part, hp: Hyper) -> SimpleNamespace:
-    """Interim: the old per-call options object this module's step() reads."""
-    o = part.options
-    return SimpleNamespace(lr=hp.lr, beta1=hp.beta1, beta2=hp.beta2, eps=hp.eps, weight_decay=hp.weight_decay,
-                           amsgrad=o.amsgrad, maximize=o.maximize, decoupled=o.decoupled, capturable=o.capturable,
-                           differentiable=o.differentiable, master_weights=o.master,
-                           state_dtype=None if o.state_dtype == o.param_dtype else o.state_dtype,
-                           stochastic_rounding=o.stochastic_rounding, seed=o.seed, clip=o.clip)
+@dataclass(eq=False)
+class _Prepared:
+    """What prepare() keeps for a partition's life (part.prepared)."""
+
+    checker: object  # _C.Partition (or _PyPartition): the per-step check pass
+    out: Tensor  # (6, T) int64 host: the address rows as uploaded to table[:6T]
+    table: Tensor  # NOTE [triton table], on the device
+    n_chunks: int
+    numels: list[int]  # the chunk table's sizes (a param's .data may be replaced by one of another size)
+    grid: int
+    math: torch.dtype
+    constexprs: dict  # the launch's structure, fixed for the partition
+    options: dict  # ALIGNED -> compile options (_compile_options)
+    steps: _HostSteps | None  # None when capturable (the steps live on the device)
+    scal: Tensor | None = None  # capturable: written by _capturable_step_kernel
+    hyper_key: tuple | None = None  # capturable: values in hyper_dev
+    hyper_dev: Tensor | None = None
+    sr_contiguous: bool = False  # SR: every param was contiguous at the last check (NOTE [triton sr])
+    scratch: dict[int, list[Tensor]] = field(default_factory=dict)  # staging: position -> p, g, m, v, x, w copies
 
 
-class _Adapter(Backend):
-    name = 'triton'
+class TritonBackend(Backend):
+    name = "triton"
 
     def unavailable(self) -> str | None:
-        return unavailable()
+        return _IMPORT_ERROR
 
     def supports(self, part) -> str | None:
-        return unsupported(part.device, part.dtype, _legacy_hyper(part, Hyper(0.0, 0.0, 0.0, 0.0, 0.0)))
+        if _IMPORT_ERROR is not None:
+            return _IMPORT_ERROR
+        o = part.options
+        if o.differentiable:
+            return "differentiable=True: only the reference backend keeps autograd through the step"
+        if part.dtype not in _KERNEL_DTYPES:
+            return f"{part.dtype} params are not supported (fp32, fp64, bf16 and fp16 are)"
+        if o.state_dtype not in _KERNEL_DTYPES:
+            return f"state_dtype={o.state_dtype} is not supported (fp32, fp64, bf16 and fp16 states are)"
+        if part.device.type == "cpu":
+            if not _interpret():
+                return "CPU tensors run only under the Triton interpreter (set TRITON_INTERPRET=1 before importing triton)"
+            return None
+        if part.device.type != "cuda":
+            return f"device type {part.device.type!r} is not supported (cuda, or cpu under TRITON_INTERPRET=1)"
+        return None
 
-    def step(self, part, grads, hp: Hyper, amp: Amp) -> bool:
-        if grads is None:
-            grads = part.grads_from_params()
-            if grads is None:
-                return False
-        extra = {}
-        if part.options.master:
-            extra["master_params"] = part.master_params
-        if part.options.stochastic_rounding:
-            extra["tensor_ids"] = part.tensor_ids
-        step(part.params, grads, part.exp_avgs, part.exp_avg_sqs, part.max_exp_avg_sqs, part.state_steps,
-             _legacy_hyper(part, hp), amp.grad_scale, amp.found_inf, clip_coef=amp.clip_coef, **extra)
+    def prepare(self, part) -> None:
+        device, o, n = part.device, part.options, len(part.params)
+        chunk, block, warps = _geometry(device)
+        numels = [p.numel() for p in part.params]
+        chunk_tensor, chunk_start = chunk_rows(numels, chunk)
+        n_chunks = int(chunk_tensor.numel())
+        host = torch.zeros(_ROWS * n + 2 * n_chunks, dtype=torch.int64)
+        if o.capturable:
+            host[_STEP * n:(_STEP + 1) * n] = torch.tensor([s.data_ptr() for s in part.state_steps], dtype=torch.int64)
+        host[_NUMEL * n:(_NUMEL + 1) * n] = torch.tensor(numels, dtype=torch.int64)
+        if o.stochastic_rounding:
+            host[_TID * n:(_TID + 1) * n] = torch.tensor(part.tensor_ids, dtype=torch.int64)
+        host[_ROWS * n:] = torch.cat([chunk_tensor, chunk_start])
+        math = torch.float64 if part.dtype == torch.float64 else torch.float32
+        sd = o.state_dtype
+        constexprs = dict(
+            P_TY=_TL_DTYPE[part.dtype], G_TY=_TL_DTYPE[part.dtype], M_TY=_TL_DTYPE[sd], V_TY=_TL_DTYPE[sd],
+            X_TY=_TL_DTYPE[sd], MATH_TY=_TL_DTYPE[math], WD_MODE=int(o.wd_mode), AMSGRAD=o.amsgrad,
+            MAXIMIZE=o.maximize, CHUNK=chunk, BLOCK=block, SOFT_BF16=device.type == "cpu", MASTER=o.master,
+            CLIP=o.clip, SR=o.stochastic_rounding, num_warps=warps, enable_fp_fusion=False,
+        )
+        prep = _Prepared(
+            checker=_partition_checker(part), out=torch.zeros(_ADDRESS_ROWS, n, dtype=torch.int64),
+            table=_to_device(host, device), n_chunks=n_chunks, numels=numels, grid=_grid(device, n_chunks), math=math,
+            constexprs=constexprs, steps=None if o.capturable else _HostSteps(part.state_steps),
+            options={a: _compile_options(device, o.master, o.stochastic_rounding, a, math == torch.float64)
+                     for a in (False, True)},
+        )
+        if o.capturable:
+            prep.scal = torch.zeros(_GROUP_SLOTS + 3 * n, dtype=math, device=device)
+        part.prepared = prep
+
+    def step(self, part, grads: list[Tensor] | None, hp: Hyper, amp: Amp) -> bool:
+        return _step(part, part.prepared, grads, hp, amp)
+
+
+BACKEND = TritonBackend()
+
+
+def _stage(part, prep: _Prepared, grads: list[Tensor] | None) -> tuple[list[tuple[Tensor, Tensor]], list, int]:
+    """The unusual layouts (NOTE [triton host path]), per tensor: tensors whose arrays do not share one dense
+    layout (with stochastic rounding: are not contiguous) run on contiguous scratch copies; a grad whose strides
+    differ from its param's runs on a copy with the param's strides. Patches `out` to the copies' addresses.
+    Returns (copies to make before the launch as (dst, src)), (copies back after it, as (dst, src, is_grad)),
+    and the mask of rows patched."""
+    o = part.options
+    gs = grads if grads is not None else [p.grad for p in part.params]
+    out = prep.out
+    before, after = [], []
+    rows = 0
+    prep.sr_contiguous = all(p.is_contiguous() for p in part.params)
+    for i, p in enumerate(part.params):
+        arrays = [p, gs[i], part.exp_avgs[i], part.exp_avg_sqs[i]]
+        arrays.append(part.max_exp_avg_sqs[i] if o.amsgrad else None)
+        arrays.append(part.master_params[i] if o.master else None)
+        fixed = [a for k, a in enumerate(arrays) if a is not None and k != _G]
+        layout_ok = p.is_contiguous() if o.stochastic_rounding else _dense(p)
+        if layout_ok and all(a.stride() == p.stride() for a in fixed):
+            g = gs[i]
+            if g.stride() != p.stride() and g.numel() > 1:
+                copy = torch.empty_strided(p.shape, p.stride(), dtype=g.dtype, device=g.device)
+                before.append((copy, g))
+                after.append((g, copy, True))
+                out[_G, i] = copy.data_ptr()
+                rows |= 1 << _G
+            continue
+        bufs = prep.scratch.get(i)
+        if bufs is None or any(b is not None and b.shape != p.shape for b in bufs):
+            bufs = [None if a is None else torch.empty(p.shape, dtype=a.dtype, device=a.device) for a in arrays]
+            prep.scratch[i] = bufs
+        for k, (a, b) in enumerate(zip(arrays, bufs)):
+            if a is None:
+                continue
+            before.append((b, a))
+            if k != _G:
+                after.append((a, b, False))
+            else:
+                after.append((a, b, True))
+            out[k, i] = b.data_ptr()
+            rows |= 1 << k
+    return before, after, rows
+
+
+def _upload_rows(prep: _Prepared, rows: int, device: torch.device) -> None:
+    """Rows lo..hi of `out` (every row flagged lies in that range) to table[lo*T:(hi+1)*T]: one copy."""
+    lo = (rows & -rows).bit_length() - 1
+    hi = rows.bit_length() - 1
+    T = prep.out.shape[1]
+    _check_not_capturing(device, "the params', grads' or states' addresses")
+    src = prep.out[lo:hi + 1].reshape(-1)
+    dst = prep.table[lo * T:(hi + 1) * T]
+    if device.type == "cpu":
+        dst.copy_(src)
+    else:
+        # a fresh pinned copy per upload: the caching host allocator keeps it until the copy has run, so the next
+        # step may rewrite `out` while this one is still queued
+        dst.copy_(src.pin_memory(), non_blocking=True)
+
+
+def _step(part, prep: _Prepared, grads: list[Tensor] | None, hp: Hyper, amp: Amp) -> bool:
+    T = len(part.params)
+    if T == 0:
         return True
+    o = part.options
+    device = part.device
+    mask = prep.checker.addresses(grads, prep.out)
+    if mask < 0:
+        return False  # a param without a grad: nothing changed, the plan is rebuilt
+    rows = mask & _ROW_BITS
+    if rows & (1 << _P) and list(map(Tensor.numel, part.params)) != prep.numels:
+        # A param (and its states: the check pass compared their shapes) now has another size: the chunk table
+        # follows it, as torch's for-loop steps the new tensors.
+        _check_not_capturing(device, "a param's size")
+        BACKEND.prepare(part)
+        return _step(part, part.prepared, grads, hp, amp)
+    aligned = bool(mask & _ALIGNED_BIT)
+    if o.stochastic_rounding and rows & ~(1 << _G):
+        prep.sr_contiguous = all(p.is_contiguous() for p in part.params)  # a param or state moved
+    before, after = [], []
+    if not mask & _LAYOUT_BIT or (o.stochastic_rounding and not prep.sr_contiguous):
+        before, after, staged = _stage(part, prep, grads)
+        rows |= staged
+        if staged:
+            aligned = bool((prep.out % 16 == 0).all())
+    if rows:
+        _upload_rows(prep, rows, device)
+    found_inf, grad_scale = amp.found_inf, amp.grad_scale
+    if not o.capturable and found_inf is not None and bool(found_inf.item()):
+        return True  # the steps live on the host: reading found_inf there is the only way to leave them unchanged
+
+    table = prep.table
+    sr_step = 0.0
+    args = (1.0,) * 8
+    if o.capturable:
+        _capturable_scalars(prep, hp, found_inf, device, T)
+        scal, scalars = prep.scal, 2
+    else:
+        lr, beta1, beta2 = _float(hp.lr), _float(hp.beta1), _float(hp.beta2)
+        wd = float(hp.weight_decay)
+        # torch.optim.AdamW computes 1 - lr * wd in lr's dtype when lr is a Tensor (csrc/adam_math.h's decay)
+        decay = (1 - hp.lr * wd).item() if isinstance(hp.lr, Tensor) and o.decoupled else 1.0 - lr * wd
+        group = [1.0 - beta1, beta2, 1.0 - beta2, decay, float(hp.eps), wd]
+        uniform, counts = prep.steps.bump()
+        if uniform is not None:
+            sr_step = uniform + 1.0
+            pair = _host_scalars(lr, beta1, beta2, sr_step)
+            if prep.math == torch.float32:
+                scal, scalars = table, 0
+                args = (*pair, *group)
+            else:  # fp64 scalars do not fit a kernel argument
+                scal, scalars = _to_device(torch.tensor(group + list(pair), dtype=prep.math), device), 1
+        else:
+            after_counts = counts + _ONE
+            uniq, inv = torch.unique(after_counts, return_inverse=True)
+            pairs = torch.tensor([_host_scalars(lr, beta1, beta2, s) for s in uniq.tolist()], dtype=torch.float64)
+            host = torch.cat([torch.tensor(group + [0.0, 0.0], dtype=torch.float64), pairs[inv].reshape(-1),
+                              after_counts.double()])
+            scal, scalars = _to_device(host.to(prep.math), device), 2
+    clip_coef = amp.clip_coef
+    if clip_coef is not None:
+        clip_coef = clip_coef.to(device=device, dtype=torch.float32)
+    sr_seed_key = _sr_seed_key(o.seed) if o.stochastic_rounding else 0
+    if before:
+        torch._foreach_copy_([d for d, _ in before], [s for _, s in before])
+    if prep.n_chunks:
+        _launch(prep, T, scal,
+                grad_scale if grad_scale is not None else table,
+                found_inf if (found_inf is not None and o.capturable) else table,
+                clip_coef if clip_coef is not None else table,
+                args, sr_seed_key, sr_step,
+                dict(UNSCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None and o.capturable,
+                     SCALARS=scalars, ALIGNED=aligned))
+    back = [(d, s) for d, s, is_grad in after if not is_grad or grad_scale is not None]
+    if back:
+        torch._foreach_copy_([d for d, _ in back], [s for _, s in back])
+    return True
 
 
-BACKEND = _Adapter()
+def _launch(prep: _Prepared, T: int, scal, grad_scale, found_inf, clip_coef, args, sr_seed_key, sr_step, flags):
+    _adam_kernel[(prep.grid,)](
+        prep.table, T, prep.n_chunks, scal, grad_scale, found_inf, clip_coef, *args, sr_seed_key, sr_step,
+        **prep.constexprs, **flags, **prep.options[flags["ALIGNED"]],
+    )
+
+
+def _capturable_scalars(prep: _Prepared, hp: Hyper, found_inf, device, T: int) -> None:
+    """capturable: bump the device steps and write scal on the device. lr and betas are read where they live (a
+    device tensor, e.g. a scheduler's), else from a cached fp64 copy."""
+    values = [None if isinstance(x, Tensor) and x.device == device else _float(x) for x in (hp.lr, hp.beta1, hp.beta2)]
+    key = (*values, float(hp.weight_decay), float(hp.eps))
+    if prep.hyper_key != key:
+        _check_not_capturing(device, "a float lr, beta, eps or weight decay")
+        host = [0.0 if v is None else v for v in values] + [float(hp.weight_decay), float(hp.eps)]
+        prep.hyper_dev = _to_device(torch.tensor(host, dtype=torch.float64), device)
+        prep.hyper_key = key
+    ptrs = [x if v is None else prep.hyper_dev[k:k + 1]
+            for k, (x, v) in enumerate(zip((hp.lr, hp.beta1, hp.beta2), values))]
+    _capturable_step_kernel[(triton.cdiv(T, STEP_BLOCK),)](
+        prep.table, T, prep.scal, found_inf if found_inf is not None else prep.table, *ptrs, prep.hyper_dev,
+        HAS_FOUND_INF=found_inf is not None, BLOCK=STEP_BLOCK, enable_fp_fusion=False,
+    )
