@@ -181,6 +181,48 @@ bool same_items(py::handle a, py::handle b) {
   return true;
 }
 
+// NOTE [flat slot check]: a flat run (python/fused_adam/flat.py) steps a buffer's range as one tensor, which is right
+// only while every param is still the view of its slot, its grad the view of its grad slot, and every state tensor
+// its view. This checks that in one prefetched pass over handles held since the run was bound: per tensor, its
+// data address, element count and contiguity (for `grads`, those of the tensor's .grad, read from its autograd
+// metadata and not held: a held reference would make autograd accumulate out of place). Memory-latency bound, as
+// NOTE [cpu per-tensor cost] describes, so the TensorImpls are prefetched ahead of the reads.
+struct SlotCheck {
+  std::vector<at::Tensor> tensors;
+  std::vector<int64_t> ptrs, numels;
+  bool grads;
+
+  SlotCheck(std::vector<at::Tensor> t, std::vector<int64_t> p, std::vector<int64_t> n, bool g)
+      : tensors(std::move(t)), ptrs(std::move(p)), numels(std::move(n)), grads(g) {
+    TORCH_CHECK_VALUE(ptrs.size() == tensors.size() && numels.size() == tensors.size(), "SlotCheck: ", tensors.size(),
+                      " tensors with ", ptrs.size(), " addresses and ", numels.size(), " element counts");
+  }
+
+  bool at_slots() const {
+    constexpr size_t kAhead = 16;
+    const size_t n = tensors.size();
+    auto impl = [&](size_t i) { return tensors[i].unsafeGetTensorImpl(); };
+    for (size_t i = 0; i < n; ++i) {
+      if (i + kAhead < n) __builtin_prefetch(impl(i + kAhead));
+      if (i + kAhead / 2 < n) {
+        const c10::TensorImpl* ahead = impl(i + kAhead / 2);
+        __builtin_prefetch(grads ? static_cast<const void*>(ahead->autograd_meta())
+                                 : static_cast<const void*>(ahead->unsafe_storage().unsafeGetStorageImpl()));
+      }
+      const c10::TensorImpl* t = impl(i);
+      if (grads) {
+        const at::Tensor& grad = t->grad();  // the autograd metadata's handle: no reference taken
+        if (!grad.defined()) return false;
+        t = grad.unsafeGetTensorImpl();
+      }
+      if (t->layout() != at::kStrided || !t->has_storage() || t->numel() != numels[i]) return false;
+      // An empty slot has no address to compare (data_ptr() of an empty tensor is 0 or anything).
+      if (numels[i] != 0 && (!t->is_contiguous() || reinterpret_cast<int64_t>(t->data()) != ptrs[i])) return false;
+    }
+    return true;
+  }
+};
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -211,6 +253,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            "held, bit 6 when every address is 16-byte aligned, bit 7 when every tensor's grad, states and master "
            "share its param's dense layout (clear: the caller stages copies).",
            py::arg("grads"), py::arg("out"));
+
+  py::class_<SlotCheck>(m, "SlotCheck",
+                        "NOTE [flat slot check]: tensors (or, with grads=True, their .grad) still at these addresses, "
+                        "with these element counts, contiguous.")
+      .def(py::init<std::vector<at::Tensor>, std::vector<int64_t>, std::vector<int64_t>, bool>(), py::arg("tensors"),
+           py::arg("ptrs"), py::arg("numels"), py::kw_only(), py::arg("grads") = false)
+      .def("__call__", &SlotCheck::at_slots, "True if every tensor (or grad) is still its slot.");
 
   m.def("same_items", &same_items,
         "len(a) == len(b) and a[i] is b[i] for every i (the step plan's check that a params list still holds the "

@@ -38,6 +38,7 @@ NOTE [flat run wiring]: what the step plan does with a partition (tests/test_fla
 from __future__ import annotations
 
 import dataclasses
+import functools
 import operator
 import warnings
 from collections.abc import Iterable
@@ -255,6 +256,16 @@ def flatten_parameters(module_or_params, *, align: int = 64) -> list[FlatBuffer]
 # ---- the optimizer side --------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=None)
+def _native_slot_check():
+    try:
+        from . import _C
+    except Exception:  # built without the extension: FlatRun.valid's Python check
+        return None
+    return getattr(_C, "SlotCheck", None)
+
+
+
 def find_run(params: list[Tensor], options: PartOptions) -> FlatRun | None:
     """The flat run these params (one partition's, in its order) form, or None: they must be consecutive slots of
     one FlatBuffer, in buffer order, each still a view of its slot. `options`: the partition's PartOptions
@@ -298,6 +309,7 @@ class FlatRun:
     _slots: tuple = ()  # (param_ptrs, grad_ptrs, numels) of the run's slots
     _warned: bool = False
     _steps_version: int = -1
+    _native: tuple | None = None  # _C.SlotCheck of params, grads, states (NOTE [flat slot check]), where built
 
     def __repr__(self) -> str:
         last = self.first + self.count - 1
@@ -392,6 +404,11 @@ class FlatRun:
         self._expected = [t.data_ptr() for t in tensors]
         self._steps_version = self.steps._version
         self._views = []
+        native = _native_slot_check()
+        if native is not None:  # NOTE [flat slot check] in csrc/ops.cpp: the same checks, in C++
+            p_ptrs, g_ptrs, numels = self._slots
+            self._native = (native(self._params, p_ptrs, numels), native(self._params, g_ptrs, numels, grads=True),
+                            native(self._tensors, self._expected, [t.numel() for t in tensors]))
         return True
 
     def partition(self, part):
@@ -410,9 +427,16 @@ class FlatRun:
         param its slot, every grad its view, every state tensor its view, and the step counts equal (checked
         only when the step buffer's version moved: a step count changed in place)."""
         params, (p_ptrs, g_ptrs, numels) = self._params, self._slots
-        if not _all_at(params, p_ptrs, numels) or list(map(_ptr, self._tensors)) != self._expected:
-            return False
-        if not _all_at(list(map(_grad, params)), g_ptrs, numels):
+        if self._native is not None:
+            params_at, grads_at, states_at = self._native
+            if not params_at() or not states_at():
+                return False
+            grads_in_place = grads_at()
+        else:
+            if not _all_at(params, p_ptrs, numels) or list(map(_ptr, self._tensors)) != self._expected:
+                return False
+            grads_in_place = _all_at(list(map(_grad, params)), g_ptrs, numels)
+        if not grads_in_place:
             if not self._warned:  # else a training loop would run per tensor, unaware, step after step
                 self._warned = True
                 warnings.warn(

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import backends, plan as plans
+from . import backends, checkpoint, plan as plans
 from .args import EXTENSIONS, check_args, check_extensions, check_fused_param
 from .backends import Amp, Hyper
 from .plan import Dispatch, Partition, Plan
@@ -189,37 +189,16 @@ class FusedAdam(Optimizer):
         self._plans = {}
         self._generation = Generation()
         self.state = rebind(self.state, self._generation)
-        for group in self.param_groups:
-            group.setdefault("amsgrad", False)
-            group.setdefault("maximize", False)
-            group.setdefault("foreach", None)
-            group.setdefault("capturable", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("decoupled_weight_decay", False)
-            group.setdefault("fused", None)
+        checkpoint.fill_group_defaults(self.param_groups)
 
     def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
-        sd["state"] = {k: dict(v) if isinstance(v, dict) else v for k, v in sd["state"].items()}  # plain dicts
-        return sd
+        """torch's layout, each param's state a plain dict (loadable by torch.optim.Adam and without fused_adam)."""
+        return checkpoint.state_dict(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch's, except that fp32 masters and states kept in a state_dtype are not cast to the param's dtype
-        on the way in (torch's loader casts every floating-point state to it, which would round the master)."""
-        keep = {
-            pid: {k: v for k, v in s.items() if k == "master_param" or (k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") and torch.is_tensor(v))}
-            for pid, s in state_dict["state"].items() if isinstance(s, dict)
-        }
-        super().load_state_dict(state_dict)  # ends in __setstate__: plans dropped, state rebound
-        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        groups = [g for g in self.param_groups for _ in g["params"]]
-        for pid, p, group in zip(saved_ids, params, groups):
-            for key, value in keep.get(pid, {}).items():
-                if key == "master_param":
-                    self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
-                elif group.get("state_dtype") is not None or (group.get("master_weights") and p.dtype in backends.LOW_PRECISION):
-                    self.state[p][key] = value.to(device=p.device, dtype=group.get("state_dtype") or torch.float32, copy=True)
+        """torch's, except that everything is checked before anything changes (checkpoint.py), and fp32 masters
+        and states kept in a state dtype are not cast to the param's dtype on the way in."""
+        checkpoint.load_state_dict(self, state_dict)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
