@@ -183,6 +183,7 @@ def test_addresses_at_ten_thousand():
     assert part.addresses(None, out) & ROWS_CHANGED == 0xF
     assert torch.equal(out, _expected(lists))
     before = out.clone()
+    held = [lists["params"][k].grad.data for k in (7_000, 9_000)]  # their memory is not handed to the new grads
     lists["params"][9_000].grad.data = torch.randn(5)
     lists["params"][7_000].grad.data = torch.randn(3)
     with pytest.raises(RuntimeError, match=r"grads\[7000\] has shape \[3\]"):
@@ -191,7 +192,8 @@ def test_addresses_at_ten_thousand():
     lists["params"][7_000].grad = torch.randn(4)
     lists["params"][9_000].grad = torch.randn(4)
     assert part.addresses(None, out) == (1 << GRAD) | ALIGNED | FLAT
-    assert out[GRAD, 7_000] == lists["params"][7_000].grad.data_ptr()
+    assert out[GRAD, 7_000] == lists["params"][7_000].grad.data_ptr() and torch.equal(out, _expected(lists))
+    del held
 
 
 def test_addresses_reads_only_metadata_on_any_device():

@@ -204,9 +204,10 @@ inline void check_tensor(const char* who, const TensorLists& l, size_t i, const 
 
 // Same element -> memory offset map as `like` (strides of size-1 dims do not matter).
 inline bool same_layout(const at::Tensor& t, const at::Tensor& like) {
-  if (t.dim() != like.dim()) return false;
-  for (int64_t d = 0; d < t.dim(); ++d) {
-    if (t.size(d) != 1 && t.stride(d) != like.stride(d)) return false;
+  const c10::IntArrayRef sizes = t.sizes(), strides = t.strides(), like_strides = like.strides();
+  if (strides.size() != like_strides.size()) return false;
+  for (size_t d = 0; d < strides.size(); ++d) {
+    if (sizes[d] != 1 && strides[d] != like_strides[d]) return false;
   }
   return true;
 }
