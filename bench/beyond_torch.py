@@ -5,7 +5,7 @@
 
 One scenario, every contender timed interleaved in one process (bench/harness.py), a whole optimizer.step() per call
 over the same tensor mix (200 tensors of mixed sizes): FusedAdamW backend="cpu" in each mode (bytes per param from
-DESIGN.md's cost model), torch.optim.AdamW(fused=True) with fp32 and with bf16 params, and the roofline kernel
+docs/design.md's cost model), torch.optim.AdamW(fused=True) with fp32 and with bf16 params, and the roofline kernel
 fused_adam._C.roofline_ (one pass with Adam's access pattern over fp32: 28 B/param) on as many elements. A row's
 "roofline" column is its GB/s (own bytes model) over the roofline's GB/s in the same repetition.
 Targets (issue 6), printed as pass/miss with the measured ratio:
@@ -40,7 +40,7 @@ M = 1 << 20
 BF16, F32 = torch.bfloat16, torch.float32
 
 # name: (param dtype, FusedAdamW options, bytes per param). Bytes: read + write of every stored array
-# (DESIGN.md's cost model; the master mode writes the bf16 param copy too).
+# (docs/design.md's cost model; the master mode writes the bf16 param copy too).
 MODES: dict[str, tuple[torch.dtype, dict, int]] = {
     "ours fp32": (F32, {}, 28),
     "ours fp32 + bf16 states": (F32, dict(state_dtype=BF16), 20),

@@ -9,7 +9,8 @@ backend="reference", torch.optim.AdamW for-loop (foreach=False), foreach=True an
 where importable, and the roofline kernel fused_adam._C.roofline_ (one pass with Adam's access pattern: read
 p, g, m, v, write p, m, v, over fp32 buffers holding as many bytes as the scenario's step moves). Grads are
 assigned once; each timed call is a whole opt.step(). Results: bench/results/cpu_step[_quick].{json,csv,png}.
-Then the targets of the issue are checked and printed as pass/miss with the measured ratio.
+Then the verdicts are printed as pass/miss with the measured ratio: the issue's targets for the full preset, and for
+the quick preset verdicts of its own that hold at its size (NOTE [quick verdicts]).
 """
 from __future__ import annotations
 
@@ -180,41 +181,82 @@ def specs(quick: bool) -> list[Spec]:
 
 # ---- targets ---------------------------------------------------------------------------------------------------
 
+# NOTE [quick verdicts]: the issue's targets are defined for the full preset (64M params; 10k x 1k and 1M as they
+# are). The quick preset runs the DRAM scenarios at 8M, where a step's fixed cost weighs 8x more, with 5-12
+# repetitions: judged against the 64M targets, a healthy build reads "miss". So the quick preset has verdicts of its
+# own, each from rows of the same run, that hold at its size:
+#   * every scenario but the cache-resident one: ours' time within the roofline's time for the same bytes divided by
+#     QUICK_DATA_FRACTION (the 64M target less the spread of a few repetitions), plus QUICK_PER_TENSOR_S for each
+#     tensor (a bound on the fixed per-tensor cost of a step that the 8M rows pay and the 64M ones hide);
+#   * the cache-resident 1M step: not slower than torch fused. Both are compute-bound on one tensor and pay the same
+#     arithmetic; how far ahead ours is depends on the CPU's divider, which the 1.5x target does not allow for;
+#   * a scenario during which other processes used QUIET_OTHERS or more of the CPU is not judged: a two-thread step
+#     then waits for the scheduler at each parallel region, so its time measures the machine, not the code.
+# bench/NOTES.md ("Quick preset verdicts") has the measurements behind the constants.
+QUICK_DATA_FRACTION = 0.8
+QUICK_PER_TENSOR_S = 2e-6
+QUIET_OTHERS = 0.10  # what --wait-quiet calls quiet
 
-def check_targets(rows: list[harness.Row]) -> list[dict]:
-    """The issue's targets, from this run's rows. status: pass | miss | n/a (a row it needs did not run)."""
+
+def _verdict(name, scenario, ours, value_of, threshold, what, needs="", quiet_only=False) -> dict:
+    value, why = None, ""
+    if ours is None:
+        why = "scenario not run"
+    elif ours.status != "ok":
+        why = f"{OURS}: {ours.reason}"
+    elif quiet_only and ours.others_cpu is not None and ours.others_cpu >= QUIET_OTHERS:
+        why = (f"not judged: other processes used {100 * ours.others_cpu:.0f}% of the CPU while it ran; rerun on a "
+               f"quiet machine or with --wait-quiet 60")
+    else:
+        value = value_of(ours)
+        if value is None or threshold is None:
+            value, why = None, f"needs the {needs} row"
+    status = "n/a" if value is None else ("pass" if value >= threshold else "miss")
+    return dict(target=name, scenario=scenario, measured=value, threshold=threshold, what=what, status=status, reason=why)
+
+
+def check_targets(rows: list[harness.Row], quick: bool = False) -> list[dict]:
+    """The verdicts, from this run's rows: the issue's targets (full preset), or the quick preset's own (NOTE [quick
+    verdicts]). status: pass | miss | n/a (a row it needs did not run, or the quick preset's scenario was contended)."""
     by = {(r.scenario, r.contender): r for r in rows}
     scen = list(dict.fromkeys(r.scenario for r in rows))
     out = []
 
-    def add(name, scenario, value_of, threshold, what):
-        ours = by.get((scenario, OURS))
-        value, why = None, ""
-        if ours is None:
-            why = "scenario not run"
-        elif ours.status != "ok":
-            why = f"{OURS}: {ours.reason}"
-        else:
-            value = value_of(ours)
-            if value is None:
-                why = "needs the roofline row" if "roofline" in what else f"needs the {BASELINE} row"
-        status = "n/a" if value is None else ("pass" if value >= threshold else "miss")
-        out.append(dict(target=name, scenario=scenario, measured=value, threshold=threshold, what=what, status=status, reason=why))
-
     for s in scen:
+        ours = by.get((s, OURS))
+        if quick:
+            if s == "fp32 1x1M cache":
+                out.append(_verdict(f"{s}: not slower than torch fused", s, ours, lambda r: r.speedup, 1.0,
+                                    f"speedup over {BASELINE}", needs=BASELINE, quiet_only=True))
+                continue
+            roof = by.get((s, "roofline"))
+            threshold, what = None, "fraction of roofline GB/s"
+            if ours is not None and roof is not None and roof.status == "ok" and roof.median_ms:
+                fixed_ms = 1e3 * QUICK_PER_TENSOR_S * ours.num_tensors
+                threshold = roof.median_ms / (roof.median_ms / QUICK_DATA_FRACTION + fixed_ms)
+                what = (f"fraction of roofline GB/s (allowed: roofline {roof.median_ms:.3g} ms / {QUICK_DATA_FRACTION} "
+                        f"+ {fixed_ms:.3g} ms for {ours.num_tensors} tensors)")
+            out.append(_verdict(f"{s}: roofline time / {QUICK_DATA_FRACTION} + {QUICK_PER_TENSOR_S * 1e6:g} us per tensor",
+                                s, ours, lambda r: r.roof_frac, threshold, what, needs="roofline", quiet_only=True))
+            continue
         if s.startswith(("fp32 1x", "fp32 500", "amsgrad")) and "cache" not in s:
-            add(f"{s}: >= 0.95 of roofline", s, lambda r: r.roof_frac, 0.95, "fraction of roofline GB/s")
+            out.append(_verdict(f"{s}: >= 0.95 of roofline", s, ours, lambda r: r.roof_frac, 0.95,
+                                "fraction of roofline GB/s", needs="roofline"))
         if s.startswith("bf16"):
-            add(f"{s}: >= 0.9 of the 14-byte roofline", s, lambda r: r.roof_frac, 0.90, "fraction of roofline GB/s")
+            out.append(_verdict(f"{s}: >= 0.9 of the 14-byte roofline", s, ours, lambda r: r.roof_frac, 0.90,
+                                "fraction of roofline GB/s", needs="roofline"))
         if s == "fp32 10k x 1k":
-            add(f"{s}: >= 10x torch fused step()", s, lambda r: r.speedup, 10.0, f"speedup over {BASELINE}")
+            out.append(_verdict(f"{s}: >= 10x torch fused step()", s, ours, lambda r: r.speedup, 10.0,
+                                f"speedup over {BASELINE}", needs=BASELINE))
         if s == "fp32 1x1M cache":
-            add(f"{s}: >= 1.5x torch fused", s, lambda r: r.speedup, 1.5, f"speedup over {BASELINE}")
+            out.append(_verdict(f"{s}: >= 1.5x torch fused", s, ours, lambda r: r.speedup, 1.5,
+                                f"speedup over {BASELINE}", needs=BASELINE))
 
-    # No allocation proportional to the parameter count: in every scenario, peak growth during a step (the larger
-    # of the two probes) stays under 1% of the params' own bytes + 1 MiB (page and heap granularity) + 256 B per
-    # tensor (per-tensor metadata: pointer lists, the chunk table; O(tensors), not O(params)). A temporary the size
-    # of the params, or of one large tensor, does not fit in that.
+    # No allocation proportional to the parameter count (both presets: contention does not change what is
+    # allocated): in every scenario, peak growth during a step (the larger of the two probes) stays under 1% of the
+    # params' own bytes + 1 MiB (page and heap granularity) + 256 B per tensor (per-tensor metadata: pointer lists,
+    # the chunk table; O(tensors), not O(params)). A temporary the size of the params, or of one large tensor, does
+    # not fit in that.
     worst = None
     for s in scen:
         r = by.get((s, OURS))
@@ -249,7 +291,7 @@ def format_targets(targets: list[dict]) -> str:
             lines.append(f"  n/a   {t['target']}  ({t['reason']})")
         else:
             op = "<=" if "lower is better" in t["what"] else ">="
-            lines.append(f"  {t['status']:<5} {t['target']}: {t['what']} = {m:.3g} (target {op} {t['threshold']})")
+            lines.append(f"  {t['status']:<5} {t['target']}: {t['what']} = {m:.3g} (target {op} {t['threshold']:.3g})")
     return "\n".join(lines)
 
 
@@ -303,7 +345,7 @@ def main(argv=None) -> int:
         rows += harness.run_scenario(scn, baseline=BASELINE, progress=not args.no_progress, **run_kw)
         del scn
 
-    targets = check_targets(rows)
+    targets = check_targets(rows, quick=args.quick)
     wall = time.perf_counter() - t_start
     meta["wall_s"] = round(wall, 1)
     meta["loadavg_end"] = harness.load_average()
@@ -325,8 +367,11 @@ def main(argv=None) -> int:
     print()
     print("targets:")
     if args.quick:
-        print("  (the issue's DRAM targets are defined at 64M params; at the quick preset's 8M a step's fixed cost, ~0.3-0.5 ms\n"
-              "   at 500 tensors, weighs 8x more: read the DRAM rows below as a smoke test, bench/NOTES.md has the 64M runs)")
+        print(f"  (quick preset: its own verdicts, which hold at 8M; the issue's targets are judged by the full preset.\n"
+              f"   Each scenario: within the roofline measured in this run / {QUICK_DATA_FRACTION} + "
+              f"{QUICK_PER_TENSOR_S * 1e6:g} us per tensor; 1M in cache: not slower than torch fused; a scenario\n"
+              f"   during which other processes used >= {100 * QUIET_OTHERS:.0f}% of the CPU is not judged. "
+              f"NOTE [quick verdicts] in bench/cpu_step.py says why.)")
     print(format_targets(targets))
     print()
     print(f"wrote {paths['json']}, {paths['csv']}, {paths['png']}  ({wall:.0f} s; load average at the end {meta['loadavg_end']})")

@@ -3,9 +3,9 @@
 Every script in bench/ asks one question with it (cpu_step.py, gpu_step.py). What it guarantees:
   * contenders of a scenario are timed round-robin in one process: each repetition runs every contender once,
     starting at a rotating position, so bandwidth drift (up to 1.6x between runs minutes apart on the dev
-    machine, see DESIGN.md) hits all of them alike;
+    machine, see bench/NOTES.md) hits all of them alike;
   * each row reports the median per-call time and its p10/p90, Gparam/s, and GB/s from an explicit bytes model
-    (bytes moved per parameter per step, DESIGN.md's cost model);
+    (bytes moved per parameter per step, docs/design.md's cost model);
   * the roofline kernel is one of the contenders; a row's fraction of it and its speedup over the baseline are
     medians of per-repetition ratios (both timed in the same repetition), which cancels the drift;
   * peak memory growth during one step is measured at the malloc level, twice: torch's allocator (profiler
@@ -35,7 +35,7 @@ import torch
 GiB = 1 << 30
 MiB = 1 << 20
 
-# DESIGN.md's cost model: bytes read + written per parameter in one fused step.
+# docs/design.md's cost model: bytes read + written per parameter in one fused step.
 BYTES_PER_PARAM = {
     "fp32": 28,  # read p g m v (16), write p m v (12)
     "fp32_amsgrad": 36,  # + read and write vmax

@@ -1,21 +1,34 @@
-// fused_adam._C: the Python binding of the native kernels. The CPU step lives in csrc/cpu/adam_cpu.cpp.
+// fused_adam._C: the Python binding of the native kernels. The CPU step lives in csrc/cpu/adam_cpu.cpp; the
+// boundary shared with the CUDA binding (lists held in C++, the per-tensor check pass, StepOptions from Python's
+// PartOptions / Hyper / Amp) in csrc/common/.
 //
-// The step is reachable three ways, one implementation:
-//   * fused_adam._C.adam_step_ (pybind11): every list converted at every call (~50 ns per tensor per list);
-//   * fused_adam._C.Partition + Partition.step_ (pybind11): what backends/cpu.py calls. The params, states and
-//     steps are converted once, when the partition is made; a step converts only the grads. The same checks run
-//     at every step (a param's storage swapped by `p.data = ...` is seen);
-//   * torch.ops.fused_adam.adam_step_ (one op schema, CPU kernel registered here): for the dispatcher and a
-//     later torch.compile integration. The CUDA extension registers its kernel for the same schema.
+// The CPU step is reachable two ways, one implementation:
+//   * fused_adam._C.Partition + Partition.step_ (pybind11): what backends/cpu.py calls. The params, states, steps and
+//     the partition's options are converted once, when the partition is made; a step reads the grads (or converts
+//     the given ones) and the step's Hyper and Amp. The same checks run at every step (a param's storage swapped by
+//     `p.data = ...` is seen);
+//   * torch.ops.fused_adam.adam_step_ (one op schema, CPU kernel registered here): for the dispatcher and a later
+//     torch.compile integration.
+// Partition.addresses runs the same check pass without stepping, for a backend that launches its own kernel (the
+// triton backend, on any device).
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <atomic>
+#include <cstring>
+
+#include "common/py_options.h"
+#include "common/tensor_pass.h"
 #include "cpu/adam_cpu.h"
 
 namespace py = pybind11;
 using fused_adam::cpu::kDefaultChunkSize;
+using namespace fused_adam;
 
 namespace {
+
+constexpr const char* kWho = "FusedAdam (cpu backend)";
 
 at::ScalarType scalar_type(const std::string& name) {
   for (at::ScalarType t : {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf}) {
@@ -25,59 +38,148 @@ at::ScalarType scalar_type(const std::string& name) {
   TORCH_CHECK_VALUE(false, "fused_adam: unknown dtype name '", name, "'; expected e.g. 'torch.float32'");
 }
 
-// The op's signature: the schema has no empty-list default for Tensor[], so master_params is optional there.
+std::vector<at::Tensor> to_vector(at::TensorList list) { return std::vector<at::Tensor>(list.begin(), list.end()); }
+
+// The op (its schema below): the same StepOptions, from the op's arguments.
 void adam_step_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                   at::TensorList max_exp_avg_sqs, at::TensorList state_steps, double lr, double beta1, double beta2,
-                  double eps, double weight_decay, bool amsgrad, bool maximize, bool decoupled,
+                  double eps, double weight_decay, int64_t wd_mode, bool amsgrad, bool maximize,
                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
                   std::optional<double> decay, int64_t chunk_size, std::optional<at::TensorList> master_params,
-                  bool stochastic_rounding, at::IntArrayRef tensor_ids, int64_t seed,
+                  bool sr_param, bool sr_state, at::IntArrayRef tensor_ids, int64_t seed,
                   const std::optional<at::Tensor>& clip_coef) {
-  fused_adam::cpu::adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2,
-                              eps, weight_decay, amsgrad, maximize, decoupled, grad_scale, found_inf, decay,
-                              chunk_size, master_params.value_or(at::TensorList{}), stochastic_rounding, tensor_ids,
-                              seed, clip_coef);
+  TORCH_CHECK_VALUE(0 <= wd_mode && wd_mode <= 2, kWho, ": wd_mode must be 0 (none), 1 (L2) or 2 (decoupled), got ",
+                    wd_mode);
+  const TensorLists lists{to_vector(params),         to_vector(exp_avgs),    to_vector(exp_avg_sqs),
+                          to_vector(max_exp_avg_sqs), to_vector(state_steps),
+                          to_vector(master_params.value_or(at::TensorList{})),
+                          std::vector<int64_t>(tensor_ids.begin(), tensor_ids.end())};
+  StepOptions o;
+  o.hyper = AdamHyper{lr, beta1, beta2, eps, weight_decay};
+  o.decay = decay.value_or(NAN);
+  o.wd_mode = static_cast<WeightDecay>(wd_mode);
+  o.amsgrad = amsgrad;
+  o.maximize = maximize;
+  o.master = lists.master();
+  o.sr_param = sr_param;
+  o.sr_state = sr_state;
+  o.seed = static_cast<uint64_t>(seed);
+  o.chunk_size = chunk_size;
+  StepInputs in;
+  set_amp(o, in, grad_scale, found_inf, clip_coef, at::kCPU, kWho);
+  cpu::adam_step_(lists, Grads{grads}, o);
 }
 
 // The Meta (fake tensor) kernel: the op writes its arguments in place and returns nothing, so tracing it
 // (torch.compile, FakeTensorMode) needs no computation; the real kernel's checks run when it runs.
-void adam_step_meta(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
-                    double, double, double, double, double, bool, bool, bool, const std::optional<at::Tensor>&,
-                    const std::optional<at::Tensor>&, std::optional<double>, int64_t, std::optional<at::TensorList>,
-                    bool, at::IntArrayRef, int64_t, const std::optional<at::Tensor>&) {}
+void adam_step_meta(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  torch::jit::drop(*stack, op.schema().arguments().size());
+}
 
-// NOTE [cpu partition]: the lists of one (cpu, dtype) partition that stay the same tensors from step to step
-// (the optimizer's step plan hands the same lists every step), held as at::Tensor handles. It keeps the tensors
-// alive; the optimizer drops it with its step plan.
+// A partition in C++: its lists (NOTE [cpu partition] in common/tensor_pass.h) and its options (PartOptions), both
+// converted once.
 struct Partition {
-  std::vector<at::Tensor> params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, master_params;
-  std::vector<int64_t> tensor_ids;
+  TensorLists lists;
+  StepOptions options;
 
-  // NOTE [grads read in C++]: with no grads given, each param's .grad is the grad, read by the kernel's per-tensor
-  // pass from the param's autograd metadata (what Python's `p.grad` returns for a plain Tensor or Parameter) along
-  // with its checks and pointers, which spares the optimizer a Python list of grads (~150 ns a param once the
-  // step's data pass has evicted the Python objects) and a pass over the cold objects. The pass runs holding the
-  // GIL, as Python's `p.grad` would: no Python thread can replace a grad between its read and the reference the
-  // pass takes. The GIL is released once the checks have passed, for the data pass (with given grads: for the
-  // whole call). A param without a grad makes this return false before anything is written, and the caller takes
-  // the path that handles it.
-  bool step(const std::optional<std::vector<at::Tensor>>& given_grads, double lr, double beta1, double beta2,
-            double eps, double weight_decay, bool amsgrad, bool maximize, bool decoupled,
-            const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-            const std::optional<double>& decay, int64_t chunk_size, bool stochastic_rounding, int64_t seed,
-            const std::optional<at::Tensor>& clip_coef) const {
+  Partition(std::vector<at::Tensor> params, std::vector<at::Tensor> exp_avgs, std::vector<at::Tensor> exp_avg_sqs,
+            std::vector<at::Tensor> max_exp_avg_sqs, std::vector<at::Tensor> state_steps,
+            std::vector<at::Tensor> master_params, std::vector<int64_t> tensor_ids, py::handle part_options)
+      : lists{std::move(params),      std::move(exp_avgs),      std::move(exp_avg_sqs), std::move(max_exp_avg_sqs),
+              std::move(state_steps), std::move(master_params), std::move(tensor_ids)} {
+    if (part_options.is_none()) {  // what the lists say; no option beyond torch
+      options.amsgrad = lists.amsgrad();
+      options.master = lists.master();
+    } else {
+      options = partition_options(part_options);
+    }
+  }
+
+  // NOTE [grads read in C++]: with no grads given, each param's .grad is the grad, read by the per-tensor pass from
+  // the param's autograd metadata (what Python's `p.grad` returns for a plain Tensor or Parameter) along with its
+  // checks and pointers, which spares the optimizer a Python list of grads (~150 ns a param once the step's data
+  // pass has evicted the Python objects) and a pass over the cold objects. The pass runs holding the GIL, as
+  // Python's `p.grad` would: no Python thread can replace a grad between its read and the reference the pass takes.
+  // The GIL is released once the checks have passed, for the data pass (with given grads: for the whole call). A
+  // param without a grad makes this return false before anything is written, and the caller takes the path that
+  // handles it.
+  bool step(const std::optional<std::vector<at::Tensor>>& given, py::handle hp, py::handle amp,
+            int64_t chunk_size) const {
+    StepOptions o = options;
+    o.chunk_size = chunk_size;
+    StepInputs in;
+    read_step(o, in, hp, amp, at::kCPU, kWho);
     std::optional<py::gil_scoped_release> no_gil;
-    if (given_grads.has_value()) no_gil.emplace();
+    if (given.has_value()) no_gil.emplace();
     std::vector<at::Tensor> read;
-    const at::TensorList grads = given_grads.has_value() ? at::TensorList(*given_grads) : at::TensorList();
-    return fused_adam::cpu::adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1,
-                                       beta2, eps, weight_decay, amsgrad, maximize, decoupled, grad_scale, found_inf,
-                                       decay, chunk_size, master_params, stochastic_rounding, tensor_ids, seed,
-                                       clip_coef, given_grads.has_value() ? nullptr : &read, [&] {
-                                         if (!no_gil.has_value()) no_gil.emplace();
-                                       });
+    const Grads grads{given.has_value() ? at::TensorList(*given) : at::TensorList(),
+                      given.has_value() ? nullptr : &read};
+    return cpu::adam_step_(lists, grads, o, [&] {
+      if (!no_gil.has_value()) no_gil.emplace();
+    });
+  }
+
+  // The check pass of step() without the step: every array's data address into `out` (see the binding's doc).
+  int64_t addresses(const std::optional<std::vector<at::Tensor>>& given, const at::Tensor& out) const {
+    constexpr const char* who = "FusedAdam";
+    const size_t n = lists.size();
+    TORCH_CHECK_TYPE(out.scalar_type() == at::kLong, who, ": addresses: out has dtype ", out.scalar_type(),
+                     ", expected int64");
+    TORCH_CHECK_VALUE(out.device().is_cpu() && out.dim() == 2 && out.size(0) == kNumRows &&
+                          out.size(1) == static_cast<int64_t>(n) && out.is_contiguous(),
+                      who, ": addresses: out must be a contiguous cpu tensor of shape (", static_cast<int>(kNumRows),
+                      ", ", n, "), got shape ", out.sizes(), " on ", out.device());
+    const at::TensorList given_list = given.has_value() ? at::TensorList(*given) : at::TensorList();
+    check_lists(who, lists, given.has_value() ? &given_list : nullptr, options.amsgrad, options.stochastic_rounding());
+    TORCH_CHECK_VALUE(options.master == lists.master(), who, ": ", lists.master_params.size(),
+                      " master_params with master=", options.master ? "True" : "False");
+    constexpr int64_t kAligned = 1 << 6, kFlat = 1 << 7;
+    if (n == 0) return kAligned | kFlat;
+    const at::Device device = lists.params[0].device();
+    const Placement where{device, options.capturable ? device : at::Device(at::kCPU)};
+    std::vector<int64_t> addr(kNumRows * n, 0);
+    std::atomic<bool> flat{true};
+    std::vector<at::Tensor> read;
+    const Grads grads{given_list, given.has_value() ? nullptr : &read};
+    const bool complete = tensor_pass(who, lists, grads, where, [&](size_t i, const std::array<const at::Tensor*, kNumRows>& a) {
+      for (int r = 0; r < kNumRows; ++r) {
+        if (a[r] != nullptr) addr[r * n + i] = static_cast<int64_t>(reinterpret_cast<uintptr_t>(a[r]->data_ptr()));
+      }
+      if (!is_flat(a, /*row_major=*/false) && flat.load(std::memory_order_relaxed)) flat = false;
+    });
+    if (!read.empty()) release_read_grads(read);
+    if (!complete) return -1;
+    int64_t mask = flat.load() ? kFlat : 0;
+    int64_t* o = out.data_ptr<int64_t>();
+    uint64_t any_bits = 0;
+    for (int r = 0; r < kNumRows; ++r) {
+      const int64_t* row = addr.data() + r * n;
+      if (std::memcmp(o + r * n, row, n * sizeof(int64_t)) != 0) {
+        mask |= int64_t{1} << r;
+        std::memcpy(o + r * n, row, n * sizeof(int64_t));
+      }
+      for (size_t i = 0; i < n; ++i) any_bits |= static_cast<uint64_t>(row[i]);
+    }
+    if ((any_bits & 15u) == 0) mask |= kAligned;
+    return mask;
   }
 };
+
+// a[i] is b[i] for every i, and the same length: PyObject pointers compared, no Python per item.
+bool same_items(py::handle a, py::handle b) {
+  const py::object fa = py::reinterpret_steal<py::object>(PySequence_Fast(a.ptr(), "same_items takes lists"));
+  if (!fa) throw py::error_already_set();
+  const py::object fb = py::reinterpret_steal<py::object>(PySequence_Fast(b.ptr(), "same_items takes lists"));
+  if (!fb) throw py::error_already_set();
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(fa.ptr());
+  if (PySequence_Fast_GET_SIZE(fb.ptr()) != n) return false;
+  PyObject** ia = PySequence_Fast_ITEMS(fa.ptr());
+  PyObject** ib = PySequence_Fast_ITEMS(fb.ptr());
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    if (ia[i] != ib[i]) return false;
+  }
+  return true;
+}
 
 }  // namespace
 
@@ -85,60 +187,46 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fused_adam native kernels (CPU: SIMD loop over a chunk table spanning all tensors of a partition)";
   m.attr("DEFAULT_CHUNK_SIZE") = kDefaultChunkSize;
 
-  // The GIL is released: the step is pure C++ on tensors the caller keeps alive for the duration of the call.
-  m.def(
-      "adam_step_",
-      [](const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
-         const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
-         const std::vector<at::Tensor>& max_exp_avg_sqs, const std::vector<at::Tensor>& state_steps, double lr,
-         double beta1, double beta2, double eps, double weight_decay, bool amsgrad, bool maximize, bool decoupled,
-         const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-         const std::optional<double>& decay, int64_t chunk_size, const std::vector<at::Tensor>& master_params,
-         bool stochastic_rounding, const std::vector<int64_t>& tensor_ids, int64_t seed,
-         const std::optional<at::Tensor>& clip_coef) {
-        fused_adam::cpu::adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1,
-                                    beta2, eps, weight_decay, amsgrad, maximize, decoupled, grad_scale, found_inf,
-                                    decay, chunk_size, master_params, stochastic_rounding, tensor_ids, seed,
-                                    clip_coef);
-      },
-      py::call_guard<py::gil_scoped_release>(),
-        "One Adam/AdamW step over every tensor of one (cpu, dtype) partition, in place (see the backend step "
-        "contract in fused_adam/backends/__init__.py, and csrc/cpu/adam_cpu.h for the options beyond torch).",
-        py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("max_exp_avg_sqs"),
-        py::arg("state_steps"), py::kw_only(), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
-        py::arg("weight_decay"), py::arg("amsgrad"), py::arg("maximize"), py::arg("decoupled"),
-        py::arg("grad_scale") = py::none(), py::arg("found_inf") = py::none(),
-        py::arg("decay") = py::none(), py::arg("chunk_size") = kDefaultChunkSize,
-        py::arg("master_params") = std::vector<at::Tensor>{}, py::arg("stochastic_rounding") = false,
-        py::arg("tensor_ids") = std::vector<int64_t>{}, py::arg("seed") = 0, py::arg("clip_coef") = py::none());
-
   py::class_<Partition>(m, "Partition",
-                        "A partition's params, states, steps (and masters, tensor ids) converted once; "
-                        "Partition.step_(grads or None, ...) is adam_step_ on them.")
+                        "A partition's params, states, steps (and masters, tensor ids) and its options (a PartOptions, "
+                        "or None: amsgrad and master from the lists, no option beyond torch), converted once.")
       .def(py::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
                     std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
-                    std::vector<int64_t>>(),
+                    std::vector<int64_t>, py::handle>(),
            py::arg("params"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("max_exp_avg_sqs"),
            py::arg("state_steps"), py::kw_only(), py::arg("master_params") = std::vector<at::Tensor>{},
-           py::arg("tensor_ids") = std::vector<int64_t>{})
+           py::arg("tensor_ids") = std::vector<int64_t>{}, py::arg("options") = py::none())
+      .def("__len__", [](const Partition& p) { return p.lists.size(); })
       .def("step_", &Partition::step,  // releases the GIL itself (NOTE [grads read in C++])
-           "adam_step_ with this partition's tensors and these grads; with grads=None, the params' .grad "
-           "(NOTE [grads read in C++]). Returns False, having changed nothing, if grads=None and a param has no grad.",
-          py::arg("grads"), py::kw_only(), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
-          py::arg("weight_decay"), py::arg("amsgrad"), py::arg("maximize"), py::arg("decoupled"),
-          py::arg("grad_scale") = py::none(), py::arg("found_inf") = py::none(), py::arg("decay") = py::none(),
-          py::arg("chunk_size") = kDefaultChunkSize, py::arg("stochastic_rounding") = false, py::arg("seed") = 0,
-          py::arg("clip_coef") = py::none());
+           "One Adam/AdamW step of the partition on the cpu, in place (the step contract of "
+           "fused_adam/backends/__init__.py): hp is a Hyper, amp an Amp or None. With grads=None each param's .grad "
+           "(NOTE [grads read in C++]); returns False, having changed nothing, if a param has none.",
+           py::arg("grads"), py::arg("hp"), py::arg("amp") = py::none(), py::kw_only(), py::arg("chunk_size") = 0)
+      .def("addresses", &Partition::addresses,
+           "The check pass of step_ without the step, for tensors on any device: reads the grads (each param's .grad "
+           "when grads is None), checks every tensor as step_ does (raising before anything is written), and writes "
+           "each array's data address into out, an int64 cpu tensor of shape (6, len): rows param, grad, exp_avg, "
+           "exp_avg_sq, max_exp_avg_sq (0 without amsgrad), master (0 without). Returns -1, writing nothing, if "
+           "grads is None and a param has no grad; else a mask: bit r (0..5) set when row r differs from what out "
+           "held, bit 6 when every address is 16-byte aligned, bit 7 when every tensor's grad, states and master "
+           "share its param's dense layout (clear: the caller stages copies).",
+           py::arg("grads"), py::arg("out"));
+
+  m.def("same_items", &same_items,
+        "len(a) == len(b) and a[i] is b[i] for every i (the step plan's check that a params list still holds the "
+        "same objects).",
+        py::arg("a"), py::arg("b"));
 
   m.def(
       "cpu_unsupported",
-      [](const std::string& param_dtype, const std::string& state_dtype, bool master, bool stochastic_rounding) {
-        return fused_adam::cpu::unsupported_combination(scalar_type(param_dtype), scalar_type(state_dtype), master,
-                                                        stochastic_rounding);
+      [](const std::string& param_dtype, const std::string& state_dtype, bool master, bool sr_param, bool sr_state)
+          -> std::optional<std::string> {
+        const std::optional<DType> p = to_dtype(scalar_type(param_dtype)), st = to_dtype(scalar_type(state_dtype));
+        return cpu::unsupported_combination(*p, *st, master, sr_param, sr_state);
       },
-      "Why adam_step_ refuses params and states of these dtypes ('float32', 'bfloat16', ...) with these options, "
-      "or None.",
-      py::arg("param_dtype"), py::arg("state_dtype"), py::arg("master"), py::arg("stochastic_rounding"));
+      "Why the cpu kernel refuses params and states of these dtypes ('float32', 'bfloat16', ...) with these "
+      "options (PartOptions' master, sr_param, sr_state), or None.",
+      py::arg("param_dtype"), py::arg("state_dtype"), py::arg("master"), py::arg("sr_param"), py::arg("sr_state"));
 
   const char* roofline_doc =
       "Bandwidth probe: one pass with Adam's access pattern (read p, g, m, v; write p, m, v; 28 B/param) over "
@@ -173,11 +261,13 @@ TORCH_LIBRARY(fused_adam, m) {
   m.def(
       "adam_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, "
       "Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] state_steps, *, float lr, float beta1, float beta2, float eps, "
-      "float weight_decay, bool amsgrad, bool maximize, bool decoupled, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None, float? decay=None, int chunk_size=65536, Tensor(g!)[]? master_params=None, "
-      "bool stochastic_rounding=False, int[] tensor_ids=[], int seed=0, Tensor? clip_coef=None) -> ()");
+      "float weight_decay, int wd_mode, bool amsgrad, bool maximize, Tensor? grad_scale=None, "
+      "Tensor? found_inf=None, float? decay=None, int chunk_size=0, Tensor(g!)[]? master_params=None, "
+      "bool sr_param=False, bool sr_state=False, int[] tensor_ids=[], int seed=0, Tensor? clip_coef=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fused_adam, CPU, m) { m.impl("adam_step_", &adam_step_op); }
 
-TORCH_LIBRARY_IMPL(fused_adam, Meta, m) { m.impl("adam_step_", &adam_step_meta); }
+TORCH_LIBRARY_IMPL(fused_adam, Meta, m) {
+  m.impl("adam_step_", torch::CppFunction::makeFromBoxedFunction<&adam_step_meta>());
+}

@@ -2,7 +2,6 @@
 that a SIMD loop over a chunk table can get wrong."""
 from __future__ import annotations
 
-import contextlib
 import itertools
 import sys
 import threading
@@ -11,67 +10,20 @@ import time
 import pytest
 import torch
 from conftest import requires_native
+from cpu_kernel import (_C, assert_bitwise, cpu_isa, group_of, kernel_step, make_part, num_threads, op_step,
+                        supported_isas, ulp_distance)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from parity import DTYPES, OPTIM_INPUTS, assert_parity
+from parity import DTYPES, OPTIM_INPUTS, assert_parity, train
 
-from fused_adam import FusedAdam, FusedAdamW, Hyper
-from fused_adam.backends import cpu as cpu_backend
+from fused_adam import FusedAdam, FusedAdamW
+from fused_adam.backends import Hyper, PartOptions
+from fused_adam.backends.cpu import BACKEND
 
 pytestmark = requires_native
 
 EVERYTHING = dict(weight_decay=0.1, amsgrad=True, maximize=True)  # + decoupled via FusedAdamW
 LOW_PRECISION = (torch.bfloat16, torch.float16)
-
-
-def _C():
-    from fused_adam import _C
-
-    return _C
-
-
-@contextlib.contextmanager
-def num_threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-@contextlib.contextmanager
-def cpu_isa(name: str):
-    C = _C()
-    before = C.cpu_isa()
-    C.set_cpu_isa(name)
-    try:
-        yield
-    finally:
-        C.set_cpu_isa(before)
-
-
-def supported_isas() -> list[str]:
-    out = []
-    for name in ("avx512bf16", "avx512", "avx2", "baseline"):
-        try:
-            with cpu_isa(name):
-                out.append(name)
-        except RuntimeError:
-            pass
-    return out
-
-
-def train(backend: str, params0, steps: int = 3, cls=FusedAdamW, seed: int = 0, **kwargs):
-    """Copies of params0 after `steps` steps on seeded grads; returns (params, optimizer)."""
-    params = [p.detach().clone().requires_grad_() for p in params0]
-    opt = cls(params, backend=backend, **kwargs)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype)
-        opt.step()
-    return params, opt
 
 
 def tensors_of(params, opt) -> list[torch.Tensor]:
@@ -80,13 +32,6 @@ def tensors_of(params, opt) -> list[torch.Tensor]:
         out.append(p.detach())
         out.extend(v for k, v in sorted(opt.state[p].items()))
     return out
-
-
-def assert_bitwise(a: list[torch.Tensor], b: list[torch.Tensor]):
-    assert len(a) == len(b)
-    for i, (x, y) in enumerate(zip(a, b)):
-        assert x.dtype == y.dtype and x.shape == y.shape, i
-        assert torch.equal(x, y), f"tensor {i}: max diff {(x.double() - y.double()).abs().max().item()}"
 
 
 def assert_close_to_reference(ours: list[torch.Tensor], ref: list[torch.Tensor], max_ulps: int = 2):
@@ -98,16 +43,6 @@ def assert_close_to_reference(ours: list[torch.Tensor], ref: list[torch.Tensor],
             assert d.numel() == 0 or d.max().item() <= max_ulps, f"tensor {i}: {d.max().item()} ulps apart"
         else:
             torch.testing.assert_close(x, y, msg=lambda m: f"tensor {i}: {m}")
-
-
-def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """How many representable values of a's 16-bit dtype lie between a and b (+0 and -0 count as one)."""
-
-    def key(t):
-        u = t.contiguous().view(torch.int16).int() & 0xFFFF
-        return torch.where(u >= 0x8000, -(u & 0x7FFF), u)
-
-    return (key(a) - key(b)).abs()
 
 
 # ---- parity with torch.optim.Adam/AdamW: the shared table -----------------------------------------------------
@@ -128,15 +63,18 @@ def test_auto_picks_cpu():
     assert [d.backend for d in opt.dispatch[0]] == ["cpu"]
 
 
-def test_unsupported_reasons():
-    hp = Hyper(1e-3, 0.9, 0.999, 1e-8, 0.0, False, False, False, False, False)
-    assert cpu_backend.unsupported(torch.device("cpu"), torch.float32, hp) is None
-    assert "cpu tensors only" in cpu_backend.unsupported(torch.device("cuda"), torch.float32, hp)
-    assert "int" in cpu_backend.unsupported(torch.device("cpu"), torch.int32, hp)
-    diff = Hyper(1e-3, 0.9, 0.999, 1e-8, 0.0, False, False, False, False, True)
-    assert "reference" in cpu_backend.unsupported(torch.device("cpu"), torch.float32, diff)
-    capturable = Hyper(1e-3, 0.9, 0.999, 1e-8, 0.0, False, False, False, True, False)
-    assert cpu_backend.unsupported(torch.device("cpu"), torch.float32, capturable) is None
+def test_supports_reasons():
+    def reason(device="cpu", dtype=torch.float32, **group):
+        options = PartOptions.of(group_of(dtype, **group), dtype, clip=False)
+        return BACKEND.supports(make_part([], [], [], [], [], options, device=device))
+
+    assert reason() is None
+    assert "cpu tensors only" in reason(device="cuda")
+    assert "int" in reason(dtype=torch.int32)
+    assert "reference" in reason(differentiable=True)
+    assert reason(capturable=True) is None
+    assert reason(dtype=torch.bfloat16, state_dtype=torch.float32, stochastic_rounding=True) is None
+    assert "not instantiated" in reason(dtype=torch.float32, state_dtype=torch.float16)
 
 
 # ---- sizes: SIMD tails, chunk boundaries, many tensors ---------------------------------------------------------
@@ -181,7 +119,7 @@ def test_chunk_boundaries():
         gs = [torch.full_like(p, 0.5) for p in ps]
         ms, vs = [torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps]
         steps = [torch.tensor(0.0) for _ in ps]
-        C.adam_step_(ps, gs, ms, vs, [], steps, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0,
+        kernel_step(ps, gs, ms, vs, [], steps, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0,
                      amsgrad=False, maximize=False, decoupled=False, chunk_size=chunk_size)
         return ps + ms + vs
 
@@ -269,7 +207,7 @@ def test_non_contiguous_grad_is_unscaled_in_place():
     g = g_buf.t()  # a view: the unscaled grad must land in g_buf
     expected = g.clone() / 1024
     C = _C()
-    C.adam_step_([p], [g], [torch.zeros_like(p)], [torch.zeros_like(p)], [], [torch.tensor(0.0)], lr=0.1, beta1=0.9,
+    kernel_step([p], [g], [torch.zeros_like(p)], [torch.zeros_like(p)], [], [torch.tensor(0.0)], lr=0.1, beta1=0.9,
                  beta2=0.99, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False, decoupled=False,
                  grad_scale=torch.tensor(1024.0))
     assert torch.equal(g_buf.t(), expected)
@@ -311,7 +249,7 @@ def test_found_inf_changes_nothing():
     tensors = [p, torch.randn(100), torch.randn(100), torch.rand(100), torch.rand(100)]
     before = [t.clone() for t in tensors]
     step = torch.tensor(5.0)
-    _C().adam_step_([tensors[0]], [tensors[1]], [tensors[2]], [tensors[3]], [tensors[4]], [step], lr=0.1, beta1=0.9,
+    kernel_step([tensors[0]], [tensors[1]], [tensors[2]], [tensors[3]], [tensors[4]], [step], lr=0.1, beta1=0.9,
                     beta2=0.99, eps=1e-8, weight_decay=0.1, amsgrad=True, maximize=False, decoupled=True,
                     grad_scale=torch.tensor(2.0), found_inf=torch.tensor(1.0))
     assert_bitwise(tensors, before)
@@ -328,13 +266,13 @@ def test_each_tensor_uses_its_own_step():
 
     def one(p, step0):
         ps, ms, vs = [p.clone()], [torch.full_like(p, 0.1)], [torch.full_like(p, 0.2)]
-        C.adam_step_(ps, [torch.ones_like(p)], ms, vs, [], [torch.tensor(step0)], lr=0.1, beta1=0.9, beta2=0.99,
+        kernel_step(ps, [torch.ones_like(p)], ms, vs, [], [torch.tensor(step0)], lr=0.1, beta1=0.9, beta2=0.99,
                      eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False, decoupled=False)
         return ps[0]
 
     steps = [torch.tensor(s) for s in (0.0, 4.0, 99.0)]
     ps = [p.clone() for p in params0]
-    C.adam_step_(ps, [torch.ones_like(p) for p in ps], [torch.full_like(p, 0.1) for p in ps],
+    kernel_step(ps, [torch.ones_like(p) for p in ps], [torch.full_like(p, 0.1) for p in ps],
                  [torch.full_like(p, 0.2) for p in ps], [], steps, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8,
                  weight_decay=0.0, amsgrad=False, maximize=False, decoupled=False)
     assert [float(s) for s in steps] == [1.0, 5.0, 100.0]
@@ -349,7 +287,7 @@ def _call(params, grads, ms=None, vs=None, maxs=(), steps=None, amsgrad=False):
     ms = ms if ms is not None else [torch.zeros_like(p) for p in params]
     vs = vs if vs is not None else [torch.zeros_like(p) for p in params]
     steps = steps if steps is not None else [torch.tensor(0.0) for _ in params]
-    _C().adam_step_(params, grads, ms, vs, list(maxs), steps, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8,
+    kernel_step(params, grads, ms, vs, list(maxs), steps, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8,
                     weight_decay=0.0, amsgrad=amsgrad, maximize=False, decoupled=False)
     return steps
 
@@ -408,24 +346,23 @@ def test_grads_read_by_the_kernel_among_thousands():
     ms, vs = [torch.zeros(2) for _ in range(n)], [torch.zeros(2) for _ in range(n)]
     steps = [torch.tensor(0.0) for _ in range(n)]
     part = _C().Partition(ps, ms, vs, [], steps)
-    hyper = dict(lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
-                 decoupled=False)
+    hyper = Hyper(lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0)
     for i, p in enumerate(ps):
         p.grad = torch.ones(2) if i != 4000 else None
     for threads in (2, 1):
         with num_threads(threads):
-            assert part.step_(None, **hyper) is False
+            assert part.step_(None, hyper) is False
     ps[4000].grad = torch.ones(2)
     ps[2600].grad = torch.ones(2).to_sparse()
     for threads in (2, 1):
         with num_threads(threads):
             with pytest.raises(RuntimeError, match=r"grads\[2600\] has layout Sparse"):
-                part.step_(None, **hyper)
+                part.step_(None, hyper)
     assert all(float(s) == 0.0 for s in steps) and all(not p.any() for p in ps)
     ps[2600].grad = torch.ones(2)
     use_counts = [p.grad._use_count() for p in ps]  # the TensorImpls' reference counts
     with num_threads(2):
-        assert part.step_(None, **hyper) is True
+        assert part.step_(None, hyper) is True
     assert all(float(s) == 1.0 for s in steps) and all(p.ne(0).all() for p in ps)
     assert all(m.eq(0.1).all() for m in ms)  # (1 - 0.9) * grad: every grad was read
     assert [p.grad._use_count() for p in ps] == use_counts
@@ -439,8 +376,7 @@ def test_partition_step_runs_the_data_pass_without_the_gil():
     p = torch.zeros(n)
     p.grad = torch.ones(n)
     part = _C().Partition([p], [torch.zeros(n)], [torch.zeros(n)], [], [torch.tensor(0.0)])
-    hyper = dict(lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
-                 decoupled=False)
+    hyper = Hyper(lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0)
     stamps, stop = [], threading.Event()
 
     def spin():
@@ -457,7 +393,7 @@ def test_partition_step_runs_the_data_pass_without_the_gil():
         with num_threads(1):
             for grads in (None, [p.grad], None, [p.grad], None, [p.grad]):
                 start = time.perf_counter()
-                assert part.step_(grads, **hyper) is True
+                assert part.step_(grads, hyper) is True
                 end = time.perf_counter()
                 inside = [t for t in stamps[-1_000_000:] if start < t < end]
                 share = (inside[-1] - inside[0]) / (end - start) if len(inside) > 1 else 0.0
@@ -526,10 +462,9 @@ def test_property_cpu_matches_reference(shapes, dtype, lr, beta1, beta2, eps, we
 
 
 def test_op_schema_runs_the_same_kernel():
-    """torch.ops.fused_adam.adam_step_ (the dispatcher's way in) gives the bits of fused_adam._C.adam_step_."""
-    C = _C()
+    """torch.ops.fused_adam.adam_step_ (the dispatcher's way in) gives the bits of _C.Partition.step_."""
     schema = str(torch.ops.fused_adam.adam_step_.default._schema)
-    assert f"int chunk_size={C.DEFAULT_CHUNK_SIZE}" in schema
+    assert "int wd_mode" in schema and "bool sr_param=False" in schema
     params0 = [torch.randn(n) for n in (1, 17, 1000)]
 
     def run(fn):
@@ -541,7 +476,7 @@ def test_op_schema_runs_the_same_kernel():
            maximize=True, decoupled=True, grad_scale=torch.tensor(2.0), found_inf=torch.tensor(0.0))
         return ps + gs + ms + vs + xs + steps
 
-    assert_bitwise(run(C.adam_step_), run(torch.ops.fused_adam.adam_step_))
+    assert_bitwise(run(kernel_step), run(op_step))
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
@@ -555,7 +490,7 @@ def test_low_precision_stores_round_like_torch(dtype):
     g = g32.to(dtype)
     m = torch.zeros_like(g)
     C = _C()
-    C.adam_step_([torch.zeros_like(g)], [g.clone()], [m], [torch.zeros_like(g)], [], [torch.tensor(0.0)], lr=0.0,
+    kernel_step([torch.zeros_like(g)], [g.clone()], [m], [torch.zeros_like(g)], [], [torch.tensor(0.0)], lr=0.0,
                  beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False, decoupled=False)
     expected = torch.zeros_like(g32).lerp_(g.float(), 1 - 0.9).to(dtype)  # torch's fp32 lerp, then torch's rounding
     both_nan = m.isnan() & expected.isnan()
@@ -632,7 +567,7 @@ def test_bf16_specials_same_bits_on_every_isa(loop, wd, flush_denormal):
         steps = [torch.tensor(0.0) for _ in sizes]
         with cpu_isa(isa), num_threads(1):
             for _ in range(2):
-                _C().adam_step_(ps, gs, ms, vs, xs, steps, lr=1e-2, beta1=beta1, beta2=0.999, eps=1e-8,
+                kernel_step(ps, gs, ms, vs, xs, steps, lr=1e-2, beta1=beta1, beta2=0.999, eps=1e-8,
                                 weight_decay=0.0 if wd == "none" else 0.1, amsgrad=amsgrad, maximize=maximize,
                                 decoupled=wd == "decoupled", grad_scale=torch.tensor(0.5) if unscale else None,
                                 **extra)

@@ -6,11 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import requires_native
-from test_cpu_backend import assert_bitwise, cpu_isa, num_threads, supported_isas, ulp_distance
-from test_cpu_backend import train as _train
+from cpu_kernel import assert_bitwise, cpu_isa, group_of, kernel_step, make_part, num_threads, op_step, supported_isas
+from cpu_kernel import ulp_distance
+from parity import FEATURE_CASES, bits, feature_id
+from parity import train as _train
 
-from fused_adam import FusedAdam, FusedAdamW, Hyper
-from fused_adam.backends import cpu as cpu_backend
+from fused_adam import FusedAdam, FusedAdamW
+from fused_adam.backends import PartOptions
+from fused_adam.backends.cpu import BACKEND
 from fused_adam.backends.reference import bf16_stochastic, sr_salt
 
 pytestmark = requires_native
@@ -30,16 +33,6 @@ SUPPORTED = [
 ]
 DECLINED = [(F64, BF16, False), (F32, F16, False), (F32, F64, False), (BF16, F16, False), (F16, BF16, False),
             (F16, F16, True)]
-
-
-def _C():
-    from fused_adam import _C
-
-    return _C
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(torch.int16 if t.element_size() == 2 else torch.int32)
 
 
 # ---- stochastic rounding: the bits of csrc/rounding.h, as the reference computes them ----------------------------
@@ -65,10 +58,10 @@ def test_stochastic_rounding_bits_equal_the_references(pdt, sdt, master, amsgrad
     master_p = (torch.randn(n) * 0.5) if master else None
     kw = dict(HP, weight_decay=1e-2, amsgrad=amsgrad, maximize=False, decoupled=True)
     wide = [t.to(F32, copy=True) for t in (p if not master else master_p, g, m, v, vmax)]
-    _C().adam_step_([wide[0]], [wide[1]], [wide[2]], [wide[3]], [wide[4]] if amsgrad else [], [torch.tensor(4.0)], **kw)
+    kernel_step([wide[0]], [wide[1]], [wide[2]], [wide[3]], [wide[4]] if amsgrad else [], [torch.tensor(4.0)], **kw)
     ours = [t.clone() for t in (p, g, m, v, vmax)]
     extra = dict(master_params=[master_p.clone()]) if master else {}
-    _C().adam_step_([ours[0]], [ours[1]], [ours[2]], [ours[3]], [ours[4]] if amsgrad else [], [torch.tensor(4.0)],
+    kernel_step([ours[0]], [ours[1]], [ours[2]], [ours[3]], [ours[4]] if amsgrad else [], [torch.tensor(4.0)],
                     stochastic_rounding=True, tensor_ids=[7], seed=2**64 - 3 - 2**64, **extra, **kw)
     seed = 2**64 - 3  # the binding takes the 64-bit seed's two's complement
     stored = {"param": (0, wide[0], ours[0]), "exp_avg": (1, wide[2], ours[2]), "exp_avg_sq": (2, wide[3], ours[3])}
@@ -78,11 +71,11 @@ def test_stochastic_rounding_bits_equal_the_references(pdt, sdt, master, amsgrad
         if got.dtype != BF16:
             assert torch.equal(got, w), name
         elif name == "param" and master:  # the master's copy rounds to nearest
-            assert torch.equal(_bits(got), _bits(w.to(BF16))), name
+            assert torch.equal(bits(got), bits(w.to(BF16))), name
         else:
             expected = bf16_stochastic(w, sr_salt(seed, 5, 7, stream))
-            assert torch.equal(_bits(got), _bits(expected)), name
-            assert not torch.equal(_bits(got), _bits(w.to(BF16))), name  # and it is not round-to-nearest
+            assert torch.equal(bits(got), bits(expected)), name
+            assert not torch.equal(bits(got), bits(w.to(BF16))), name  # and it is not round-to-nearest
 
 
 def test_stochastic_rounding_of_special_values():
@@ -94,14 +87,14 @@ def test_stochastic_rounding_of_special_values():
     g = torch.cat([special * 10, torch.randn(100)])
     kw = dict(lr=0.0, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False, decoupled=False)
     wide = torch.zeros_like(g)
-    _C().adam_step_([torch.zeros_like(g)], [g.clone()], [wide], [torch.zeros_like(g)], [], [torch.tensor(0.0)], **kw)
+    kernel_step([torch.zeros_like(g)], [g.clone()], [wide], [torch.zeros_like(g)], [], [torch.tensor(0.0)], **kw)
     m = torch.zeros(g.numel(), dtype=BF16)
-    _C().adam_step_([torch.zeros_like(g)], [g.clone()], [m], [torch.zeros_like(m)], [], [torch.tensor(0.0)],
+    kernel_step([torch.zeros_like(g)], [g.clone()], [m], [torch.zeros_like(m)], [], [torch.tensor(0.0)],
                     stochastic_rounding=True, tensor_ids=[3], seed=11, **kw)
     expected = bf16_stochastic(wide, sr_salt(11, 1, 3, 1))
     assert wide.isinf().sum() == 5
     keep = ~wide.isnan()
-    assert torch.equal(_bits(m)[keep], _bits(expected)[keep])
+    assert torch.equal(bits(m)[keep], bits(expected)[keep])
     assert torch.equal(m.isnan(), wide.isnan())
 
 
@@ -152,6 +145,18 @@ def test_every_combination_matches_the_reference(pdt, sdt, master, sr, options):
             assert torch.equal(p.detach(), st["master_param"].to(pdt))
 
 
+@pytest.mark.parametrize("case", FEATURE_CASES, ids=feature_id)
+def test_feature_cases_match_the_reference(case):
+    """The shared table of the options beyond torch (tests/parity.py): all run on the cpu kernel, within 2 ulps of the
+    reference's 16-bit stores (the same fp32 math rounded once, with the same random bits where stochastic)."""
+    dtype, kw = case
+    params0 = [torch.randn(s, dtype=torch.float64).to(dtype) for s in [(1,), (7,), (3, 5), (67,), (0,), (300,)]]
+    ours_p, ours = _train("cpu", params0, lr=0.01, **kw)
+    ref_p, ref = _train("reference", params0, lr=0.01, **kw)
+    assert {d.backend for d in ours.dispatch[0]} == {"cpu"}
+    _assert_close(_stored(ours_p, ours), _stored(ref_p, ref), max_ulps=2)
+
+
 @pytest.mark.parametrize("dtype", [F32, F64, BF16, F16], ids=str)
 @pytest.mark.parametrize("options", [dict(maximize=True, weight_decay=0.1), dict(weight_decay=0.0, amsgrad=True)],
                          ids=["maximize", "no-wd"])
@@ -189,7 +194,7 @@ def test_every_tail_size_with_stochastic_rounding_and_master(pdt, sdt, master):
         mp = master_p[:n].clone()
         extra = dict(master_params=[mp]) if master else {}
         for _ in range(2):
-            _C().adam_step_([ts[0]], [ts[1]], [ts[2]], [ts[3]], [ts[4]], [torch.tensor(0.0 + _)],
+            kernel_step([ts[0]], [ts[1]], [ts[2]], [ts[3]], [ts[4]], [torch.tensor(0.0 + _)],
                             stochastic_rounding=True, tensor_ids=[9], seed=77, grad_scale=torch.tensor(2.0),
                             clip_coef=torch.tensor(0.75), **extra, **kw)
         return ts + ([mp] if master else [])
@@ -201,7 +206,7 @@ def test_every_tail_size_with_stochastic_rounding_and_master(pdt, sdt, master):
 
 @pytest.mark.parametrize("pdt, sdt, master", [(BF16, BF16, False), (F32, BF16, False), (BF16, F32, True)],
                          ids=lambda x: str(x).replace("torch.", ""))
-def test_one_and_two_threads_give_the_same_bits(pdt, sdt, master):
+def test_one_and_two_threads_give_the_samebits(pdt, sdt, master):
     gen = torch.Generator().manual_seed(2)
     sizes = torch.randint(0, 300, (400,), generator=gen).tolist() + [100_003, 70_000]
     params0 = [torch.randn(n, generator=gen).to(pdt) for n in sizes]
@@ -215,7 +220,7 @@ def test_one_and_two_threads_give_the_same_bits(pdt, sdt, master):
 
 
 @pytest.mark.parametrize("isa", ["avx2", "baseline"])
-def test_every_isa_gives_the_same_bits(isa):
+def test_every_isa_gives_the_samebits(isa):
     if isa not in supported_isas():
         pytest.skip(f"this CPU has no {isa}")
     params0 = [torch.randn(n).to(dt) for dt in (F32, BF16, F16) for n in (1, 15, 17, 33, 67, 1000)]
@@ -256,7 +261,6 @@ def test_non_contiguous_tensors_round_by_their_logical_index():
 
 
 def test_op_schema_takes_the_features():
-    C = _C()
     params0 = [torch.randn(n).to(BF16) for n in (1, 17, 1000)]
 
     def run(fn):
@@ -270,20 +274,20 @@ def test_op_schema_takes_the_features():
            seed=-1, clip_coef=torch.tensor(0.5))
         return ps + masters + ms + vs + steps
 
-    assert_bitwise(run(C.adam_step_), run(torch.ops.fused_adam.adam_step_))
+    assert_bitwise(run(kernel_step), run(op_step))
 
 
 # ---- what the kernel declines ------------------------------------------------------------------------------------
 
 
-def _hp(state_dtype=None, master=False, sr=False) -> Hyper:
-    return Hyper(1e-3, 0.9, 0.999, 1e-8, 0.0, False, False, False, False, False, master_weights=master,
-                 state_dtype=state_dtype, stochastic_rounding=sr)
+def _reason(pdt, sdt, master=False, sr=False) -> str | None:
+    group = group_of(pdt, state_dtype=sdt, master_weights=master, stochastic_rounding=sr)
+    return BACKEND.supports(make_part([], [], [], [], [], PartOptions.of(group, pdt, clip=False)))
 
 
 @pytest.mark.parametrize("pdt, sdt, master", DECLINED, ids=lambda x: str(x).replace("torch.", ""))
 def test_declined_combinations_say_why_and_auto_falls_back(pdt, sdt, master):
-    reason = cpu_backend.unsupported(torch.device("cpu"), pdt, _hp(None if sdt == pdt else sdt, master))
+    reason = _reason(pdt, sdt, master)
     assert reason is not None and "not instantiated" in reason and str(sdt).replace("torch.", "") in reason
     p = torch.randn(5).to(pdt).requires_grad_()
     opt = FusedAdam([p], state_dtype=sdt, master_weights=master)
@@ -301,7 +305,7 @@ def test_declined_combinations_say_why_and_auto_falls_back(pdt, sdt, master):
 def test_the_kernel_itself_refuses_a_declined_combination():
     p = torch.zeros(3, dtype=F64)
     with pytest.raises(TypeError, match="not instantiated for float64 params and bfloat16 states"):
-        _C().adam_step_([p], [torch.zeros_like(p)], [torch.zeros(3, dtype=BF16)], [torch.zeros(3, dtype=BF16)], [],
+        kernel_step([p], [torch.zeros_like(p)], [torch.zeros(3, dtype=BF16)], [torch.zeros(3, dtype=BF16)], [],
                         [torch.tensor(0.0)], weight_decay=0.0, amsgrad=False, maximize=False, decoupled=False, **HP)
 
 
@@ -310,29 +314,32 @@ def test_bad_feature_arguments():
     base = dict(weight_decay=0.0, amsgrad=False, maximize=False, decoupled=False, **HP)
     args = ([p], [torch.zeros_like(p)], [torch.zeros(3)], [torch.zeros(3)], [], [torch.tensor(0.0)])
     with pytest.raises(TypeError, match=r"exp_avg_sqs\[0\] has dtype BFloat16, but exp_avgs\[0\] has dtype Float"):
-        _C().adam_step_(*args[:3], [torch.zeros(3, dtype=BF16)], *args[4:], **base)
+        kernel_step(*args[:3], [torch.zeros(3, dtype=BF16)], *args[4:], **base)
     with pytest.raises(TypeError, match=r"master_params\[0\] has dtype BFloat16, expected float32"):
-        _C().adam_step_(*args, master_params=[p.clone()], **base)
+        kernel_step(*args, master_params=[p.clone()], **base)
     with pytest.raises(ValueError, match="master_params has 2 tensors, expected 1"):
-        _C().adam_step_(*args, master_params=[torch.zeros(3), torch.zeros(3)], **base)
+        kernel_step(*args, master_params=[torch.zeros(3), torch.zeros(3)], **base)
     with pytest.raises(TypeError, match="master weights are for bfloat16 and float16 params"):
         q = torch.zeros(3)
-        _C().adam_step_([q], [q.clone()], [q.clone()], [q.clone()], [], [torch.tensor(0.0)], master_params=[q.clone()], **base)
+        kernel_step([q], [q.clone()], [q.clone()], [q.clone()], [], [torch.tensor(0.0)], master_params=[q.clone()],
+                    master=True, **base)
     with pytest.raises(ValueError, match="tensor_ids has 0 ids, expected 1"):
-        _C().adam_step_(*args, stochastic_rounding=True, **base)
-    with pytest.raises(RuntimeError, match="clip_coef must be a float32 cpu tensor"):
-        _C().adam_step_(*args, clip_coef=torch.tensor(1.0, dtype=F64), **base)
+        kernel_step(*args, stochastic_rounding=True, **base)
+    with pytest.raises(ValueError, match=r"clip_coef must have one element, got shape \[2\]"):
+        kernel_step(*args, clip_coef=torch.ones(2), **base)
+    with pytest.raises(ValueError, match="0 master_params with master=True"):
+        kernel_step(*args, master=True, **base)
 
 
 def test_the_op_has_a_fake_kernel_for_tracing():
     """torch.ops.fused_adam.adam_step_ under FakeTensorMode and on meta tensors: nothing computed, nothing raised."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    kw = dict(weight_decay=0.0, amsgrad=False, maximize=False, decoupled=False, **HP)
+    kw = dict(weight_decay=0.0, wd_mode=0, amsgrad=False, maximize=False, **HP)
     with FakeTensorMode():
         p = torch.randn(4)
         torch.ops.fused_adam.adam_step_([p], [p.clone()], [p.clone()], [p.clone()], [], [torch.tensor(0.0)], **kw)
     p = torch.empty(4, device="meta", dtype=BF16)
     torch.ops.fused_adam.adam_step_([p], [p.clone()], [p.clone()], [p.clone()], [], [torch.tensor(0.0)],
-                                    master_params=[torch.empty(4, device="meta")], stochastic_rounding=True,
+                                    master_params=[torch.empty(4, device="meta")], sr_state=True,
                                     tensor_ids=[0], **kw)

@@ -149,6 +149,15 @@ def _state_dict_reloaded(opt):
     opt.load_state_dict(sd)
 
 
+def _param_and_states_reshaped(opt):
+    """A param and its states all replaced by tensors of another size: consistent, so torch steps it."""
+    p = opt.param_groups[0]["params"][0]
+    p.data = torch.linspace(-2, 2, 11)
+    st = opt.state[p]
+    for k in ("exp_avg", "exp_avg_sq"):
+        st[k].data = torch.full((11,), 0.01 if k == "exp_avg" else 0.001)
+
+
 MUTATIONS = {
     "param replaced in the list": _replace_param,
     "param appended": _append_param,
@@ -156,6 +165,7 @@ MUTATIONS = {
     "params swapped": _swap_params,
     "params list replaced": _new_params_list,
     "param .data replaced": _param_data_same_shape,
+    "param and states reshaped": _param_and_states_reshaped,
     "state tensor replaced": _state_replaced,
     "state .data assigned": _state_data_assigned,
     "state dict replaced": _state_dict_replaced,
@@ -216,6 +226,23 @@ def test_param_data_of_another_shape_raises_and_changes_nothing(backend):
     _set_grads(ours, 2)
     before = [t.clone() for t in _params(ours)] + [v.clone() for p_ in _params(ours) for v in ours.state[p_].values()]
     with pytest.raises((RuntimeError, ValueError), match=r"shape|size"):
+        ours.step()
+    after = [t for t in _params(ours)] + [v for p_ in _params(ours) for v in ours.state[p_].values()]
+    for i, (a, b) in enumerate(zip(before, after)):
+        assert torch.equal(a, b), f"tensor {i} changed"
+
+
+@pytest.mark.parametrize("backend", backends_here())
+def test_param_data_of_another_dtype_raises_and_changes_nothing(backend):
+    """torch's for-loop raises on a param whose dtype no longer matches its states; so do we, before writing."""
+    ours, _ = _pair(backend)
+    _set_grads(ours, 0)
+    ours.step()
+    p = ours.param_groups[0]["params"][2]
+    p.data = p.data.double()
+    _set_grads(ours, 1)
+    before = [t.clone() for t in _params(ours)] + [v.clone() for p_ in _params(ours) for v in ours.state[p_].values()]
+    with pytest.raises((RuntimeError, TypeError, ValueError), match=r"dtype|Double|Float"):
         ours.step()
     after = [t for t in _params(ours)] + [v for p_ in _params(ours) for v in ours.state[p_].values()]
     for i, (a, b) in enumerate(zip(before, after)):

@@ -9,6 +9,10 @@
 #include <tuple>
 #include <vector>
 
+#include "common/dtype.h"
+#include "common/options.h"
+#include "common/tensor_pass.h"
+
 namespace fused_adam {
 namespace cpu {
 
@@ -18,36 +22,27 @@ namespace cpu {
 constexpr int64_t kDefaultChunkSize = 1 << 16;
 
 // One Adam/AdamW step over every tensor of one (CPU, dtype) partition; see the step contract in
-// python/fused_adam/backends/__init__.py. Hyperparameters are host values (Tensor lr/betas read by the caller).
-// `decay`, when given, replaces AdamW's 1 - lr * weight_decay: with a Tensor lr torch computes that factor in the
-// tensor's dtype (float32), which is 3e-8 away from the double one, too far for fp64 parity over many steps.
-// The options beyond torch (NOTE [cpu feature loops] in kernel.h):
+// python/fused_adam/backends/__init__.py. `options` holds the partition's options and this step's hyperparameters
+// and AMP scalars (csrc/common/options.h; chunk_size 0: kDefaultChunkSize). The options beyond torch (NOTE [cpu
+// feature loops] in kernel.h):
 //   * states in a dtype of their own: exp_avgs/exp_avg_sqs/max_exp_avg_sqs share one dtype, which may differ
 //     from the params' (fp32 math, one rounding per store);
-//   * master_params (fp32, one per bf16/fp16 param, or empty): the update runs on the master, the param gets its
-//     rounding to nearest;
-//   * stochastic_rounding: bf16 stores that are the only copy of a value (params without a master, states) round
-//     with the bits of csrc/rounding.h, sr_bits(sr_salt(seed, step, tensor_ids[i], stream), element index);
-//     `seed` is the 64-bit seed's two's complement (the op schema has no unsigned int);
-//   * clip_coef (0-dim float32): the unscaled grad is multiplied by it for the update, read once per call.
-// read_grads: when given, `grads` is empty and each param's .grad is the grad, read in the per-tensor pass (NOTE
-// [grads read in C++] in ops.cpp); *read_grads holds them during the call. Returns false, having changed nothing,
-// when a param has no grad; true otherwise. checked, when given, is called once every tensor has passed the
-// checks, before anything is written (the caller then releases the GIL it held while the grads were read).
-bool adam_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
-                double lr, double beta1, double beta2, double eps, double weight_decay, bool amsgrad,
-                bool maximize, bool decoupled, const std::optional<at::Tensor>& grad_scale,
-                const std::optional<at::Tensor>& found_inf, const std::optional<double>& decay,
-                int64_t chunk_size, at::TensorList master_params = {}, bool stochastic_rounding = false,
-                at::IntArrayRef tensor_ids = {}, int64_t seed = 0,
-                const std::optional<at::Tensor>& clip_coef = std::nullopt,
-                std::vector<at::Tensor>* read_grads = nullptr, const std::function<void()>& checked = {});
+//   * master_params (fp32, one per bf16/fp16 param): the update runs on the master, the param gets its rounding to
+//     nearest;
+//   * sr_param / sr_state: those stores round with the bits of csrc/rounding.h,
+//     sr_bits(sr_salt(seed, step, tensor_ids[i], stream), element index);
+//   * clip_coef: the unscaled grad is multiplied by it for the update, read once per call.
+// grads: given, or read from each param's .grad in the per-tensor pass (NOTE [grads read in C++] in ops.cpp).
+// Returns false, having changed nothing, when a grad is read and a param has none; true otherwise. `checked`, when
+// given, is called once every tensor has passed the checks, before anything is written (the binding releases the
+// GIL there).
+bool adam_step_(const TensorLists& lists, const Grads& grads, const StepOptions& options,
+                const std::function<void()>& checked = {});
 
-// Why adam_step_ would refuse params of `param_dtype` with states of `state_dtype` (and a master, and stochastic
-// rounding), or nullopt: the storage combinations the kernel is not instantiated for.
-std::optional<std::string> unsupported_combination(at::ScalarType param_dtype, at::ScalarType state_dtype,
-                                                   bool master, bool stochastic_rounding);
+// Why adam_step_ would refuse params of `param_dtype` with states of `state_dtype` with these options, or nullopt:
+// the storage combinations the kernel is not instantiated for (FA_CPU_FEATURE_KINDS in kernel.h).
+std::optional<std::string> unsupported_combination(DType param_dtype, DType state_dtype, bool master, bool sr_param,
+                                                   bool sr_state);
 
 // One pass with Adam's access pattern over contiguous fp32 tensors (the bandwidth roofline of this machine).
 void roofline_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,

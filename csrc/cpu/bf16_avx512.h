@@ -1,5 +1,5 @@
 // The bf16 loops written with AVX-512 intrinsics, for CPUs with AVX512_BF16 (kernel_avx512bf16.cpp; NOTE [cpu ISA
-// dispatch] in kernel.h): kernel_impl.h's adam_loop for ScalarKind::kBFloat16 (torch parity), and its adam_loop_x
+// dispatch] in kernel.h): kernel_impl.h's adam_loop for DType::kBFloat16 (torch parity), and its adam_loop_x
 // for bf16 params with bf16 states and no master (clip, stochastic rounding). Bitwise the same as those loops for
 // every input, NaN, inf, denormals and -0 included (tests/test_cpu_backend.py, and the exhaustive check of the
 // store below, bf16_store_mismatches).
@@ -299,7 +299,7 @@ inline uint64_t bf16_store_mismatches(uint64_t begin, uint64_t end) {
     for (uint32_t k = 0; k < 32; ++k) {
       const uint64_t u = base + k;
       if (u < begin || u >= end) continue;
-      const uint16_t want = Storage<ScalarKind::kBFloat16>::store(bits_to_float(static_cast<uint32_t>(u)));
+      const uint16_t want = Storage<DType::kBFloat16>::store(bits_to_float(static_cast<uint32_t>(u)));
       bad += (exact[k] != want) + (fast[k] != want && !((flagged >> k) & 1u)) + (packed[k] != want);
     }
   }

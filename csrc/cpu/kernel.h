@@ -17,16 +17,17 @@
 #include <type_traits>
 
 #include "adam_math.h"
+#include "common/dtype.h"
+#include "common/static_switch.h"
 #include "rounding.h"
 
 namespace fused_adam {
 namespace cpu {
 
-enum class ScalarKind : uint8_t { kFloat, kDouble, kBFloat16, kHalf };
 enum class Isa : uint8_t { kBaseline, kAvx2, kAvx512, kAvx512Bf16 };
 
-// One tensor of a multi-tensor step as raw memory: all six arrays share one flat layout (NOTE [cpu layout] in
-// adam_cpu.cpp). max_exp_avg_sq is null unless amsgrad, master null unless master weights.
+// One tensor of a multi-tensor step as raw memory: all six arrays share one flat layout (NOTE [flat layout] in
+// csrc/common/tensor_pass.h). max_exp_avg_sq is null unless amsgrad, master null unless master weights.
 struct TensorPtrs {
   void* param;
   void* grad;
@@ -39,14 +40,15 @@ struct TensorPtrs {
 
 // The compile-time modes of one step; each combination is its own instantiation of the loop.
 struct Mode {
-  ScalarKind dtype;        // params and grads
-  ScalarKind state_dtype;  // exp_avg, exp_avg_sq, max_exp_avg_sq
+  DType dtype;        // params and grads
+  DType state_dtype;  // exp_avg, exp_avg_sq, max_exp_avg_sq
   WeightDecay weight_decay;
   bool amsgrad;
   bool maximize;
   bool unscale;              // grad_scale given: grads are divided by it and the quotient is stored back
   bool master;               // master weights (bf16/fp16 params only)
-  bool stochastic_rounding;  // bf16 stores that are the only copy of a value round stochastically
+  bool sr_param;             // the param stores round stochastically (StepOptions::sr_param)
+  bool sr_state;             // the state stores round stochastically (StepOptions::sr_state)
   bool clip;                 // the grad is multiplied by StepArgs::grad_mul for the update (clip_grad_norm_)
 };
 
@@ -59,30 +61,32 @@ struct Mode {
 //   * no weight decay is decoupled decay by 1 - lr * 0 = 1 (p * 1 == p).
 // Only the storage combinations below are instantiated; adam_cpu.cpp declines the others with a reason, and the
 // Python backend (backends/cpu.py) declines them before the call so that auto falls back to the reference.
-// X(param kind, state kind, master, stochastic rounding)
-#define FA_CPU_FEATURE_KINDS(X)                                                            \
-  X(ScalarKind::kFloat, ScalarKind::kFloat, false, false)       /* fp32, clip */           \
-  X(ScalarKind::kDouble, ScalarKind::kDouble, false, false)     /* fp64, clip */           \
-  X(ScalarKind::kBFloat16, ScalarKind::kBFloat16, false, false) /* bf16, clip */           \
-  X(ScalarKind::kBFloat16, ScalarKind::kBFloat16, false, true)  /* bf16, SR: 14 B/param */ \
-  X(ScalarKind::kHalf, ScalarKind::kHalf, false, false)         /* fp16, clip */           \
-  X(ScalarKind::kFloat, ScalarKind::kBFloat16, false, false)    /* 20 B/param */           \
-  X(ScalarKind::kFloat, ScalarKind::kBFloat16, false, true)                                \
-  X(ScalarKind::kBFloat16, ScalarKind::kFloat, false, false)    /* 22 B/param */           \
-  X(ScalarKind::kBFloat16, ScalarKind::kFloat, false, true)                                \
-  X(ScalarKind::kHalf, ScalarKind::kFloat, false, false)                                   \
-  X(ScalarKind::kBFloat16, ScalarKind::kFloat, true, false)     /* master: 28 B/param */   \
-  X(ScalarKind::kHalf, ScalarKind::kFloat, true, false)                                    \
-  X(ScalarKind::kBFloat16, ScalarKind::kBFloat16, true, false)  /* master, bf16 states */  \
-  X(ScalarKind::kBFloat16, ScalarKind::kBFloat16, true, true)
+// X(param dtype, state dtype, master, sr_param, sr_state): the stores that round stochastically are the caller's
+// decision (StepOptions, from PartOptions); the list has the combinations PartOptions makes.
+#define FA_CPU_FEATURE_KINDS(X)                                                                \
+  X(DType::kFloat32, DType::kFloat32, false, false, false)     /* fp32, clip */                \
+  X(DType::kFloat64, DType::kFloat64, false, false, false)     /* fp64, clip */                \
+  X(DType::kBFloat16, DType::kBFloat16, false, false, false)   /* bf16, clip */                \
+  X(DType::kBFloat16, DType::kBFloat16, false, true, true)     /* bf16, SR: 14 B/param */      \
+  X(DType::kFloat16, DType::kFloat16, false, false, false)     /* fp16, clip */                \
+  X(DType::kFloat32, DType::kBFloat16, false, false, false)    /* 20 B/param */                \
+  X(DType::kFloat32, DType::kBFloat16, false, false, true)                                     \
+  X(DType::kBFloat16, DType::kFloat32, false, false, false)    /* 22 B/param */                \
+  X(DType::kBFloat16, DType::kFloat32, false, true, false)                                     \
+  X(DType::kFloat16, DType::kFloat32, false, false, false)                                     \
+  X(DType::kBFloat16, DType::kFloat32, true, false, false)     /* master: 28 B/param */        \
+  X(DType::kFloat16, DType::kFloat32, true, false, false)                                      \
+  X(DType::kBFloat16, DType::kBFloat16, true, false, false)    /* master, bf16 states */       \
+  X(DType::kBFloat16, DType::kBFloat16, true, false, true)
 
 // Whether a step needs the feature loop, and whether its storage combination is instantiated.
 inline bool uses_feature_loop(const Mode& m) {
-  return m.state_dtype != m.dtype || m.master || m.stochastic_rounding || m.clip;
+  return m.state_dtype != m.dtype || m.master || m.sr_param || m.sr_state || m.clip;
 }
 inline bool feature_kind_instantiated(const Mode& m) {
-#define FA_CPU_IS_KIND(PK, SK, MASTER, SR) \
-  if (m.dtype == PK && m.state_dtype == SK && m.master == MASTER && m.stochastic_rounding == SR) return true;
+#define FA_CPU_IS_KIND(PK, SK, MASTER, SR_PARAM, SR_STATE)                                                 \
+  if (m.dtype == PK && m.state_dtype == SK && m.master == MASTER && m.sr_param == SR_PARAM && m.sr_state == SR_STATE) \
+    return true;
   FA_CPU_FEATURE_KINDS(FA_CPU_IS_KIND)
 #undef FA_CPU_IS_KIND
   return false;

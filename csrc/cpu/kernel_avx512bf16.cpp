@@ -24,11 +24,11 @@ namespace avx512bf16 {
 }  // namespace avx512bf16
 
 ChunkFn adam_chunk_fn_avx512bf16(const Mode& mode) {
-  constexpr ScalarKind kBf16 = ScalarKind::kBFloat16;
+  constexpr DType kBf16 = DType::kBFloat16;
   if (mode.dtype == kBf16 && !uses_feature_loop(mode)) return avx512bf16::pick_modes<kBf16>(mode);
   if (mode.dtype == kBf16 && mode.state_dtype == kBf16 && !mode.master) {
-    return mode.stochastic_rounding ? avx512bf16::pick_feature_modes<kBf16, kBf16, false, true>(mode)
-                                    : avx512bf16::pick_feature_modes<kBf16, kBf16, false, false>(mode);
+    if (mode.sr_param && mode.sr_state) return avx512bf16::pick_feature_modes<kBf16, kBf16, false, true, true>(mode);
+    if (!mode.sr_param && !mode.sr_state) return avx512bf16::pick_feature_modes<kBf16, kBf16, false, false, false>(mode);
   }
   return adam_chunk_fn_avx512(mode);
 }

@@ -26,46 +26,18 @@
 // the ISA), and stay functions of their own, so that the vectorizer sees their __restrict parameters.
 #define FA_LOOP __attribute__((flatten, noinline))
 
-// flash-attention's BOOL_SWITCH: a runtime bool becomes the constexpr CONST_NAME inside the lambda.
-#define FA_BOOL_SWITCH(COND, CONST_NAME, ...)     \
-  [&] {                                           \
-    if (COND) {                                   \
-      constexpr static bool CONST_NAME = true;    \
-      return __VA_ARGS__();                       \
-    } else {                                      \
-      constexpr static bool CONST_NAME = false;   \
-      return __VA_ARGS__();                       \
-    }                                             \
-  }()
-
-#define FA_WEIGHT_DECAY_SWITCH(WD_VALUE, CONST_NAME, ...)                              \
-  [&] {                                                                                \
-    switch (WD_VALUE) {                                                                \
-      case ::fused_adam::WeightDecay::kL2: {                                           \
-        constexpr static ::fused_adam::WeightDecay CONST_NAME = ::fused_adam::WeightDecay::kL2; \
-        return __VA_ARGS__();                                                          \
-      }                                                                                \
-      case ::fused_adam::WeightDecay::kDecoupled: {                                    \
-        constexpr static ::fused_adam::WeightDecay CONST_NAME = ::fused_adam::WeightDecay::kDecoupled; \
-        return __VA_ARGS__();                                                          \
-      }                                                                                \
-      default: {                                                                       \
-        constexpr static ::fused_adam::WeightDecay CONST_NAME = ::fused_adam::WeightDecay::kNone; \
-        return __VA_ARGS__();                                                          \
-      }                                                                                \
-    }                                                                                  \
-  }()
+// FA_BOOL_SWITCH, FA_WEIGHT_DECAY_SWITCH: csrc/common/static_switch.h (included by kernel.h).
 
 // __builtin_bit_cast, not memcpy: a memcpy through a local kept gcc from vectorizing the bf16/fp16 loops.
 inline float bits_to_float(uint32_t u) { return __builtin_bit_cast(float, u); }
 inline uint32_t float_to_bits(float f) { return __builtin_bit_cast(uint32_t, f); }
 
 // Storage type <-> opmath type of each dtype.
-template <ScalarKind K>
+template <DType K>
 struct Storage;
 
 template <>
-struct Storage<ScalarKind::kFloat> {
+struct Storage<DType::kFloat32> {
   using type = float;
   using opmath = float;
   static float load(float x) { return x; }
@@ -73,7 +45,7 @@ struct Storage<ScalarKind::kFloat> {
 };
 
 template <>
-struct Storage<ScalarKind::kDouble> {
+struct Storage<DType::kFloat64> {
   using type = double;
   using opmath = double;
   static double load(double x) { return x; }
@@ -81,7 +53,7 @@ struct Storage<ScalarKind::kDouble> {
 };
 
 template <>
-struct Storage<ScalarKind::kBFloat16> {
+struct Storage<DType::kBFloat16> {
   using type = uint16_t;
   using opmath = float;
   static float load(uint16_t x) { return bits_to_float(static_cast<uint32_t>(x) << 16); }
@@ -93,7 +65,7 @@ struct Storage<ScalarKind::kBFloat16> {
 };
 
 template <>
-struct Storage<ScalarKind::kHalf> {
+struct Storage<DType::kFloat16> {
   using type = uint16_t;
   using opmath = float;
   static float load(uint16_t h) {
@@ -127,7 +99,7 @@ struct Storage<ScalarKind::kHalf> {
 
 // LERP_SMALL is StepScalars::lerp_small made a constant. It is loop-invariant anyway, but gcc 12 cannot vectorize
 // a select on a runtime bool between float vectors of a loop that also holds 16-bit data (bf16/fp16 stay scalar).
-template <ScalarKind K, WeightDecay WD, bool AMSGRAD, bool MAXIMIZE, bool UNSCALE, bool LERP_SMALL>
+template <DType K, WeightDecay WD, bool AMSGRAD, bool MAXIMIZE, bool UNSCALE, bool LERP_SMALL>
 FA_LOOP void adam_loop(typename Storage<K>::type* __restrict param, typename Storage<K>::type* __restrict grad,
                        typename Storage<K>::type* __restrict exp_avg, typename Storage<K>::type* __restrict exp_avg_sq,
                        typename Storage<K>::type* __restrict max_exp_avg_sq, int64_t n,
@@ -158,7 +130,7 @@ void adam_loop_bf16(uint16_t* __restrict param, uint16_t* __restrict grad, uint1
                     StepScalars<float> s, float grad_scale);
 #endif
 
-template <ScalarKind K, WeightDecay WD, bool AMSGRAD, bool MAXIMIZE, bool UNSCALE>
+template <DType K, WeightDecay WD, bool AMSGRAD, bool MAXIMIZE, bool UNSCALE>
 void adam_chunk(const TensorPtrs& t, int64_t begin, int64_t n, const void* scalars, const StepArgs& args) {
   using S = typename Storage<K>::type;
   using T = typename Storage<K>::opmath;
@@ -170,7 +142,7 @@ void adam_chunk(const TensorPtrs& t, int64_t begin, int64_t n, const void* scala
   S* vmax = AMSGRAD ? static_cast<S*>(t.max_exp_avg_sq) + begin : nullptr;
   const T scale = static_cast<T>(args.grad_scale);
 #ifdef FA_CPU_BF16_SIMD
-  if constexpr (K == ScalarKind::kBFloat16) {
+  if constexpr (K == DType::kBFloat16) {
     if (s.lerp_small) {
       adam_loop_bf16<WD, AMSGRAD, MAXIMIZE, UNSCALE, true>(p, g, m, v, vmax, n, s, scale);
     } else {
@@ -186,7 +158,7 @@ void adam_chunk(const TensorPtrs& t, int64_t begin, int64_t n, const void* scala
   }
 }
 
-template <ScalarKind K>
+template <DType K>
 ChunkFn pick_modes(const Mode& mode) {
   return FA_WEIGHT_DECAY_SWITCH(mode.weight_decay, WD, [&] {
     return FA_BOOL_SWITCH(mode.amsgrad, AMSGRAD, [&] {
@@ -220,9 +192,9 @@ inline uint32_t sr_rand(uint32_t lo_mixed, uint32_t salt_mixed) {
 }
 
 // One store of an opmath value: stochastically rounded where SR (bf16 only), else to nearest even.
-template <ScalarKind K, bool SR>
+template <DType K, bool SR>
 inline typename Storage<K>::type store_to(typename Storage<K>::opmath x, uint32_t lo_mixed, uint32_t salt_mixed) {
-  if constexpr (SR && K == ScalarKind::kBFloat16) {
+  if constexpr (SR && K == DType::kBFloat16) {
     return bf16_store_sr(x, sr_rand(lo_mixed, salt_mixed));
   } else {
     return Storage<K>::store(x);
@@ -235,9 +207,10 @@ struct Salts {
 };
 
 // adam_update with storage types of its own for params/grads (PK) and states (SK), an fp32 master (MASTER), and
-// stochastic rounding of the bf16 stores that are the only copy of a value (SR: params without a master, states).
+// stochastic rounding of the param stores (SR_PARAM) and of the state stores (SR_STATE), as the caller decided.
 // fp32 math (fp64 for fp64 params), one rounding per store. `index0` is the tensor index of element 0 (low word).
-template <ScalarKind PK, ScalarKind SK, bool MASTER, bool SR, WeightDecay WD, bool AMSGRAD, bool UNSCALE, bool LERP_SMALL>
+template <DType PK, DType SK, bool MASTER, bool SR_PARAM, bool SR_STATE, WeightDecay WD, bool AMSGRAD, bool UNSCALE,
+          bool LERP_SMALL>
 FA_LOOP void adam_loop_x(typename Storage<PK>::type* __restrict param, typename Storage<PK>::type* __restrict grad,
                          typename Storage<SK>::type* __restrict exp_avg, typename Storage<SK>::type* __restrict exp_avg_sq,
                          typename Storage<SK>::type* __restrict max_exp_avg_sq, float* __restrict master, int64_t n,
@@ -248,7 +221,9 @@ FA_LOOP void adam_loop_x(typename Storage<PK>::type* __restrict param, typename 
   using T = typename P::opmath;
   static_assert(std::is_same_v<T, typename S::opmath>, "params and states share one opmath type");
   static_assert(!MASTER || std::is_same_v<T, float>, "an fp32 master is the opmath of bf16/fp16 params");
-  constexpr bool SR_PARAM = SR && !MASTER;  // the master's param copy rounds to nearest
+  static_assert(!SR_PARAM || (PK == DType::kBFloat16 && !MASTER), "a param store rounds stochastically only as bf16 "
+                "without a master (the master's copy rounds to nearest)");
+  static_assert(!SR_STATE || SK == DType::kBFloat16, "a state store rounds stochastically only as bf16");
   s.lerp_small = LERP_SMALL;
   uint32_t index = index0;  // a 32-bit induction variable: a 64-bit one costs two vectors and a narrowing
   for (int64_t i = 0; i < n; ++i, ++index) {
@@ -271,9 +246,9 @@ FA_LOOP void adam_loop_x(typename Storage<PK>::type* __restrict param, typename 
       param[i] = store_to<PK, SR_PARAM>(p, lo_mixed, salt.param);
     }
     if (UNSCALE) grad[i] = P::store(g);
-    exp_avg[i] = store_to<SK, SR>(m, lo_mixed, salt.exp_avg);
-    exp_avg_sq[i] = store_to<SK, SR>(v, lo_mixed, salt.exp_avg_sq);
-    if (AMSGRAD) max_exp_avg_sq[i] = store_to<SK, SR>(vmax, lo_mixed, salt.max_exp_avg_sq);
+    exp_avg[i] = store_to<SK, SR_STATE>(m, lo_mixed, salt.exp_avg);
+    exp_avg_sq[i] = store_to<SK, SR_STATE>(v, lo_mixed, salt.exp_avg_sq);
+    if (AMSGRAD) max_exp_avg_sq[i] = store_to<SK, SR_STATE>(vmax, lo_mixed, salt.max_exp_avg_sq);
   }
 }
 
@@ -285,7 +260,7 @@ void adam_loop_x_bf16(uint16_t* __restrict param, uint16_t* __restrict grad, uin
                       StepScalars<float> s, float grad_scale, float grad_mul, uint32_t index0, Salts salt);
 #endif
 
-template <ScalarKind PK, ScalarKind SK, bool MASTER, bool SR, WeightDecay WD, bool AMSGRAD, bool UNSCALE>
+template <DType PK, DType SK, bool MASTER, bool SR_PARAM, bool SR_STATE, WeightDecay WD, bool AMSGRAD, bool UNSCALE>
 void adam_chunk_x(const TensorPtrs& t, int64_t begin, int64_t n, const void* scalars, const StepArgs& args) {
   using PS = typename Storage<PK>::type;
   using SS = typename Storage<SK>::type;
@@ -302,7 +277,9 @@ void adam_chunk_x(const TensorPtrs& t, int64_t begin, int64_t n, const void* sca
     SS* vmax = AMSGRAD ? static_cast<SS*>(t.max_exp_avg_sq) + at : nullptr;
     float* master = MASTER ? t.master + at : nullptr;
 #ifdef FA_CPU_BF16_SIMD
-    if constexpr (PK == ScalarKind::kBFloat16 && SK == ScalarKind::kBFloat16 && !MASTER) {
+    if constexpr (PK == DType::kBFloat16 && SK == DType::kBFloat16 && !MASTER) {
+      static_assert(SR_PARAM == SR_STATE, "bf16 params and states without a master: all stores alike");
+      constexpr bool SR = SR_PARAM;
       if (s.lerp_small) {
         adam_loop_x_bf16<SR, WD, AMSGRAD, UNSCALE, true>(p, g, m, v, vmax, len, s, scale, mul, index0, salts);
       } else {
@@ -312,12 +289,12 @@ void adam_chunk_x(const TensorPtrs& t, int64_t begin, int64_t n, const void* sca
     }
 #endif
     if (s.lerp_small) {
-      adam_loop_x<PK, SK, MASTER, SR, WD, AMSGRAD, UNSCALE, true>(p, g, m, v, vmax, master, len, s, scale, mul, index0, salts);
+      adam_loop_x<PK, SK, MASTER, SR_PARAM, SR_STATE, WD, AMSGRAD, UNSCALE, true>(p, g, m, v, vmax, master, len, s, scale, mul, index0, salts);
     } else {
-      adam_loop_x<PK, SK, MASTER, SR, WD, AMSGRAD, UNSCALE, false>(p, g, m, v, vmax, master, len, s, scale, mul, index0, salts);
+      adam_loop_x<PK, SK, MASTER, SR_PARAM, SR_STATE, WD, AMSGRAD, UNSCALE, false>(p, g, m, v, vmax, master, len, s, scale, mul, index0, salts);
     }
   };
-  if constexpr (!SR) {
+  if constexpr (!SR_PARAM && !SR_STATE) {
     run(0, n, 0, Salts{});
   } else {
     // sr_bits(salt, index) = fmix32(lo ^ salt ^ hi * 0x27d4eb2f) (rounding.h): over a run of elements with one
@@ -337,22 +314,23 @@ void adam_chunk_x(const TensorPtrs& t, int64_t begin, int64_t n, const void* sca
   }
 }
 
-template <ScalarKind PK, ScalarKind SK, bool MASTER, bool SR>
+template <DType PK, DType SK, bool MASTER, bool SR_PARAM, bool SR_STATE>
 ChunkFn pick_feature_modes(const Mode& mode) {
   return FA_BOOL_SWITCH(mode.weight_decay == WeightDecay::kL2, L2, [&] {
     constexpr WeightDecay WD = L2 ? WeightDecay::kL2 : WeightDecay::kDecoupled;  // none: decoupled by 1
     return FA_BOOL_SWITCH(mode.amsgrad, AMSGRAD, [&] {
       return FA_BOOL_SWITCH(mode.unscale, UNSCALE, [&] {
-        return static_cast<ChunkFn>(&adam_chunk_x<PK, SK, MASTER, SR, WD, AMSGRAD, UNSCALE>);
+        return static_cast<ChunkFn>(&adam_chunk_x<PK, SK, MASTER, SR_PARAM, SR_STATE, WD, AMSGRAD, UNSCALE>);
       });
     });
   });
 }
 
 inline ChunkFn pick_feature(const Mode& mode) {
-#define FA_CPU_PICK_KIND(PK, SK, MASTER, SR)                                                                 \
-  if (mode.dtype == PK && mode.state_dtype == SK && mode.master == MASTER && mode.stochastic_rounding == SR) \
-    return pick_feature_modes<PK, SK, MASTER, SR>(mode);
+#define FA_CPU_PICK_KIND(PK, SK, MASTER, SR_PARAM, SR_STATE)                                          \
+  if (mode.dtype == PK && mode.state_dtype == SK && mode.master == MASTER && mode.sr_param == SR_PARAM && \
+      mode.sr_state == SR_STATE)                                                                          \
+    return pick_feature_modes<PK, SK, MASTER, SR_PARAM, SR_STATE>(mode);
   FA_CPU_FEATURE_KINDS(FA_CPU_PICK_KIND)
 #undef FA_CPU_PICK_KIND
   return nullptr;
@@ -361,14 +339,14 @@ inline ChunkFn pick_feature(const Mode& mode) {
 inline ChunkFn pick(const Mode& mode) {
   if (uses_feature_loop(mode)) return pick_feature(mode);
   switch (mode.dtype) {
-    case ScalarKind::kFloat:
-      return pick_modes<ScalarKind::kFloat>(mode);
-    case ScalarKind::kDouble:
-      return pick_modes<ScalarKind::kDouble>(mode);
-    case ScalarKind::kBFloat16:
-      return pick_modes<ScalarKind::kBFloat16>(mode);
-    case ScalarKind::kHalf:
-      return pick_modes<ScalarKind::kHalf>(mode);
+    case DType::kFloat32:
+      return pick_modes<DType::kFloat32>(mode);
+    case DType::kFloat64:
+      return pick_modes<DType::kFloat64>(mode);
+    case DType::kBFloat16:
+      return pick_modes<DType::kBFloat16>(mode);
+    case DType::kFloat16:
+      return pick_modes<DType::kFloat16>(mode);
   }
   return nullptr;
 }

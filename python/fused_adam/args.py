@@ -5,6 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+try:
+    from torch.optim.optimizer import _device_dtype_check_for_fused as _torch_fused_check
+except ImportError:  # another torch: the same rule, spelled here
+    _torch_fused_check = None
+
 # Options beyond torch's (README "Beyond torch"). They appear in param_groups only when set, so that a FusedAdam used
 # as a plain drop-in has exactly torch's param_groups and state_dict.
 EXTENSIONS = {"master_weights": False, "state_dtype": None, "stochastic_rounding": False, "seed": 0}
@@ -58,3 +63,15 @@ def check_args(lr, betas, eps, weight_decay, foreach, capturable, fused, differe
             raise RuntimeError("`fused` does not support `differentiable`")
         if foreach:
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+
+
+def check_fused_param(p: Tensor) -> None:
+    """fused=True asks for torch's fused kernel, which rejects params that are not floating point or live on a device
+    it has no kernel for (meta, for one), when their state is created. We raise the same error at the same moment,
+    so that code written against torch.optim.Adam(fused=True) fails the same way, although our kernels would run
+    complex params (the default, fused=None, runs them)."""
+    if _torch_fused_check is not None:
+        _torch_fused_check(p)
+    elif not (p.device.type in ("cpu", "cuda") and torch.is_floating_point(p)):
+        raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices: "
+                           f"['cpu', 'cuda'] but {p.dtype} and {p.device.type}")

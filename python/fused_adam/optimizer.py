@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import backends, plan as plans
-from .args import EXTENSIONS, check_args, check_extensions
+from .args import EXTENSIONS, check_args, check_extensions, check_fused_param
 from .backends import Amp, Hyper
 from .plan import Dispatch, Partition, Plan
 from .state import Generation, StateDict, dtensor_type, kernel_view, packed_states, param_state, rebind
@@ -25,6 +25,21 @@ __all__ = ["FusedAdam", "FusedAdamW", "Dispatch"]
 log = __import__("logging").getLogger("fused_adam")
 
 _EXTENSION_ITEMS = tuple(EXTENSIONS.items())
+
+
+def _not_traced(fn: Callable) -> Callable:
+    """torch.compiler.disable(fn), made at its first call: the decorator imports torch._dynamo (~1 s), which
+    `import fused_adam` and a step that is never compiled do not need (torch's optimizers do the same)."""
+    disabled = None
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        nonlocal disabled
+        if disabled is None:
+            disabled = torch.compiler.disable(fn)
+        return disabled(*args, **kwargs)
+
+    return wrapper
 
 
 def _scalar(x):
@@ -246,8 +261,14 @@ class FusedAdam(Optimizer):
                 group["decoupled_weight_decay"], group["weight_decay"] != 0, isinstance(group["lr"], Tensor),
                 self.max_grad_norm is not None, *[get(k, v) for k, v in _EXTENSION_ITEMS])
 
-    def _make_states(self, opts, members: list[Tensor]) -> list[dict[str, Tensor]]:
-        packed = packed_states(self.state, opts, members)
+    def _make_states(self, group: dict[str, Any], opts, members: list[Tensor], run=None) -> list[dict[str, Tensor]]:
+        if group["fused"]:
+            for p in members:
+                if not self.state.get(p):
+                    check_fused_param(p)
+        packed = run.states(self.state) if run is not None else None  # NOTE [flat run wiring]
+        if packed is None:
+            packed = packed_states(self.state, opts, members)
         return [param_state(self.state, p, opts, packed[i]) for i, p in enumerate(members)]
 
     def _build_plan(self, gi: int, group: dict[str, Any], has_grad: list[bool], key: tuple) -> Plan:
@@ -309,7 +330,7 @@ class FusedAdam(Optimizer):
             return self._step_not_traced(closure, grad_scale=grad_scale, found_inf=found_inf)
         return self._step(closure, grad_scale=grad_scale, found_inf=found_inf)
 
-    @torch.compiler.disable
+    @_not_traced
     def _step_not_traced(self, closure, *, grad_scale, found_inf):
         return self._step(closure, grad_scale=grad_scale, found_inf=found_inf)
 
@@ -349,6 +370,14 @@ class FusedAdam(Optimizer):
                 valid = plan is not None and plan.valid(params, key, generation)
                 # A backend may read the grads itself (grads=None); it declines, having changed nothing, if a param
                 # has no grad, and the path below handles that.
+                # Flat runs (NOTE [flat run wiring]) read no grad list either, where the plan covers every param.
+                if (valid and not clipping and all(plan.has_grad) and all(part.flat is not None for part in plan.parts)
+                        and all([part.flat.valid() for part in plan.parts])):
+                    for part in plan.parts:
+                        part.backend.step(part.flat_part, [part.flat.grad], hp,
+                                          Amp(on(part.device, grad_scale), on(part.device, found_inf)))
+                        part.flat.stepped()
+                    continue
                 if valid and not clipping and len(plan.parts) == 1 and plan.parts[0].reads_grads:
                     part = plan.parts[0]
                     try:
@@ -363,7 +392,11 @@ class FusedAdam(Optimizer):
                     built = True
                 for part in plan.parts:
                     amp = Amp(on(part.device, grad_scale), on(part.device, found_inf), on(part.device, clip_coef))
-                    part.backend.step(part, self._part_grads(part, grads), hp, amp)
+                    if part.flat is not None and part.flat.valid():
+                        part.backend.step(part.flat_part, [part.flat.grad], hp, amp)
+                        part.flat.stepped()
+                    else:
+                        part.backend.step(part, self._part_grads(part, grads), hp, amp)
             if built:  # the states created for one group's plan must not invalidate the others' (NOTE [step plan])
                 for built_plan in self._plans.values():
                     built_plan.generation = self._generation.value

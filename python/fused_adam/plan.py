@@ -25,6 +25,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from . import flat
 from .backends import Backend, PartOptions
 from .state import kernel_view, needs_view
 
@@ -64,6 +65,8 @@ class Partition:
     backend: Backend | None = None
     dispatch: Dispatch | None = None
     prepared: Any = None  # what backend.prepare() keeps for the life of this partition
+    flat: Any = None  # a flat.FlatRun: the params are consecutive slots of a flat buffer (NOTE [flat run wiring])
+    flat_part: Partition | None = None  # flat.partition(self): what the backend steps while flat.valid()
 
     def __len__(self) -> int:
         return len(self.params)
@@ -119,7 +122,7 @@ class Plan:
 
 def build(group_index: int, group: dict[str, Any], has_grad: list[bool], key: tuple, generation: int,
           first_id: int, clip: bool, choose: Callable[[Partition], tuple[Backend, Dispatch]],
-          make_states: Callable[[PartOptions, list[Tensor]], list[dict[str, Tensor]]]) -> Plan:
+          make_states: Callable[[dict, PartOptions, list[Tensor], Any], list[dict[str, Tensor]]]) -> Plan:
     """Split the group's params with grads into (device, dtype, occurrence) partitions, create their states, and
     pick and prepare each partition's backend. `first_id`: the group's first param's index over all groups."""
     params = group["params"]
@@ -134,10 +137,14 @@ def build(group_index: int, group: dict[str, Any], has_grad: list[bool], key: tu
             occurrence = seen[id(p)] = seen.get(id(p), -1) + 1
             by_key.setdefault((view.device, view.dtype, occurrence), []).append(i)
     parts = []
-    for (device, dtype, _), index in by_key.items():
+    for (device, dtype, occurrence), index in by_key.items():
         opts = PartOptions.of(group, dtype, clip)
         members = [params[i] for i in index]
-        packed = make_states(opts, members)
+        # A param listed twice: only its first partition may keep its states in a run's flat buffers.
+        run = flat.find_run(members, opts) if occurrence == 0 else None
+        packed = make_states(group, opts, members, run)
+        if run is not None and not run.bind(packed):
+            run = None
         lists: dict[str, list[Tensor]] = {k: [] for k in ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs",
                                                          "state_steps", "master_params")}
         view_pos = []
@@ -161,6 +168,9 @@ def build(group_index: int, group: dict[str, Any], has_grad: list[bool], key: tu
         )
         part.backend, part.dispatch = choose(part)
         part.backend.prepare(part)
+        if run is not None:
+            part.flat, part.flat_part = run, run.partition(part)
+            part.backend.prepare(part.flat_part)
         parts.append(part)
     return Plan(params, list(params), has_grad, key, generation, parts)
 
@@ -174,9 +184,17 @@ def check_tensors(part: Partition, grads: list[Tensor]) -> None:
         arrays.append(("max_exp_avg_sqs", part.max_exp_avg_sqs))
     if part.options.master:
         arrays.append(("master_params", part.master_params))
+    state_dtype = part.options.state_dtype
     for pos, p in enumerate(part.params):
+        where = f"(param {part.param_index(pos)} of group {part.group_index})"
+        if p.dtype != part.dtype:
+            raise RuntimeError(f"{who}: params[{pos}] {where} has dtype {p.dtype}; this partition steps {part.dtype} "
+                               "(a param's dtype changed under the optimizer)")
         for name, tensors in arrays:
             t = tensors[pos]
+            want = torch.float32 if name == "master_params" else (p.dtype if name == "grads" else state_dtype)
+            if t.dtype != want:
+                raise RuntimeError(f"{who}: {name}[{pos}] {where} has dtype {t.dtype}; expected {want}")
             if t.layout != torch.strided:
                 raise RuntimeError(f"{who}: {name}[{pos}] (param {part.param_index(pos)} of group "
                                    f"{part.group_index}) has layout {t.layout}; expected torch.strided")

@@ -686,6 +686,7 @@ class _Prepared:
     out: Tensor  # (6, T) int64 host: the address rows as uploaded to table[:6T]
     table: Tensor  # NOTE [triton table], on the device
     n_chunks: int
+    numels: list[int]  # the chunk table's sizes (a param's .data may be replaced by one of another size)
     grid: int
     math: torch.dtype
     constexprs: dict  # the launch's structure, fixed for the partition
@@ -745,7 +746,7 @@ class TritonBackend(Backend):
         )
         prep = _Prepared(
             checker=_partition_checker(part), out=torch.zeros(_ADDRESS_ROWS, n, dtype=torch.int64),
-            table=_to_device(host, device), n_chunks=n_chunks, grid=_grid(device, n_chunks), math=math,
+            table=_to_device(host, device), n_chunks=n_chunks, numels=numels, grid=_grid(device, n_chunks), math=math,
             constexprs=constexprs, steps=None if o.capturable else _HostSteps(part.state_steps),
             options={a: _compile_options(device, o.master, o.stochastic_rounding, a) for a in (False, True)},
         )
@@ -830,6 +831,12 @@ def _step(part, prep: _Prepared, grads: list[Tensor] | None, hp: Hyper, amp: Amp
     if mask < 0:
         return False  # a param without a grad: nothing changed, the plan is rebuilt
     rows = mask & _ROW_BITS
+    if rows & (1 << _P) and list(map(Tensor.numel, part.params)) != prep.numels:
+        # A param (and its states: the check pass compared their shapes) now has another size: the chunk table
+        # follows it, as torch's for-loop steps the new tensors.
+        _check_not_capturing(device, "a param's size")
+        BACKEND.prepare(part)
+        return _step(part, part.prepared, grads, hp, amp)
     aligned = bool(mask & _ALIGNED_BIT)
     if o.stochastic_rounding and rows & ~(1 << _G):
         prep.sr_contiguous = all(p.is_contiguous() for p in part.params)  # a param or state moved

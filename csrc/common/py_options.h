@@ -1,0 +1,100 @@
+// StepOptions (csrc/common/options.h) from what Python hands a backend, in one place for every binding: the
+// partition's PartOptions once (partition_options), and each step's Hyper and Amp (read_step). The Python classes
+// are python/fused_adam/backends/__init__.py's; this header reads their fields by name and decides nothing.
+// Also the same check for the torch op's arguments (set_amp). Needs pybind11 and torch (torch/extension.h).
+#pragma once
+
+#include <torch/extension.h>
+
+#include <cstdint>
+#include <optional>
+
+#include "common/options.h"
+
+namespace fused_adam {
+
+// The tensors a StepOptions' pointers point into (converted to float32 where they were not), alive for the step.
+struct StepInputs {
+  at::Tensor grad_scale, found_inf, clip_coef;
+  at::Tensor lr;  // Hyper.lr when it is a Tensor (a capturable CUDA step may read it on the device)
+};
+
+// The partition's options (PartOptions: wd_mode, amsgrad, maximize, capturable, master, sr_param, sr_state, seed).
+inline StepOptions partition_options(pybind11::handle part_options) {
+  namespace py = pybind11;
+  StepOptions o;
+  o.wd_mode = static_cast<WeightDecay>(part_options.attr("wd_mode").cast<int>());
+  o.amsgrad = part_options.attr("amsgrad").cast<bool>();
+  o.maximize = part_options.attr("maximize").cast<bool>();
+  o.capturable = part_options.attr("capturable").cast<bool>();
+  o.master = part_options.attr("master").cast<bool>();
+  o.sr_param = part_options.attr("sr_param").cast<bool>();
+  o.sr_state = part_options.attr("sr_state").cast<bool>();
+  const py::object seed = part_options.attr("seed");
+  o.seed = PyLong_AsUnsignedLongLongMask(seed.ptr());  // the low 64 bits (two's complement of a negative seed)
+  if (PyErr_Occurred()) throw py::error_already_set();
+  return o;
+}
+
+// `value` as a double: a Python number, or a one-element Tensor read on the host (kept in *tensor when given).
+inline double host_number(pybind11::handle value, const char* name, at::Tensor* tensor = nullptr) {
+  if (THPVariable_Check(value.ptr())) {
+    const at::Tensor t = THPVariable_Unpack(value.ptr());
+    TORCH_CHECK_VALUE(t.numel() == 1, "FusedAdam: ", name, " must have one element, got shape ", t.sizes());
+    if (tensor != nullptr) *tensor = t;
+    return t.item<double>();
+  }
+  return value.cast<double>();
+}
+
+// A one-element tensor on `device`, as float32 (converted if it is not), or undefined for None.
+inline at::Tensor device_scalar(const std::optional<at::Tensor>& t, const at::Device& device, const char* name,
+                                const char* who) {
+  if (!t.has_value() || !t->defined()) return at::Tensor();
+  TORCH_CHECK_VALUE(t->numel() == 1, who, ": ", name, " must have one element, got shape ", t->sizes());
+  TORCH_CHECK(t->device() == device, who, ": ", name, " is on ", t->device(), ", expected ", device,
+              " (the params' device)");
+  return t->to(at::kFloat).contiguous();
+}
+
+// Amp's three scalars into `o` (pointers into `in`).
+inline void set_amp(StepOptions& o, StepInputs& in, const std::optional<at::Tensor>& grad_scale,
+                    const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& clip_coef,
+                    const at::Device& device, const char* who) {
+  in.grad_scale = device_scalar(grad_scale, device, "grad_scale", who);
+  in.found_inf = device_scalar(found_inf, device, "found_inf", who);
+  in.clip_coef = device_scalar(clip_coef, device, "clip_coef", who);
+  o.grad_scale = in.grad_scale.defined() ? in.grad_scale.data_ptr<float>() : nullptr;
+  o.found_inf = in.found_inf.defined() ? in.found_inf.data_ptr<float>() : nullptr;
+  o.clip_coef = in.clip_coef.defined() ? in.clip_coef.data_ptr<float>() : nullptr;
+}
+
+inline std::optional<at::Tensor> optional_tensor(pybind11::handle obj) {
+  if (obj.is_none()) return std::nullopt;
+  return obj.cast<at::Tensor>();
+}
+
+// This step's Hyper (lr, beta1, beta2, eps, weight_decay: numbers or one-element Tensors, read on the host) and Amp
+// (None, or grad_scale / found_inf / clip_coef: None or Tensors on `device`) into `o`.
+inline void read_step(StepOptions& o, StepInputs& in, pybind11::handle hp, pybind11::handle amp,
+                      const at::Device& device, const char* who) {
+  o.hyper.lr = host_number(hp.attr("lr"), "lr", &in.lr);
+  o.hyper.beta1 = host_number(hp.attr("beta1"), "beta1");
+  o.hyper.beta2 = host_number(hp.attr("beta2"), "beta2");
+  o.hyper.eps = host_number(hp.attr("eps"), "eps");
+  o.hyper.weight_decay = host_number(hp.attr("weight_decay"), "weight_decay");
+  o.decay = NAN;
+  if (in.lr.defined() && o.wd_mode == WeightDecay::kDecoupled) {
+    // torch.optim.AdamW computes 1 - lr * wd in lr's dtype when lr is a Tensor; a double factor drifts from it by
+    // more than fp64 parity allows over a few steps.
+    o.decay = at::rsub(in.lr * o.hyper.weight_decay, 1).item<double>();
+  }
+  if (amp.is_none()) {
+    set_amp(o, in, std::nullopt, std::nullopt, std::nullopt, device, who);
+  } else {
+    set_amp(o, in, optional_tensor(amp.attr("grad_scale")), optional_tensor(amp.attr("found_inf")),
+            optional_tensor(amp.attr("clip_coef")), device, who);
+  }
+}
+
+}  // namespace fused_adam

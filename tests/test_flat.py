@@ -1,0 +1,476 @@
+"""Flat param and grad buffers (fused_adam.flat, NOTE [flat buffers]).
+
+flatten_parameters keeps the model what it was (same Parameter objects, values, outputs, state_dict) while autograd
+writes into the grad buffer; a partition stepped as one range (find_run / FlatRun, through a backend's own
+prepare/step) steps exactly as the same backend steps the params one by one, and whatever breaks flatness (a
+param's .data replaced, a grad replaced or None, a step count or a state changed) makes the step fall back to the
+per-tensor path on that step, never a wrong step.
+
+FlatDriver below is the wiring the step plan does with a run (see flat.py and the report), written out so that the
+idea is tested end to end through the backend interface before the optimizer calls it.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from unittest import mock
+
+import pytest
+import torch
+from parity import backends_here, bits
+
+from fused_adam import FusedAdamW, backends
+from fused_adam.backends import Amp, Hyper, PartOptions
+from fused_adam.flat import ATTR, _Tag, find_run, flatten_parameters
+from fused_adam.plan import Partition
+from fused_adam.state import Generation, StateDict, param_state
+
+BACKENDS = backends_here()
+LR, WD = 1e-2, 0.1
+
+
+class Scaled(torch.nn.Linear):
+    """A Linear with a 0-element param too (a slot of no elements between two others)."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.empty = torch.nn.Parameter(torch.zeros(0))
+
+    def forward(self, x):
+        return super().forward(x) + self.empty.sum()
+
+
+def make_model(seed: int = 0, dtype=torch.float32) -> torch.nn.Module:
+    torch.manual_seed(seed)  # odd sizes: 7x13 weights, 13-element biases, ... none a multiple of a 64-byte slot
+    return torch.nn.Sequential(torch.nn.Linear(7, 13), torch.nn.Tanh(), Scaled(13, 5), torch.nn.Tanh(),
+                               torch.nn.Linear(5, 3)).to(dtype)
+
+
+def batch(step: int, dtype=torch.float32) -> torch.Tensor:
+    return torch.randn(11, 7, generator=torch.Generator().manual_seed(100 + step), dtype=torch.float64).to(dtype)
+
+
+def backward(model: torch.nn.Module, step: int) -> None:
+    dtype = next(model.parameters()).dtype
+    model(batch(step, dtype)).square().sum().backward()
+
+
+def group(**kw) -> dict:
+    g = dict(lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=WD, amsgrad=False, maximize=False, capturable=False,
+             differentiable=False, decoupled_weight_decay=True)
+    g.update(kw)
+    return g
+
+
+class FlatDriver:
+    """One param group, one partition of all its params, stepped by `backend` as the step plan would with a flat
+    run: build once (find_run, states, bind, partition, prepare both), then per step valid() ? flat : per tensor."""
+
+    def __init__(self, params: list[torch.Tensor], backend: str, **kw) -> None:
+        self.group = group(**kw)
+        self.params = params
+        self.state = StateDict(Generation())
+        p0 = params[0]
+        opts = PartOptions.of(self.group, p0.dtype, False)
+        self.run = find_run(params, opts)
+        views = self.run.states(self.state) if self.run is not None else None
+        sts = [param_state(self.state, p, opts, views[i] if views else None) for i, p in enumerate(params)]
+        if self.run is not None and not self.run.bind(sts):
+            self.run = None
+        self.part = Partition(
+            0, p0.device, p0.dtype, opts, None, params=list(params), exp_avgs=[s["exp_avg"] for s in sts],
+            exp_avg_sqs=[s["exp_avg_sq"] for s in sts],
+            max_exp_avg_sqs=[s["max_exp_avg_sq"] for s in sts] if opts.amsgrad else [],
+            state_steps=[s["step"] for s in sts], master_params=[s["master_param"] for s in sts] if opts.master else [],
+            tensor_ids=list(range(len(params))), view_pos=[])
+        self.backend = backends.get(backend)
+        assert self.backend.supports(self.part) is None
+        self.backend.prepare(self.part)
+        self.flat_part = self.run.partition(self.part) if self.run is not None else None
+        if self.flat_part is not None:
+            self.backend.prepare(self.flat_part)
+        beta1, beta2 = self.group["betas"]
+        self.hp = Hyper(self.group["lr"], beta1, beta2, self.group["eps"], self.group["weight_decay"])
+        self.flat_steps = 0
+
+    @torch.no_grad()
+    def step(self, amp: Amp = Amp()) -> bool:
+        """One step; True if it went flat."""
+        if self.run is not None and self.run.valid():
+            self.backend.step(self.flat_part, [self.run.grad], self.hp, amp)
+            self.run.stepped()
+            self.flat_steps += 1
+            return True
+        self.backend.step(self.part, [p.grad for p in self.params], self.hp, amp)
+        return False
+
+
+def assert_same(a_params, b_params, a_state, b_state, exact: bool = True, msg: str = "") -> None:
+    for i, (a, b) in enumerate(zip(a_params, b_params)):
+        pairs = [("param", a.detach(), b.detach())]
+        pairs += [(k, a_state[a][k], b_state[b][k]) for k in b_state[b] if k != "step"]
+        for name, x, y in pairs:
+            if exact:
+                assert torch.equal(bits(x), bits(y)), f"{msg}{name} of param {i} differs bitwise"
+            else:
+                torch.testing.assert_close(x, y, msg=lambda m: f"{msg}{name} of param {i}: {m}")
+        assert float(a_state[a]["step"]) == float(b_state[b]["step"]), f"{msg}step of param {i}"
+
+
+# ---- flatten_parameters ---------------------------------------------------------------------------------------
+
+
+def test_flatten_keeps_the_model():
+    model, ref = make_model(), make_model()
+    ids = [id(p) for p in model.parameters()]
+    x = batch(0)
+    (flat,) = flatten_parameters(model)
+    assert [id(p) for p in model.parameters()] == ids and flat.params == list(model.parameters())
+    assert torch.equal(model(x), ref(x))
+    assert list(model.state_dict()) == list(ref.state_dict())
+    for (k, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(a, b), k
+    covered = torch.zeros(flat.param_buffer.numel(), dtype=torch.bool)
+    for i, p in enumerate(model.parameters()):
+        assert p.data_ptr() % 64 == 0 and p.is_contiguous() and flat.params_in_place(i) and flat.grads_in_place(i)
+        assert getattr(p, ATTR).flat is flat and getattr(p, ATTR).index == i
+        covered[flat.offsets[i]: flat.offsets[i] + p.numel()] = True
+        assert torch.equal(p.grad, torch.zeros_like(p))
+    assert not flat.param_buffer[~covered].any() and not flat.grad_buffer.any()  # padding zero
+    assert flat.param_buffer.numel() == sum(-(-p.numel() // 16) * 16 for p in model.parameters())
+    # Loading a state_dict writes into the slots.
+    model.load_state_dict(make_model(seed=1).state_dict())
+    assert flat.params_in_place()
+    assert torch.equal(model(x), make_model(seed=1)(x))
+
+
+def test_flatten_options_and_grouping():
+    model = make_model()
+    model[2].weight.requires_grad_(False)  # frozen params are left where they are
+    model[0].weight.grad = torch.ones_like(model[0].weight)  # an existing grad is kept, in the grad buffer
+    decay = [model[0].weight, model[4].weight]
+    no_decay = [model[0].bias, model[2].bias, model[4].bias]
+    (flat,) = flatten_parameters([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], align=256)
+    assert flat.params == decay + no_decay  # in the order given: each group one run of slots
+    assert all(p.data_ptr() % 256 == 0 for p in flat.params)
+    assert not hasattr(model[2].weight, ATTR) and model[2].weight.grad is None
+    assert torch.equal(model[0].weight.grad, torch.ones(13, 7)) and flat.grads_in_place(0)
+    opts = PartOptions.of(group(), torch.float32, False)
+    assert find_run(decay, opts).lo == 0 and find_run(no_decay, opts).first == 2
+    assert find_run([model[0].weight, model[0].bias], opts) is None  # not consecutive slots
+    assert find_run(no_decay[::-1], opts) is None  # not in buffer order
+    sr = group(stochastic_rounding=True, state_dtype=torch.bfloat16)  # bits drawn per tensor and element index
+    assert find_run(decay, PartOptions.of(sr, torch.float32, False)) is None
+    mixed = [torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(5, dtype=torch.float64)),
+             torch.nn.Parameter(torch.randn(2))]
+    buffers = flatten_parameters(mixed)
+    assert [(b.dtype, len(b)) for b in buffers] == [(torch.float32, 2), (torch.float64, 1)]
+
+
+def test_flatten_errors():
+    with pytest.raises(ValueError, match="align must be a positive power of two"):
+        flatten_parameters(make_model(), align=48)
+    with pytest.raises(TypeError, match="iterable of Tensors"):
+        flatten_parameters(torch.nn.Parameter(torch.randn(3)))
+    base = torch.nn.Parameter(torch.randn(4, 4))
+    with pytest.raises(ValueError, match="param 1 .* is not a leaf"):
+        flatten_parameters([torch.nn.Parameter(torch.randn(2)), base * 2])
+    a = torch.randn(10, requires_grad=True)
+    tied = [torch.nn.Parameter(a.data), torch.nn.Parameter(a.data[2:5])]
+    with pytest.raises(ValueError, match="params 0 and 1 share memory"):
+        flatten_parameters(tied)
+    assert tied[0].data_ptr() == a.data_ptr()  # nothing moved
+    class Sub(torch.Tensor):
+        pass
+
+    with pytest.raises(TypeError, match="param 0 is a Sub"):
+        flatten_parameters([torch.randn(2).as_subclass(Sub).requires_grad_()])
+
+
+def test_backward_accumulates_into_the_grad_buffer():
+    """Across backward / step / zero_grad cycles, p.grad stays the view (AccumulateGrad adds in place) and holds
+    what the unflattened model's grad holds; set_to_none=True breaks it, FlatBuffer.zero_grad() mends it."""
+    model, ref = make_model(), make_model()
+    (flat,) = flatten_parameters(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, foreach=False)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=LR, foreach=False)
+    for step in range(4):
+        for _ in range(2):  # two backwards accumulate
+            backward(model, step)
+            backward(ref, step)
+        assert flat.grads_in_place()
+        for p, q in zip(model.parameters(), ref.parameters()):
+            assert torch.equal(p.grad, q.grad)
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad(set_to_none=False)
+        ref_opt.zero_grad()
+        assert not flat.grad_buffer.any()
+    opt.zero_grad()  # torch's default: set_to_none=True
+    assert all(p.grad is None for p in model.parameters())
+    backward(model, 9)
+    assert not any(flat.grads_in_place(i) for i in range(len(flat)) if flat.numels[i])  # fresh grads
+    flat.zero_grad()
+    assert flat.grads_in_place() and not flat.grad_buffer.any()
+    backward(model, 9)
+    assert flat.grads_in_place() and flat.grad_buffer.any()
+
+
+# ---- the optimizer side: a run stepped as one range ---------------------------------------------------------------
+
+
+OPTIONS = [dict(), dict(amsgrad=True, maximize=True), dict(weight_decay=0.0, lr=torch.tensor(0.02)),
+           dict(decoupled_weight_decay=False)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kw", OPTIONS, ids=["default", "amsgrad-maximize", "tensor-lr", "adam-l2"])
+def test_flat_run_steps_as_per_tensor(backend, kw):
+    """Bitwise what the same backend does on the unflattened model, and torch's for-loop's result."""
+    model, ref, oracle = make_model(), make_model(), make_model()
+    flats = flatten_parameters(model)
+    driver = FlatDriver(list(model.parameters()), backend, **kw)
+    assert driver.run is not None
+    fused_kw = {k: v for k, v in kw.items() if k != "decoupled_weight_decay"}
+    adam = FusedAdamW if kw.get("decoupled_weight_decay", True) else __import__("fused_adam").FusedAdam
+    torch_cls = torch.optim.AdamW if kw.get("decoupled_weight_decay", True) else torch.optim.Adam
+    ref_opt = adam(ref.parameters(), lr=fused_kw.pop("lr", LR), weight_decay=fused_kw.pop("weight_decay", WD),
+                   backend=backend, **fused_kw)
+    oracle_opt = torch_cls(oracle.parameters(), **{k: v for k, v in group(**kw).items()
+                                                   if k not in ("decoupled_weight_decay",)}, foreach=False)
+    for step in range(6):
+        for m in (model, ref, oracle):
+            backward(m, step)
+        assert driver.step()
+        ref_opt.step()
+        oracle_opt.step()
+        flats[0].zero_grad()
+        ref_opt.zero_grad()
+        oracle_opt.zero_grad()
+    params = list(model.parameters())
+    assert_same(params, list(ref.parameters()), driver.state, ref_opt.state, msg=f"{backend} flat vs per-tensor: ")
+    assert_same(params, list(oracle.parameters()), driver.state, oracle_opt.state, exact=backend == "reference",
+                msg="flat vs torch: ")
+    # The states are views of the run's flat buffers, and their padding stayed zero.
+    run = driver.run
+    for i, p in enumerate(params):
+        st = driver.state[p]
+        off = run.flat.offsets[i]
+        assert st["exp_avg"].data_ptr() == (run.buffers["exp_avg"].data_ptr() + 4 * off if p.numel() else 0)
+        assert st["step"].data_ptr() == run.steps.data_ptr() + 4 * i
+    covered = torch.zeros(run.hi - run.lo, dtype=torch.bool)
+    for i, p in enumerate(params):
+        covered[run.flat.offsets[i]: run.flat.offsets[i] + p.numel()] = True
+    for name, buf in [("param", run.param), *run.buffers.items()]:
+        assert not buf[~covered].any(), f"padding of {name} written"
+
+
+def _mutations():
+    """(name, what to do to a model and its optimizer state after backward, whether that step is flat, whether
+    the next ones are: with FlatBuffer.zero_grad() after each step, a grad breaks one step; equal step counts are
+    still one counter). Each is done alike to every side of the comparison."""
+    def data_replaced(model, state):
+        p = model[2].weight
+        p.data = p.data.clone()
+
+    def grad_replaced(model, state):
+        p = model[2].weight
+        p.grad = p.grad.clone()
+
+    def grad_fresh(model, state):  # zero_grad(set_to_none=True) then backward: fresh grads
+        for p in model.parameters():
+            p.grad = None
+        backward(model, 50)
+
+    def one_step_changed(model, state):
+        state[model[0].bias]["step"].fill_(7.0)
+
+    def every_step_changed(model, state):
+        for p in model.parameters():
+            state[p]["step"].fill_(7.0)
+
+    def state_data_replaced(model, state):
+        st = state[model[4].weight]
+        st["exp_avg"].data = st["exp_avg"].clone()
+
+    def step_data_replaced(model, state):
+        st = state[model[4].bias]
+        st["step"].data = st["step"].clone()
+
+    return [
+        ("data_replaced", data_replaced, False, False),
+        ("grad_replaced", grad_replaced, False, True),
+        ("grad_fresh", grad_fresh, False, True),
+        ("one_step_changed", one_step_changed, False, False),
+        ("every_step_changed", every_step_changed, True, True),
+        ("state_data_replaced", state_data_replaced, False, False),
+        ("step_data_replaced", step_data_replaced, False, False),
+    ]
+
+
+MUTATIONS = _mutations()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mutation", MUTATIONS, ids=[m[0] for m in MUTATIONS])
+def test_broken_flatness_steps_as_torch(backend, mutation):
+    """At step 2 something changes what flatness rests on: that step runs per tensor (unless every count was set
+    alike); from the next one it is flat again where the break mends (zero_grad put the views back), per tensor
+    where it does not. Every step is exactly what the same backend does on the unflattened model (through the same interface), and
+    torch's for-loop's result."""
+    name, mutate, at_break, mends = mutation
+    model, ref, oracle = make_model(), make_model(), make_model()
+    (flat,) = flatten_parameters(model)
+    driver = FlatDriver(list(model.parameters()), backend, amsgrad=True)
+    per_tensor = FlatDriver(list(ref.parameters()), backend, amsgrad=True)  # not flattened: no run
+    assert per_tensor.run is None
+    oracle_opt = torch.optim.AdamW(oracle.parameters(), lr=LR, weight_decay=WD, amsgrad=True, foreach=False)
+    went_flat = []
+    for step in range(5):
+        for m in (model, ref, oracle):
+            backward(m, step)
+        if step == 2:
+            mutate(model, driver.state)
+            mutate(ref, per_tensor.state)
+            mutate(oracle, oracle_opt.state)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            went_flat.append(driver.step())
+        # A grad that is not its view is said once (a loop with zero_grad(set_to_none=True) would not know).
+        assert [str(w.message) for w in caught if "set_to_none=False" in str(w.message)] == (
+            [] if step != 2 or not name.startswith("grad") else [mock.ANY])
+        per_tensor.step()
+        oracle_opt.step()
+        flat.zero_grad()
+        for m in (ref, oracle):
+            m.zero_grad()
+    assert went_flat == [True, True, at_break, mends, mends], name
+    params = list(model.parameters())
+    assert_same(params, list(ref.parameters()), driver.state, per_tensor.state, msg=f"{name}, flat vs per-tensor: ")
+    assert_same(params, list(oracle.parameters()), driver.state, oracle_opt.state, exact=backend == "reference",
+                msg=f"{name}, flat vs torch: ")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_found_inf_and_grad_scale(backend):
+    """AMP's found_inf skips the whole range (the count too); grad_scale unscales the grad buffer in place."""
+    model, ref = make_model(), make_model()
+    flatten_parameters(model)
+    driver = FlatDriver(list(model.parameters()), backend)
+    ref_opt = FusedAdamW(ref.parameters(), lr=LR, weight_decay=WD, backend=backend)
+    for step, inf in enumerate([0.0, 1.0, 0.0]):
+        for m in (model, ref):
+            backward(m, step)
+        amp = Amp(torch.tensor(4.0), torch.tensor(inf))
+        assert driver.step(amp)
+        ref_opt.step(grad_scale=torch.tensor(4.0), found_inf=torch.tensor(inf))
+        driver.run.flat.zero_grad()
+        ref_opt.zero_grad()
+    assert_same(list(model.parameters()), list(ref.parameters()), driver.state, ref_opt.state)
+    assert float(driver.state[next(model.parameters())]["step"]) == 2
+
+
+def test_states_adopted_or_declined():
+    """States made before (a torch checkpoint loaded) move into the flat buffers when their counts are equal; with
+    unequal counts there is no run and nothing changes."""
+    model = make_model()
+    params = list(model.parameters())
+    torch_opt = torch.optim.AdamW(params, lr=LR, foreach=False)
+    for step in range(2):
+        backward(model, step)
+        torch_opt.step()
+    flatten_parameters(model)
+    opts = PartOptions.of(group(), torch.float32, False)
+    state = StateDict(Generation(), {p: dict(torch_opt.state[p]) for p in params})
+    before = {id(p): {k: v.clone() for k, v in state[p].items()} for p in params}
+    state[params[3]]["step"] = torch.tensor(5.0)
+    kept = {id(p): dict(state[p]) for p in params}
+    assert find_run(params, opts).states(state) is None
+    assert all(state[p][k] is kept[id(p)][k] for p in params for k in kept[id(p)])
+    state[params[3]]["step"] = torch.tensor(2.0)
+    run = find_run(params, opts)
+    views = run.states(state)
+    sts = [param_state(state, p, opts, views[i]) for i, p in enumerate(params)]
+    assert run.bind(sts)
+    for i, p in enumerate(params):
+        for k, v in before[id(p)].items():
+            assert torch.equal(state[p][k], v), k
+        expected = run.buffers["exp_avg"].data_ptr() + 4 * run.flat.offsets[i] if p.numel() else 0
+        assert state[p]["exp_avg"].data_ptr() == expected
+
+
+# ---- through the optimizer --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_adamw_trains_a_flattened_model(backend):
+    """FusedAdamW on a flattened model against torch.optim.AdamW(foreach=False) on an unflattened one: params and
+    every state tensor; the state_dict loads into torch and back, and both continue alike."""
+    model, oracle = make_model(), make_model()
+    (flat,) = flatten_parameters(model)
+    opt = FusedAdamW(model.parameters(), lr=LR, weight_decay=WD, amsgrad=True, backend=backend)
+    oracle_opt = torch.optim.AdamW(oracle.parameters(), lr=LR, weight_decay=WD, amsgrad=True, foreach=False)
+
+    def train(steps):
+        for step in steps:
+            for m in (model, oracle):
+                backward(m, step)
+            opt.step()
+            oracle_opt.step()
+            opt.zero_grad(set_to_none=False)
+            oracle_opt.zero_grad()
+            assert flat.grads_in_place()
+
+    train(range(5))
+    exact = backend == "reference"
+    params, oracle_params = list(model.parameters()), list(oracle.parameters())
+    assert_same(params, oracle_params, opt.state, oracle_opt.state, exact=exact)
+    sd = copy.deepcopy(opt.state_dict())
+    torch_opt = torch.optim.AdamW(make_model().parameters(), lr=LR, weight_decay=WD, amsgrad=True, foreach=False)
+    torch_opt.load_state_dict(sd)
+    for i, p in enumerate(torch_opt.param_groups[0]["params"]):
+        for k, v in torch_opt.state[p].items():
+            assert torch.equal(v, opt.state[params[i]][k]), k
+    opt.load_state_dict(copy.deepcopy(oracle_opt.state_dict()))  # torch's states into the flattened model's optimizer
+    assert flat.params_in_place()
+    train(range(5, 8))
+    assert_same(params, oracle_params, opt.state, oracle_opt.state, exact=exact)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kw", [dict(master_weights=True), dict(state_dtype=torch.float32, amsgrad=True)],
+                         ids=["master", "fp32-states"])
+def test_flat_run_low_precision(backend, kw):
+    """bf16 params with an fp32 master or fp32 states: the flat master / state buffers step bitwise as the same
+    backend steps the params one by one."""
+    model, ref = make_model(dtype=torch.bfloat16), make_model(dtype=torch.bfloat16)
+    (flat,) = flatten_parameters(model)
+    driver = FlatDriver(list(model.parameters()), backend, **kw)
+    per_tensor = FlatDriver(list(ref.parameters()), backend, **kw)
+    assert driver.run is not None and per_tensor.run is None
+    for step in range(4):
+        for m in (model, ref):
+            backward(m, step)
+        assert driver.step()
+        per_tensor.step()
+        flat.zero_grad()
+        ref.zero_grad()
+    assert_same(list(model.parameters()), list(ref.parameters()), driver.state, per_tensor.state)
+
+
+def test_saved_and_copied_models_are_plain():
+    """torch.save/load and deepcopy of a flattened model give a model that computes the same and is not flat (its
+    params are not slots of the original's buffer): an optimizer over the copy steps it per tensor."""
+    import io
+
+    model = make_model()
+    flatten_parameters(model)
+    saved = io.BytesIO()
+    torch.save(model, saved)
+    saved.seek(0)
+    opts = PartOptions.of(group(), torch.float32, False)
+    for other in (torch.load(saved, weights_only=False), copy.deepcopy(model)):
+        assert torch.equal(other(batch(0)), model(batch(0)))
+        params = list(other.parameters())
+        assert all(getattr(p, ATTR, _Tag(None, -1)).flat is None for p in params)
+        assert find_run(params, opts) is None
