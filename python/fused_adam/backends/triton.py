@@ -2,9 +2,11 @@
 
 Computes the Adam/AdamW step of csrc/adam_math.h (Kingma & Ba, arXiv:1412.6980; Loshchilov & Hutter,
 arXiv:1711.05101; AMSGrad: Reddi et al.) for every tensor of a partition in one launch. The chunks of NOTE [chunk
-table] (csrc/chunk_table.h) are one list; a grid sized to the device (persistent programs) strides it, each chunk
-streamed once (28 B/param for fp32, 14 B/param for bf16 with bf16 states). Math is fp32 for fp32/bf16/fp16 params
-and fp64 for fp64 params (opmath, as csrc/adam_math.h).
+table] (csrc/chunk_table.h) are one list; a grid sized to the device (at most PROGRAMS_PER_SM persistent programs
+per SM) strides it, each chunk streamed once (28 B/param for fp32, 14 B/param for bf16 with bf16 states) with
+128-bit accesses where its addresses are 16-byte aligned (a launch whose addresses all are compiles without the
+per-chunk test) and a masked tail tile. Math is fp32 for fp32/bf16/fp16 params and fp64 for fp64 params (opmath, as
+csrc/adam_math.h).
 
 The options beyond torch (PartOptions), each a constexpr of one kernel, bitwise the reference backend's stores for
 the same fp32 values:
@@ -72,11 +74,11 @@ _GROUP_SLOTS = 8  # scal[0:8]: group scalars and the uniform step's pair; per-te
 # dominates, so big tiles and one program per chunk.
 GPU_CHUNK, GPU_BLOCK, GPU_WARPS = 1 << 14, 1024, 4
 PROGRAMS_PER_SM = 8
-# Registers: ptxas's own target for the master-weight and stochastic-rounding variants is ~80, where it spills
-# 4 bytes on sm_80, and the unaligned variant (both branches of the per-chunk decision) reaches ~150 on sm_90
-# (tests/test_triton_ptx.py); for those variants a cap of 128 lets it allocate without spilling and keeps 4
-# programs of 4 warps per SM resident (not for fp64 math, which would spill under it). The other variants keep
-# ptxas's choice (64-80 registers).
+# Registers: ptxas's own target for the aligned master-weight and stochastic-rounding variants is ~80, where it
+# spills 4 bytes on sm_80 (tests/test_triton_ptx.py); for those a cap of 128 lets it allocate without spilling.
+# The other variants keep ptxas's choice: 64-80 registers aligned; the unaligned variant, which holds both branches
+# of the per-chunk decision (scalar accesses need a 64-bit address per element), takes ~150 on sm_90 and spills
+# under a cap of 128, so it trades occupancy (3 programs of 4 warps per SM) for its aligned chunks' 128-bit accesses.
 GPU_MAXNREG = 128
 INTERPRET_CHUNK, INTERPRET_BLOCK = 1 << 16, 1 << 12
 STEP_BLOCK = 128  # tensors per program of _capturable_step_kernel
@@ -647,10 +649,9 @@ def _grid(device: torch.device, n_chunks: int) -> int:
     return max(1, min(n_chunks, PROGRAMS_PER_SM * sms))
 
 
-def _compile_options(device: torch.device, master: bool, sr: bool, aligned: bool, fp64: bool = False) -> dict:
+def _compile_options(device: torch.device, master: bool, sr: bool, aligned: bool) -> dict:
     """Launch options beyond the geometry: see GPU_MAXNREG."""
-    capped = master or sr or not (aligned or fp64)
-    return {"maxnreg": GPU_MAXNREG} if device.type != "cpu" and capped else {}
+    return {"maxnreg": GPU_MAXNREG} if device.type != "cpu" and (master or sr) and aligned else {}
 
 
 def _to_device(host: Tensor, device: torch.device) -> Tensor:
@@ -747,8 +748,7 @@ class TritonBackend(Backend):
             checker=_partition_checker(part), out=torch.zeros(_ADDRESS_ROWS, n, dtype=torch.int64),
             table=_to_device(host, device), n_chunks=n_chunks, numels=numels, grid=_grid(device, n_chunks), math=math,
             constexprs=constexprs, steps=None if o.capturable else _HostSteps(part.state_steps),
-            options={a: _compile_options(device, o.master, o.stochastic_rounding, a, math == torch.float64)
-                     for a in (False, True)},
+            options={a: _compile_options(device, o.master, o.stochastic_rounding, a) for a in (False, True)},
         )
         if o.capturable:
             prep.scal = torch.zeros(_GROUP_SLOTS + 3 * n, dtype=math, device=device)
