@@ -1,14 +1,19 @@
-// Host API of the CUDA Adam/AdamW step: raw device pointers, no torch. The torch binding (ops_cuda.cpp) validates
-// tensors and calls adam_step_cuda on the current stream; the .cu files include only the CUDA runtime and this
-// header, so they compile with a bare toolkit (see DESIGN.md, "Verifying GPU code without a GPU").
+// Host API of the CUDA Adam/AdamW step: raw device pointers, no torch. The torch binding (ops_cuda.cpp) keeps each
+// partition's device tables (NOTE [device table]) across steps, validates the tensors, patches the tables and calls
+// adam_step_cuda on the current stream; the .cu files include only the CUDA runtime and this header, so they compile
+// with a bare toolkit (see DESIGN.md, "Verifying GPU code without a GPU").
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cmath>
 #include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
 
 #include "adam_math.h"
+#include "cuda/device_table.h"
 
 namespace fused_adam {
 namespace cuda {
@@ -34,50 +39,109 @@ inline bool compiled_pair(DType param, DType state) {
          ((param == DType::kBFloat16 || param == DType::kFloat16) && state == DType::kFloat32);
 }
 
-// One parameter's tensors: dense device buffers of `numel` elements, all with the same element order (the logical,
-// row-major order with stochastic rounding: its random bits are drawn per element index). The binding makes them so
-// (contiguous copies where strides differ).
-struct AdamTensor {
-  void* param;
-  void* grad;            // written back unscaled when grad_scale is given
-  void* exp_avg;
-  void* exp_avg_sq;
-  void* max_exp_avg_sq;  // amsgrad only, else ignored
-  int64_t numel;
-  float* step_device;    // capturable: the float32 step on the device, incremented by the launch
-  double step;           // not capturable: the step value the update uses (the caller has already incremented it)
-  float* master = nullptr;  // master_weights: the fp32 copy the update runs on; the param gets it rounded to nearest
-  uint64_t tensor_id = 0;   // stochastic_rounding: the tensor's id in sr_salt (its index over all param groups)
-};
+// Why these dtypes and options have no kernel, or "" (the one place the CUDA backend's refusals are decided; the
+// Python backend's supports() asks it through the binding).
+inline std::string unsupported(DType param, DType state, bool master_weights) {
+  if (!compiled_pair(param, state)) {
+    return std::string("no kernel for ") + dtype_name(param) + " params with " + dtype_name(state) +
+           " states (states take the param's dtype, or float32 params have bfloat16 states, or bfloat16/float16 "
+           "params have float32 states)";
+  }
+  if (master_weights && param != DType::kBFloat16 && param != DType::kFloat16) {
+    return std::string("master weights need bfloat16 or float16 params, got ") + dtype_name(param);
+  }
+  return "";
+}
 
+// One step's options; the tensors are in the device tables.
 struct AdamStepOptions {
   AdamHyper hyper;                   // lr (unless lr_device), betas, eps, weight_decay
   bool decoupled = false;            // AdamW
   bool amsgrad = false;
   bool maximize = false;
-  bool capturable = false;           // steps (and lr_device if set) are read on the device; no host sync
-  const double* lr_device = nullptr; // capturable only: lr as a float64 scalar on the device
+  StepSource steps = StepSource::kUniform;
+  double step = 0;                   // kUniform: every tensor's step, already incremented by the caller
+  const double* lr_device = nullptr; // kDevice only: lr as a float64 scalar on the device
   const float* grad_scale = nullptr; // AMP: grads are divided by *grad_scale (and stored back unscaled)
   const float* found_inf = nullptr;  // AMP: if *found_inf != 0 the launch changes nothing, steps included
   const float* clip_coef = nullptr;  // gradient clipping: the (unscaled) grad is multiplied by *clip_coef for the
                                      // update (the stored grad stays unclipped); read on the device, no host sync
-  bool master_weights = false;       // every tensor has `master` (bfloat16/float16 params only)
+  bool master_weights = false;       // every tensor has a master (bfloat16/float16 params only)
   bool stochastic_rounding = false;  // bfloat16 stores that are the only copy of a value (params without a master,
                                      // states) round stochastically (csrc/rounding.h); ignored where there is none
   uint64_t seed = 0;                 // stochastic rounding's seed
-  int64_t chunk_size = 0;            // elements per block; 0 picks kDefaultChunkSize (must be a multiple of 8)
   // AdamW's decay factor 1 - lr*wd when the caller computed it (with a Tensor lr torch computes it in the lr's
-  // dtype, and fp64 parity needs the same value); NaN: computed from `hyper` in double. Not capturable.
+  // dtype, and fp64 parity needs the same value); NaN: computed from `hyper` in double. Not with kDevice.
   double decay = NAN;
+};
+
+// A partition's tables in device memory: the allocation `base` holds DeviceTable::image() (copied by the caller).
+struct DeviceTableRef {
+  void* base = nullptr;
+  int64_t num_tensors = 0;
+  int64_t num_chunks = 0;
+  int64_t chunk_size = 0;
+  size_t tensors_offset = 0;
+  size_t chunks_offset = 0;
+
+  static DeviceTableRef of(const DeviceTable& table, void* base) {
+    return DeviceTableRef{base, table.num_tensors(), table.num_chunks(), table.chunk_size(), table.tensors_offset(),
+                          table.chunks_offset()};
+  }
 };
 
 constexpr int64_t kDefaultChunkSize = 65536;
 
-// Enqueues the step of `num_tensors` tensors on `stream`: params and grads of `param_dtype`, states of
-// `state_dtype`. Throws std::invalid_argument for bad arguments (null pointers, bad chunk size, a dtype pair that
-// is not compiled, master weights for fp32/fp64 params); returns the first CUDA error of a launch, or cudaSuccess.
-cudaError_t adam_step_cuda(const AdamTensor* tensors, int64_t num_tensors, DType param_dtype, DType state_dtype,
-                           const AdamStepOptions& options, cudaStream_t stream);
+// Not capturable: the host has incremented every tensor's step; `steps` are the new values. All equal (the usual
+// case): kUniform with o.step, and the entries carry no step (they stay unchanged from step to step). Else
+// kPerTensor, and set_step fills each entry's scalars.
+inline StepSource host_step_source(const std::vector<double>& steps, double* uniform) {
+  for (double s : steps) {
+    if (s != steps[0]) return StepSource::kPerTensor;
+  }
+  *uniform = steps.empty() ? 0.0 : steps[0];
+  return StepSource::kUniform;
+}
+
+inline void set_step(TensorEntry& e, const AdamHyper& h, double step) {
+  const StepScalars<double> s = make_step_scalars<double>(h, step);
+  e.neg_step_size = s.neg_step_size;
+  e.bias_correction2_sqrt = s.bias_correction2_sqrt;
+  e.host_step = step;
+}
+
+// Tensor i's entry for this step: the buffers it reads (staged copies included), its device step (kDevice) or its
+// host step (kPerTensor). Everything else stays zero, so an entry is the same bytes from step to step unless a
+// buffer moved or the steps are per tensor (DeviceTable::set patches only what changed).
+inline TensorEntry make_entry(void* const (&bufs)[kNumBufs], int64_t numel, float* device_step, uint64_t tensor_id,
+                              StepSource steps, const AdamHyper& h, double host_step) {
+  TensorEntry e{};
+  for (int b = 0; b < kNumBufs; ++b) e.buf[b] = bufs[b];
+  e.numel = numel;
+  e.tensor_id = tensor_id;
+  if (steps == StepSource::kDevice) e.step = device_step;
+  if (steps == StepSource::kPerTensor) set_step(e, h, host_step);
+  return e;
+}
+
+// Checks the options against the table; turns stochastic rounding off where it rounds nothing. Throws
+// std::invalid_argument.
+inline void check_step(const DeviceTableRef& t, DType param, DType state, AdamStepOptions& o) {
+  const std::string why = unsupported(param, state, o.master_weights);
+  if (!why.empty()) throw std::invalid_argument("adam_step_cuda: " + why);
+  if (t.base == nullptr) throw std::invalid_argument("adam_step_cuda: no device table");
+  if (o.steps != StepSource::kDevice && o.lr_device != nullptr) {
+    throw std::invalid_argument("adam_step_cuda: lr_device needs device steps (capturable)");
+  }
+  o.stochastic_rounding = o.stochastic_rounding &&
+                          ((param == DType::kBFloat16 && !o.master_weights) || state == DType::kBFloat16);
+}
+
+// Enqueues the step of every tensor of the table on `stream`, one launch: params and grads of `param_dtype`, states
+// of `state_dtype`; a grid of as many blocks as `sm_count` SMs run at once. Throws std::invalid_argument for bad
+// arguments (check_step); returns the launch's CUDA error, or cudaSuccess.
+cudaError_t adam_step_cuda(const DeviceTableRef& table, DType param_dtype, DType state_dtype,
+                           const AdamStepOptions& options, int sm_count, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace fused_adam
