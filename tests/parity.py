@@ -19,7 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from fused_adam import FusedAdam, FusedAdamW
+import os
+
+from fused_adam import FusedAdam, FusedAdamW, backends
 
 K_LOW_PRECISION = 2.0
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -54,6 +56,17 @@ def _inputs() -> list[OptimizerInput]:
 
 
 OPTIM_INPUTS = _inputs()
+
+
+def backends_here() -> list[str]:
+    """The backends that run CPU tensors in this process: reference, cpu where the extension is built, triton under
+    TRITON_INTERPRET=1 (its kernels on CPU tensors). Test bodies are parametrized by these."""
+    names = ["reference"]
+    if backends.unavailable("cpu") is None:
+        names.append("cpu")
+    if os.environ.get("TRITON_INTERPRET") == "1" and backends.unavailable("triton") is None:
+        names.append("triton")
+    return names
 
 
 def make_params(dtype: torch.dtype, shapes=SHAPES, seed: int = 0) -> list[torch.Tensor]:

@@ -17,13 +17,16 @@ changed is either seen by that check or by the backend's per-tensor checks, at O
 """
 from __future__ import annotations
 
+import functools
+import operator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from .backends import Backend, PartOptions
+from .state import kernel_view, needs_view
 
 
 @dataclass(frozen=True)
@@ -74,3 +77,122 @@ class Partition:
     def param_index(self, pos: int) -> int:
         """The group position of this partition's entry `pos` (error messages name the group's param index)."""
         return self.index[pos] if self.index is not None else pos
+
+
+def _same_items_py(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(map(operator.is_, a, b))
+
+
+def same_items(a: list, b: list) -> bool:
+    """len(a) == len(b) and a[i] is b[i] for every i: in C++ where the extension is built (a few ns an item)."""
+    native = _native_same_items()
+    return native(a, b) if native is not None else _same_items_py(a, b)
+
+
+@functools.lru_cache(maxsize=None)
+def _native_same_items():
+    try:
+        from . import _C
+    except Exception:  # built without the extension: the Python loop (~25 ns an item)
+        return None
+    return getattr(_C, "same_items", None)
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)  # types whose .grad a kernel can read itself (no grad property of their own)
+
+
+@dataclass(eq=False)
+class Plan:
+    """One param group's partitions and what they were built from (NOTE [step plan])."""
+
+    params: list[Tensor]  # the group's params list object
+    snapshot: list[Tensor]  # its items when the plan was built
+    has_grad: list[bool]
+    key: tuple
+    generation: int
+    parts: list[Partition]
+
+    def valid(self, params: list[Tensor], key: tuple, generation: int) -> bool:
+        return (self.params is params and self.generation == generation and self.key == key
+                and same_items(self.snapshot, params))
+
+
+def build(group_index: int, group: dict[str, Any], has_grad: list[bool], key: tuple, generation: int,
+          first_id: int, clip: bool, choose: Callable[[Partition], tuple[Backend, Dispatch]],
+          make_states: Callable[[dict, PartOptions, list[Tensor]], list[dict[str, Tensor]]]) -> Plan:
+    """Split the group's params with grads into (device, dtype, occurrence) partitions, create their states, and
+    pick and prepare each partition's backend. `first_id`: the group's first param's index over all groups."""
+    params = group["params"]
+    by_key: dict[tuple, list[int]] = {}
+    # A param listed twice in a group (torch warns: "duplicate parameters") is updated twice, one after the other,
+    # as torch's for-loop does: its k-th occurrence goes to a partition of its own, stepped after the (k-1)-th. In
+    # one call a kernel's threads could run both updates at once on the same memory.
+    seen: dict[int, int] = {}
+    for i, p in enumerate(params):
+        if has_grad[i]:
+            view = kernel_view(p)
+            occurrence = seen[id(p)] = seen.get(id(p), -1) + 1
+            by_key.setdefault((view.device, view.dtype, occurrence), []).append(i)
+    parts = []
+    for (device, dtype, _), index in by_key.items():
+        opts = PartOptions.of(group, dtype, clip)
+        members = [params[i] for i in index]
+        packed = make_states(group, opts, members)
+        lists: dict[str, list[Tensor]] = {k: [] for k in ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs",
+                                                         "state_steps", "master_params")}
+        view_pos = []
+        for pos, p in enumerate(members):
+            st = packed[pos]
+            if needs_view(p):
+                view_pos.append(pos)
+            lists["params"].append(kernel_view(p))
+            lists["exp_avgs"].append(kernel_view(st["exp_avg"]))
+            lists["exp_avg_sqs"].append(kernel_view(st["exp_avg_sq"]))
+            if opts.amsgrad:
+                lists["max_exp_avg_sqs"].append(kernel_view(st["max_exp_avg_sq"]))
+            lists["state_steps"].append(st["step"])
+            if opts.master:
+                lists["master_params"].append(st["master_param"])
+        everything = len(by_key) == 1 and len(index) == len(params)
+        part = Partition(
+            group_index, device, dtype, opts, None if everything else index, view_pos=view_pos,
+            tensor_ids=[first_id + i for i in index],
+            reads_grads=everything and not view_pos and all(type(p) in _PLAIN for p in params), **lists,
+        )
+        part.backend, part.dispatch = choose(part)
+        part.backend.prepare(part)
+        parts.append(part)
+    return Plan(params, list(params), has_grad, key, generation, parts)
+
+
+def check_tensors(part: Partition, grads: list[Tensor]) -> None:
+    """The per-tensor checks, in Python, for backends that have no native check pass (the reference backend): every
+    grad and state of the param's shape, on its device, grads not sparse; raised before anything is written."""
+    who = f"FusedAdam ({part.backend.name if part.backend else '?'} backend)"
+    arrays = [("grads", grads), ("exp_avgs", part.exp_avgs), ("exp_avg_sqs", part.exp_avg_sqs)]
+    if part.options.amsgrad:
+        arrays.append(("max_exp_avg_sqs", part.max_exp_avg_sqs))
+    if part.options.master:
+        arrays.append(("master_params", part.master_params))
+    state_dtype = part.options.state_dtype
+    for pos, p in enumerate(part.params):
+        where = f"(param {part.param_index(pos)} of group {part.group_index})"
+        if p.dtype != part.dtype:
+            raise RuntimeError(f"{who}: params[{pos}] {where} has dtype {p.dtype}; this partition steps {part.dtype} "
+                               "(a param's dtype changed under the optimizer)")
+        for name, tensors in arrays:
+            t = tensors[pos]
+            want = torch.float32 if name == "master_params" else (p.dtype if name == "grads" else state_dtype)
+            if t.dtype != want:
+                raise RuntimeError(f"{who}: {name}[{pos}] {where} has dtype {t.dtype}; expected {want}")
+            if t.layout != torch.strided:
+                raise RuntimeError(f"{who}: {name}[{pos}] (param {part.param_index(pos)} of group "
+                                   f"{part.group_index}) has layout {t.layout}; expected torch.strided")
+            if t.shape != p.shape or t.device != p.device:
+                raise RuntimeError(
+                    f"{who}: {name}[{pos}] (param {part.param_index(pos)} of group {part.group_index}) has shape "
+                    f"{tuple(t.shape)} on {t.device}; its param has shape {tuple(p.shape)} on {p.device}")
+        s = part.state_steps[pos]
+        if s.numel() != 1:
+            raise RuntimeError(f"{who}: state_steps[{pos}] (param {part.param_index(pos)} of group "
+                               f"{part.group_index}) has {s.numel()} elements; expected a 0-dim step count")

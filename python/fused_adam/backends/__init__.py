@@ -88,9 +88,9 @@ class Amp:
 class PartOptions:
     """A partition's options as they apply to its dtype, decided once (the step plan's key covers every input).
 
-    state_dtype is never None (the param's dtype unless the group asks for another). master: the params are
-    bf16/fp16 and keep fp32 masters. sr_param / sr_state: which stores round stochastically: a bf16 store that is
-    the only copy of a value (a bf16 param without a master; bf16 states)."""
+    state_dtype is never None (the param's dtype, or fp32 with masters, unless the group asks for another).
+    master: the params are bf16/fp16 and keep fp32 masters. sr_param / sr_state: which stores round
+    stochastically: a bf16 store that is the only copy of a value (a bf16 param without a master; bf16 states)."""
 
     param_dtype: torch.dtype
     state_dtype: torch.dtype
@@ -118,7 +118,9 @@ class PartOptions:
     def of(group: dict[str, Any], dtype: torch.dtype, clip: bool) -> PartOptions:
         """The options of a (device, dtype) partition of `group`. The one place that decides them."""
         master = bool(group.get("master_weights", False)) and dtype in LOW_PRECISION
-        state_dtype = group.get("state_dtype") or dtype
+        # Master weights keep fp32 states unless state_dtype says otherwise (TransformerEngine's and DeepSpeed's
+        # default): a bf16 model with masters then steps bitwise like the fp32 run it tracks.
+        state_dtype = group.get("state_dtype") or (torch.float32 if master else dtype)
         sr = bool(group.get("stochastic_rounding", False))
         wd = group["weight_decay"]
         wd_mode = WeightDecay.NONE if wd == 0 else (WeightDecay.DECOUPLED if group["decoupled_weight_decay"] else WeightDecay.L2)

@@ -18,13 +18,7 @@ import functools
 import torch
 from torch import Tensor
 
-from . import Hyper
-
-NAME = "cpu"
-FEATURES = ("master_weights", "state_dtype", "stochastic_rounding", "clip")
-REJECTS_SPARSE = True  # the kernel checks every tensor's layout before it writes anything
-READS_GRADS = True  # grads=None: the kernel reads each param's .grad (NOTE [grads read in C++] in csrc/ops.cpp)
-USES_CACHE = True  # cache["partition"]: the lists converted to C++ once (NOTE [cpu partition] in csrc/ops.cpp)
+from . import Amp, Backend, Hyper
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -37,20 +31,55 @@ else:
     _IMPORT_ERROR = None
 
 
-def unavailable() -> str | None:
-    return _IMPORT_ERROR
+class CpuBackend(Backend):
+    name = "cpu"
+
+    def unavailable(self) -> str | None:
+        return _IMPORT_ERROR
+
+    def supports(self, part) -> str | None:
+        o = part.options
+        if part.device.type != "cpu":
+            return f"the cpu backend runs on cpu tensors only, not {part.device.type}"
+        if o.differentiable:
+            return "differentiable=True needs autograd through the step, which only the reference backend keeps"
+        if part.dtype not in SUPPORTED_DTYPES:
+            return f"dtype {part.dtype} is not supported by the cpu kernel (float32, float64, bfloat16, float16 are)"
+        if o.state_dtype != o.param_dtype or o.master or o.stochastic_rounding:
+            return _unsupported_combination(part.dtype, o.state_dtype, o.master, o.stochastic_rounding)
+        return None
+
+    def prepare(self, part) -> None:
+        lists = {}
+        if part.options.master:
+            lists["master_params"] = part.master_params
+        if part.options.stochastic_rounding:
+            lists["tensor_ids"] = part.tensor_ids
+        part.prepared = _C.Partition(part.params, part.exp_avgs, part.exp_avg_sqs, part.max_exp_avg_sqs,
+                                     part.state_steps, **lists)
+
+    def step(self, part, grads, hp: Hyper, amp: Amp) -> bool:
+        if not part.params:
+            return True
+        o = part.options
+        extra = {}
+        if o.stochastic_rounding:
+            seed = o.seed & 0xFFFFFFFFFFFFFFFF
+            extra.update(stochastic_rounding=True, seed=seed - (1 << 64) if seed >= 1 << 63 else seed)
+        if amp.clip_coef is not None:
+            extra["clip_coef"] = amp.clip_coef
+        decay = None
+        if isinstance(hp.lr, Tensor) and o.decoupled:
+            # torch.optim.AdamW computes 1 - lr * wd in lr's dtype when lr is a Tensor; a double factor drifts from
+            # it by more than fp64 parity allows over a few steps (torch's own fused path drifts twice as far).
+            decay = (1 - hp.lr * hp.weight_decay).item()
+        return part.prepared.step_(
+            grads, lr=_host(hp.lr), beta1=_host(hp.beta1), beta2=_host(hp.beta2), eps=hp.eps,
+            weight_decay=hp.weight_decay, amsgrad=o.amsgrad, maximize=o.maximize, decoupled=o.decoupled,
+            grad_scale=amp.grad_scale, found_inf=amp.found_inf, decay=decay, **extra)
 
 
-def unsupported(device: torch.device, dtype: torch.dtype, hp: Hyper) -> str | None:
-    if device.type != "cpu":
-        return f"the cpu backend runs on cpu tensors only, not {device.type}"
-    if hp.differentiable:
-        return "differentiable=True needs autograd through the step, which only the reference backend keeps"
-    if dtype not in SUPPORTED_DTYPES:
-        return f"dtype {dtype} is not supported by the cpu kernel (float32, float64, bfloat16, float16 are)"
-    if hp.state_dtype is not None or hp.master_weights or hp.stochastic_rounding:
-        return _unsupported_combination(dtype, hp.state_dtype or dtype, hp.master_weights, hp.stochastic_rounding)
-    return None
+BACKEND = CpuBackend()
 
 
 @functools.lru_cache(maxsize=None)
@@ -62,49 +91,3 @@ def _unsupported_combination(dtype: torch.dtype, state_dtype: torch.dtype, maste
 
 def _host(x: float | Tensor) -> float:
     return x.item() if isinstance(x, Tensor) else x
-
-
-def step(
-    params: list[Tensor],
-    grads: list[Tensor] | None,
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    hp: Hyper,
-    grad_scale: Tensor | None,
-    found_inf: Tensor | None,
-    *,
-    master_params: list[Tensor] | None = None,
-    tensor_ids: list[int] | None = None,
-    clip_coef: Tensor | None = None,
-    cache: dict | None = None,
-) -> bool:
-    if not params:
-        return True
-    extra = {}
-    lists = {}
-    if master_params:
-        lists["master_params"] = master_params
-    if hp.stochastic_rounding:
-        seed = hp.seed & 0xFFFFFFFFFFFFFFFF
-        lists["tensor_ids"] = tensor_ids
-        extra.update(stochastic_rounding=True, seed=seed - (1 << 64) if seed >= 1 << 63 else seed)
-    if clip_coef is not None:
-        extra["clip_coef"] = clip_coef
-    decay = None
-    if isinstance(hp.lr, Tensor) and hp.decoupled and hp.weight_decay != 0:
-        # torch.optim.AdamW computes 1 - lr * wd in lr's dtype when lr is a Tensor; a double factor drifts from
-        # it by more than fp64 parity allows over a few steps (torch's own fused path drifts twice as far).
-        decay = (1 - hp.lr * hp.weight_decay).item()
-    args = dict(
-        lr=_host(hp.lr), beta1=_host(hp.beta1), beta2=_host(hp.beta2), eps=hp.eps, weight_decay=hp.weight_decay,
-        amsgrad=hp.amsgrad, maximize=hp.maximize, decoupled=hp.decoupled, grad_scale=grad_scale, found_inf=found_inf,
-        decay=decay, **extra,
-    )
-    partition = cache.get("partition") if cache is not None else None  # direct callers: made for this call
-    if partition is None:
-        partition = _C.Partition(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **lists)
-        if cache is not None:
-            cache["partition"] = partition
-    return partition.step_(grads, **args)

@@ -11,55 +11,52 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import Hyper
+from . import LOW_PRECISION, Amp, Backend, Hyper, PartOptions
 
-NAME = "reference"
-FEATURES = ("master_weights", "state_dtype", "stochastic_rounding", "clip")
-
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 _M32 = 0xFFFFFFFF
 _STREAMS = {"param": 0, "exp_avg": 1, "exp_avg_sq": 2, "max_exp_avg_sq": 3}  # csrc/rounding.h's Stream
 
 
-def unavailable() -> str | None:
-    return None
+class ReferenceBackend(Backend):
+    name = "reference"
+
+    def supports(self, part) -> str | None:
+        return None  # any device, dtype and option
+
+    def step(self, part, grads: list[Tensor] | None, hp: Hyper, amp: Amp) -> bool:
+        from ..plan import check_tensors
+
+        if grads is None:
+            grads = part.grads_from_params()
+            if grads is None:
+                return False
+        if not part.params:
+            return True
+        check_tensors(part, grads)  # before anything is written
+        if amp.found_inf is not None and bool(amp.found_inf.item()):
+            return True
+        _step(part.params, grads, part.exp_avgs, part.exp_avg_sqs, part.max_exp_avg_sqs, part.state_steps,
+              part.options, hp, amp.grad_scale, part.master_params, part.tensor_ids, amp.clip_coef)
+        return True
 
 
-def unsupported(device: torch.device, dtype: torch.dtype, hp: Hyper) -> str | None:
-    return None
+BACKEND = ReferenceBackend()
 
 
-def step(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    hp: Hyper,
-    grad_scale: Tensor | None,
-    found_inf: Tensor | None,
-    *,
-    master_params: list[Tensor] | None = None,
-    tensor_ids: list[int] | None = None,
-    clip_coef: Tensor | None = None,
-) -> None:
-    if not params:
-        return
-    if found_inf is not None and bool(found_inf.item()):
-        return
+def _step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, opts: PartOptions, hp: Hyper,
+          grad_scale, master_params, tensor_ids, clip_coef) -> None:
     for i, param in enumerate(params):
         grad = grads[i]
         if grad_scale is not None:
             grad.div_(grad_scale.to(grad.device))
-        max_exp_avg_sq = max_exp_avg_sqs[i] if hp.amsgrad else None
-        master = master_params[i] if master_params else None
+        max_exp_avg_sq = max_exp_avg_sqs[i] if opts.amsgrad else None
+        master = master_params[i] if opts.master else None
         state_steps[i] += 1
         stored = {"param": param, "exp_avg": exp_avgs[i], "exp_avg_sq": exp_avg_sqs[i], "max_exp_avg_sq": max_exp_avg_sq}
-        if hp.differentiable or all(t is None or t.dtype == param.dtype not in _LOW_PRECISION for t in stored.values()) and master is None:
+        if opts.differentiable or all(t is None or t.dtype == param.dtype not in LOW_PRECISION for t in stored.values()) and master is None:
             if clip_coef is not None:
                 grad = grad * clip_coef  # torch.nn.utils.clip_grad_norm_'s mul_, without writing the grad back
-            _update(param, grad, exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sq, state_steps[i], hp)
+            _update(param, grad, exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sq, state_steps[i], opts, hp)
             continue
         # Some store is narrower than the math: compute in fp32 (fp64 for fp64 params), round once per store.
         wide_dtype = torch.promote_types(param.dtype, torch.float32)
@@ -69,13 +66,12 @@ def step(
         grad = grad.to(wide_dtype)
         if clip_coef is not None:
             grad = grad * clip_coef  # in the math's precision, as csrc/adam_math.h
-        _update(wide["param"], grad, wide["exp_avg"], wide["exp_avg_sq"], wide["max_exp_avg_sq"], state_steps[i], hp)
+        _update(wide["param"], grad, wide["exp_avg"], wide["exp_avg_sq"], wide["max_exp_avg_sq"], state_steps[i], opts, hp)
         for k, narrow in stored.items():
             if narrow is None:
                 continue
-            sr = hp.stochastic_rounding and narrow.dtype == torch.bfloat16 and not (k == "param" and master is not None)
-            if sr:
-                salt = sr_salt(hp.seed, int(state_steps[i].item()), tensor_ids[i], _STREAMS[k])
+            if opts.sr_param if k == "param" else opts.sr_state:
+                salt = sr_salt(opts.seed, int(state_steps[i].item()), tensor_ids[i], _STREAMS[k])
                 narrow.copy_(bf16_stochastic(wide[k].float(), salt))
             else:
                 narrow.copy_(wide[k])
@@ -115,15 +111,16 @@ def _update(
     exp_avg_sq: Tensor,
     max_exp_avg_sq: Tensor | None,
     step_t: Tensor,
+    opts: PartOptions,
     hp: Hyper,
 ) -> None:
     """One tensor's Adam step; step_t has already been incremented."""
     lr, beta1, beta2, eps, weight_decay = hp.lr, hp.beta1, hp.beta2, hp.eps, hp.weight_decay
-    if hp.maximize:
+    if opts.maximize:
         grad = -grad
 
     if weight_decay != 0:
-        if hp.decoupled:
+        if opts.decoupled:
             param.mul_(1 - lr * weight_decay)
         else:
             grad = grad.add(param, alpha=weight_decay)
@@ -133,25 +130,25 @@ def _update(
     else:
         beta1_here = beta1
     exp_avg.lerp_(grad, 1 - beta1_here)
-    if hp.differentiable and isinstance(beta2, Tensor) and beta2.requires_grad:
+    if opts.differentiable and isinstance(beta2, Tensor) and beta2.requires_grad:
         exp_avg_sq.lerp_(torch.square(grad), weight=1 - beta2)
     else:
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
 
-    if hp.capturable or hp.differentiable:
+    if opts.capturable or opts.differentiable:
         # Everything stays a tensor: no host synchronisation, and autograd sees the whole step.
         bias_correction1 = 1 - beta1**step_t
         bias_correction2 = 1 - beta2**step_t
         step_size_neg = (lr / bias_correction1).neg()
         bias_correction2_sqrt = bias_correction2.sqrt()
         if max_exp_avg_sq is not None:
-            previous = max_exp_avg_sq.clone() if hp.differentiable else max_exp_avg_sq
+            previous = max_exp_avg_sq.clone() if opts.differentiable else max_exp_avg_sq
             max_exp_avg_sq.copy_(torch.maximum(previous, exp_avg_sq))
             second = max_exp_avg_sq
         else:
             second = exp_avg_sq
         denom = (second.sqrt() / (bias_correction2_sqrt * step_size_neg)).add_(eps / step_size_neg)
-        param.addcdiv_(exp_avg.clone() if hp.differentiable else exp_avg, denom)
+        param.addcdiv_(exp_avg.clone() if opts.differentiable else exp_avg, denom)
         return
 
     step = step_t.item()

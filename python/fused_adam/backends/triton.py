@@ -47,7 +47,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from . import Hyper
+from types import SimpleNamespace
+
+from . import Amp, Backend, Hyper
 
 NAME = "triton"
 FEATURES = ("master_weights", "state_dtype", "stochastic_rounding", "clip")  # backends/__init__.py
@@ -751,3 +753,40 @@ def step(
 
 
 _ONE = torch.ones(())
+
+
+def _legacy_hyper(part, hp: Hyper) -> SimpleNamespace:
+    """Interim: the old per-call options object this module's step() reads."""
+    o = part.options
+    return SimpleNamespace(lr=hp.lr, beta1=hp.beta1, beta2=hp.beta2, eps=hp.eps, weight_decay=hp.weight_decay,
+                           amsgrad=o.amsgrad, maximize=o.maximize, decoupled=o.decoupled, capturable=o.capturable,
+                           differentiable=o.differentiable, master_weights=o.master,
+                           state_dtype=None if o.state_dtype == o.param_dtype else o.state_dtype,
+                           stochastic_rounding=o.stochastic_rounding, seed=o.seed, clip=o.clip)
+
+
+class _Adapter(Backend):
+    name = 'triton'
+
+    def unavailable(self) -> str | None:
+        return unavailable()
+
+    def supports(self, part) -> str | None:
+        return unsupported(part.device, part.dtype, _legacy_hyper(part, Hyper(0.0, 0.0, 0.0, 0.0, 0.0)))
+
+    def step(self, part, grads, hp: Hyper, amp: Amp) -> bool:
+        if grads is None:
+            grads = part.grads_from_params()
+            if grads is None:
+                return False
+        extra = {}
+        if part.options.master:
+            extra["master_params"] = part.master_params
+        if part.options.stochastic_rounding:
+            extra["tensor_ids"] = part.tensor_ids
+        step(part.params, grads, part.exp_avgs, part.exp_avg_sqs, part.max_exp_avg_sqs, part.state_steps,
+             _legacy_hyper(part, hp), amp.grad_scale, amp.found_inf, clip_coef=amp.clip_coef, **extra)
+        return True
+
+
+BACKEND = _Adapter()

@@ -1,0 +1,77 @@
+"""Argument checks: torch.optim.Adam's (its exception types and messages, so that code written against torch keeps
+working) and those of the options beyond torch. The constructor and load_state_dict both use them."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+try:
+    from torch.optim.optimizer import _device_dtype_check_for_fused as _torch_fused_check
+except ImportError:  # another torch: the same rule, spelled here
+    _torch_fused_check = None
+
+# Options beyond torch's (README "Beyond torch"). They appear in param_groups only when set, so that a FusedAdam used
+# as a plain drop-in has exactly torch's param_groups and state_dict.
+EXTENSIONS = {"master_weights": False, "state_dtype": None, "stochastic_rounding": False, "seed": 0}
+STATE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def check_extensions(master_weights, state_dtype, stochastic_rounding, seed, max_grad_norm, differentiable) -> None:
+    if state_dtype is not None and state_dtype not in STATE_DTYPES:
+        raise ValueError(f"Invalid state_dtype: {state_dtype}; expected None (the param's dtype) or one of {STATE_DTYPES}")
+    if not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ValueError(f"Invalid seed: {seed!r}; expected an int in [0, 2**64)")
+    if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and 0.0 < max_grad_norm < float("inf")):
+        raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm}; expected None or a finite number > 0")
+    used = [n for n, v in (("master_weights", master_weights), ("state_dtype", state_dtype is not None),
+                           ("stochastic_rounding", stochastic_rounding), ("max_grad_norm", max_grad_norm is not None)) if v]
+    if differentiable and used:
+        raise ValueError(f"differentiable=True does not support {', '.join(used)}")
+
+
+def check_args(lr, betas, eps, weight_decay, foreach, capturable, fused, differentiable) -> None:
+    """torch.optim.Adam's checks, with its exception types and messages."""
+    if isinstance(lr, Tensor):
+        if foreach and not capturable:
+            raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+    for i in (0, 1):  # before the range checks, which cannot compare a multi-element tensor
+        if isinstance(betas[i], Tensor) and betas[i].numel() != 1:
+            raise ValueError(f"Tensor betas[{i}] must be 1-element")
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    if not 0.0 <= betas[0] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+    if not 0.0 <= betas[1] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+    if not (
+        (isinstance(betas[0], float) and isinstance(betas[1], float))
+        or (isinstance(betas[0], Tensor) and isinstance(betas[1], Tensor))
+    ):
+        raise ValueError("betas must be either both floats or both Tensors")
+    for i in (0, 1):
+        if isinstance(betas[i], Tensor):
+            if not capturable and foreach:
+                raise ValueError(f"betas[{i}] as a Tensor is not supported for capturable=False and foreach=True")
+    if fused:
+        if differentiable:
+            raise RuntimeError("`fused` does not support `differentiable`")
+        if foreach:
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+
+
+def check_fused_param(p: Tensor) -> None:
+    """fused=True asks for torch's fused kernel, which rejects params that are not floating point or live on a device
+    it has no kernel for (meta, for one), when their state is created. We raise the same error at the same moment,
+    so that code written against torch.optim.Adam(fused=True) fails the same way, although our kernels would run
+    complex params (the default, fused=None, runs them)."""
+    if _torch_fused_check is not None:
+        _torch_fused_check(p)
+    elif not (p.device.type in ("cpu", "cuda") and torch.is_floating_point(p)):
+        raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices: "
+                           f"['cpu', 'cuda'] but {p.dtype} and {p.device.type}")

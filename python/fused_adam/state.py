@@ -1,0 +1,217 @@
+"""The optimizer's per-parameter state: torch's layout, created lazily, and watched for replacement.
+
+NOTE [state generation]: a step plan (plan.py) holds each partition's state tensors. Anything that replaces one
+(`opt.state[p]["exp_avg"] = t`, `opt.state[p] = {...}`, `del opt.state[p]`) bumps its optimizer's generation, so
+that the plan is rebuilt at the next step; changes in place (`.fill_`, `.data = ...` on the same tensor object) are
+read where they live, and the backends' per-tensor checks see a new shape. The counter is per optimizer: a state
+write in one optimizer leaves the plans of every other one alone.
+
+NOTE [packed states]: the states a plan creates for small params (exp_avg, exp_avg_sq, max_exp_avg_sq, the fp32
+master; params of at most 64K elements) are 64-byte-aligned views into shared buffers of up to 1M elements per state
+kind, instead of one allocation per param, and their step counts are 0-dim views into one float32 buffer. The
+values, shapes, strides and state_dict are torch's; what changes is where they live: a step over many small tensors
+then walks long arrays instead of thousands of separate pages (bench/NOTES.md has the figures). The buffers are
+bounded because torch.save of one view writes its whole buffer (a checkpoint of the whole state_dict writes each
+buffer once; saving state tensors one by one writes up to 4 MB each: clone them first). Large params gain nothing
+from it, and params that need a view (complex, DTensor) or are not contiguous get states of their own, as torch
+makes them; so do states that already exist (e.g. loaded from a torch checkpoint).
+"""
+from __future__ import annotations
+
+import sys
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .backends import PartOptions
+
+STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+# NOTE [packed states]: which params get packed states, and into how large buffers (elements).
+PACK_MAX_NUMEL = 1 << 16
+PACK_BUFFER = 1 << 20
+
+
+class Generation:
+    """An optimizer's state generation (NOTE [state generation])."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def bump(self) -> None:
+        self.value += 1
+
+
+class ParamState(dict):
+    """A parameter's state dict. Replacing or removing an entry bumps its optimizer's generation."""
+
+    __slots__ = ("_generation",)
+
+    def __init__(self, *args, generation: Generation | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._generation = generation
+
+    def _bump(self) -> None:
+        if self._generation is not None:
+            self._generation.bump()
+
+    def __setitem__(self, key, value):
+        self._bump()
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key):
+        self._bump()
+        super().__delitem__(key)
+
+    def update(self, *args, **kwargs):
+        self._bump()
+        super().update(*args, **kwargs)
+
+    def pop(self, *args):
+        self._bump()
+        return super().pop(*args)
+
+    def popitem(self):
+        self._bump()
+        return super().popitem()
+
+    def clear(self):
+        self._bump()
+        super().clear()
+
+    def setdefault(self, key, default=None):
+        self._bump()
+        return super().setdefault(key, default)
+
+    def __reduce__(self):  # pickles and deep-copies as a plain dict's contents; the optimizer rebinds it
+        return (ParamState, (dict(self),))
+
+
+class StateDict(defaultdict):
+    """optimizer.state: param -> ParamState (other keys and values, as torch allows, are kept as they are).
+    Replacing or removing an entry bumps the generation too."""
+
+    def __init__(self, generation: Generation, items=()) -> None:
+        super().__init__(None)
+        self.generation = generation
+        for k, v in dict(items).items():
+            self[k] = v
+
+    def __missing__(self, key):
+        value = ParamState(generation=self.generation)
+        super().__setitem__(key, value)
+        return value
+
+    def __setitem__(self, key, value):
+        self.generation.bump()
+        if type(value) is dict or (isinstance(value, ParamState) and value._generation is not self.generation):
+            value = ParamState(value, generation=self.generation)
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key):
+        self.generation.bump()
+        super().__delitem__(key)
+
+    def pop(self, *args):
+        self.generation.bump()
+        return super().pop(*args)
+
+    def clear(self):
+        self.generation.bump()
+        super().clear()
+
+    def __reduce__(self):  # a plain defaultdict(dict) for pickle and deepcopy: the optimizer rebinds it
+        return (defaultdict, (dict,), None, None, iter(self.items()))
+
+
+def dtensor_type() -> type | tuple:
+    """DTensor, if torch.distributed.tensor is imported (no DTensor can exist before), else () (isinstance(x, ())
+    is False). Importing that module costs ~0.8 s; a user who has DTensors has imported it."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", ()) if module is not None else ()
+
+
+def needs_view(t: Tensor) -> bool:
+    return t.is_complex() or isinstance(t, dtensor_type())
+
+
+def kernel_view(t: Tensor) -> Tensor:
+    """What a backend sees of a tensor: a DTensor's local shard, a complex tensor's view_as_real. Both are views of
+    the same storage, so the backend's in-place updates land in the optimizer's tensors."""
+    if isinstance(t, dtensor_type()):
+        t = t._local_tensor
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+@torch.no_grad()
+def packed_states(state: StateDict, opts: PartOptions, params: list[Tensor]) -> list[dict[str, Tensor]]:
+    """Zeroed states, step counts and master slots for the small params that have no state yet, as views into shared
+    buffers of at most PACK_BUFFER elements per state kind (NOTE [packed states]); per param, the views
+    param_state will use."""
+    fresh = [p for p in params if not state.get(p) and p.numel() <= PACK_MAX_NUMEL and p.is_contiguous()
+             and not needs_view(p)]
+    views: list[dict[str, Tensor]] = [{} for _ in params]
+    if not fresh:
+        return views
+    where = {id(p): i for i, p in enumerate(params)}
+    kinds = {key: opts.state_dtype for key in STATE_KEYS if key != "max_exp_avg_sq" or opts.amsgrad}
+    if opts.master:
+        kinds["master_param"] = torch.float32
+    bucket: list[Tensor] = []
+    filled = 0
+    for p in fresh + [None]:  # None closes the last bucket
+        if bucket and (p is None or filled + p.numel() > PACK_BUFFER):
+            if len(bucket) > 1:
+                for key, dtype in kinds.items():
+                    align = 64 // dtype.itemsize
+                    sizes = [-(-q.numel() // align) * align for q in bucket]
+                    buffer = torch.zeros(sum(sizes), dtype=dtype, device=bucket[0].device)
+                    for q, slot in zip(bucket, buffer.split(sizes)):
+                        views[where[id(q)]][key] = slot[: q.numel()].view(q.shape)
+                steps = torch.zeros(len(bucket), dtype=torch.float32, device=bucket[0].device if opts.capturable else "cpu")
+                for j, q in enumerate(bucket):
+                    views[where[id(q)]]["step"] = steps[j]
+            bucket, filled = [], 0
+        if p is not None:
+            bucket.append(p)
+            filled += p.numel()
+    return views
+
+
+def param_state(state: StateDict, p: Tensor, opts: PartOptions, packed: dict[str, Tensor] | None = None) -> ParamState:
+    """p's state, created (lazily, as torch does) or brought to what the partition's options need. `packed`: zeroed
+    views to create missing states in (NOTE [packed states]). p is the param itself (complex or DTensor)."""
+    st = state[p]
+    step_device = p.device if opts.capturable else torch.device("cpu")
+    if "step" not in st:
+        st["step"] = packed["step"] if packed and "step" in packed else torch.zeros((), dtype=torch.float32, device=step_device)
+    state_dtype = opts.state_dtype if not p.is_complex() else p.dtype
+    for key in STATE_KEYS:
+        if key == "max_exp_avg_sq" and not opts.amsgrad:
+            continue
+        if key not in st:
+            if packed and key in packed:
+                st[key] = packed[key]
+            else:
+                st[key] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.preserve_format)
+        elif st[key].dtype != state_dtype:
+            st[key] = st[key].to(state_dtype)
+    if opts.master and "master_param" not in st:
+        if packed and "master_param" in packed:
+            st["master_param"] = packed["master_param"].copy_(p.detach())
+        else:
+            st["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
+    step = st["step"]
+    if not torch.is_tensor(step) or step.dtype != torch.float32 or step.device != step_device or step.dim():
+        st["step"] = torch.tensor(float(step), dtype=torch.float32, device=step_device)
+    return st
+
+
+def rebind(state: Any, generation: Generation) -> StateDict:
+    """torch's optimizer.state (after __setstate__ or load_state_dict: a defaultdict of plain dicts) as a StateDict."""
+    if isinstance(state, StateDict) and state.generation is generation:
+        return state
+    return StateDict(generation, state)

@@ -1,0 +1,324 @@
+"""A step plan never goes stale (NOTE [step plan] in plan.py): every change that torch's for-loop sees between two
+steps is seen, on every backend that runs here. Each case trains FusedAdamW and torch.optim.AdamW(foreach=False)
+side by side, applies the same change to both at step 3, and compares params and every state tensor after each
+step (bitwise on the reference backend, which is torch's for-loop op for op)."""
+from __future__ import annotations
+
+import copy
+import threading
+
+import pytest
+import torch
+
+from fused_adam import FusedAdam, FusedAdamW
+from parity import backends_here, make_grads, make_params
+
+SHAPES = [(7,), (3, 5), (4,), (2, 3), (1,)]
+STEPS = 6
+MUTATE_AT = 3
+
+
+def _pair(backend, shapes=SHAPES, **kwargs):
+    params0 = make_params(torch.float32, shapes)
+    ours_p = [torch.nn.Parameter(p.clone()) for p in params0]
+    ref_p = [torch.nn.Parameter(p.clone()) for p in params0]
+    kw = dict(lr=0.01, weight_decay=0.1) | kwargs
+    ref_kw = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    return (FusedAdamW(ours_p, backend=backend, **kw), torch.optim.AdamW(ref_p, foreach=False, **ref_kw))
+
+
+def _params(opt):
+    return [p for g in opt.param_groups for p in g["params"]]
+
+
+def _set_grads(opt, step):
+    ps = _params(opt)
+    for p, g in zip(ps, make_grads(ps, step)):
+        p.grad = g
+
+
+def _assert_same(ours, ref, backend, where=""):
+    tol = dict(atol=0, rtol=0) if backend == "reference" else {}
+    pa, pb = _params(ours), _params(ref)
+    assert len(pa) == len(pb)
+    for i, (a, b) in enumerate(zip(pa, pb)):
+        torch.testing.assert_close(a.detach(), b.detach(), **tol, msg=lambda m: f"{where} param {i}: {m}")
+        sa, sb = ours.state.get(a, {}), ref.state.get(b, {})
+        assert set(sa) == set(sb), (where, i, set(sa), set(sb))
+        for k in sb:
+            x, y = sa[k], sb[k]
+            if k == "step":
+                x, y = x.float().cpu(), y.float().cpu()
+            torch.testing.assert_close(x, y, **tol, msg=lambda m: f"{where} {k} of param {i}: {m}")
+
+
+def _run(ours, ref, backend, mutate, steps=STEPS, grads=_set_grads):
+    for s in range(steps):
+        if s == MUTATE_AT:
+            mutate(ours)
+            mutate(ref)
+        for opt in (ours, ref):
+            grads(opt, s)
+            opt.step()
+        _assert_same(ours, ref, backend, where=f"step {s}:")
+
+
+def _replace_param(opt):
+    group = opt.param_groups[0]
+    old = group["params"][1]
+    group["params"][1] = torch.nn.Parameter(old.detach() * 0.5 + 1)  # a new param in the same slot
+
+
+def _append_param(opt):
+    opt.param_groups[0]["params"].append(torch.nn.Parameter(torch.linspace(-1, 1, 9)))
+
+
+def _remove_param(opt):
+    opt.param_groups[0]["params"].pop(2)
+
+
+def _swap_params(opt):
+    ps = opt.param_groups[0]["params"]
+    ps[0], ps[2] = ps[2], ps[0]
+
+
+def _new_params_list(opt):
+    opt.param_groups[0]["params"] = list(reversed(opt.param_groups[0]["params"]))
+
+
+def _param_data_same_shape(opt):
+    p = opt.param_groups[0]["params"][1]
+    p.data = p.data * 2 + 0.25  # a new storage, same shape
+
+
+def _state_replaced(opt):
+    p = opt.param_groups[0]["params"][0]
+    opt.state[p]["exp_avg"] = opt.state[p]["exp_avg"] * 3  # a new tensor
+
+
+def _state_data_assigned(opt):
+    p = opt.param_groups[0]["params"][1]
+    opt.state[p]["exp_avg_sq"].data = opt.state[p]["exp_avg_sq"] * 4  # the same tensor object, a new storage
+
+
+def _state_dict_replaced(opt):
+    p = opt.param_groups[0]["params"][3]
+    opt.state[p] = {k: v.clone() for k, v in opt.state[p].items()}
+
+
+def _state_deleted(opt):
+    del opt.state[opt.param_groups[0]["params"][4]]  # its states start again from zero, as torch's do
+
+
+def _steps_in_place(opt):
+    ps = opt.param_groups[0]["params"]
+    opt.state[ps[0]]["step"].fill_(10)
+    opt.state[ps[2]]["step"].add_(5)
+
+
+def _moments_in_place(opt):
+    ps = opt.param_groups[0]["params"]
+    opt.state[ps[1]]["exp_avg"].mul_(-2)
+    opt.state[ps[3]]["exp_avg_sq"].add_(0.5)
+
+
+def _hyperparameters(opt):
+    g = opt.param_groups[0]
+    g["lr"] = 0.003
+    g["betas"] = (0.8, 0.95)
+    g["eps"] = 1e-3
+
+
+def _weight_decay_off(opt):
+    opt.param_groups[0]["weight_decay"] = 0.0
+
+
+def _maximize_on(opt):
+    opt.param_groups[0]["maximize"] = True
+
+
+def _group_added(opt):
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.arange(6.0).view(2, 3) / 7)], "lr": 0.02})
+
+
+def _state_dict_reloaded(opt):
+    sd = copy.deepcopy(opt.state_dict())
+    sd["param_groups"][0]["lr"] = 0.005
+    for s in sd["state"].values():
+        s["exp_avg"] = s["exp_avg"] * 0.5
+    opt.load_state_dict(sd)
+
+
+def _param_and_states_reshaped(opt):
+    """A param and its states all replaced by tensors of another size: consistent, so torch steps it."""
+    p = opt.param_groups[0]["params"][0]
+    p.data = torch.linspace(-2, 2, 11)
+    st = opt.state[p]
+    for k in ("exp_avg", "exp_avg_sq"):
+        st[k].data = torch.full((11,), 0.01 if k == "exp_avg" else 0.001)
+
+
+MUTATIONS = {
+    "param replaced in the list": _replace_param,
+    "param appended": _append_param,
+    "param removed": _remove_param,
+    "params swapped": _swap_params,
+    "params list replaced": _new_params_list,
+    "param .data replaced": _param_data_same_shape,
+    "param and states reshaped": _param_and_states_reshaped,
+    "state tensor replaced": _state_replaced,
+    "state .data assigned": _state_data_assigned,
+    "state dict replaced": _state_dict_replaced,
+    "state deleted": _state_deleted,
+    "step counts in place": _steps_in_place,
+    "moments in place": _moments_in_place,
+    "hyperparameters": _hyperparameters,
+    "weight decay off": _weight_decay_off,
+    "maximize on": _maximize_on,
+    "param group added": _group_added,
+    "load_state_dict": _state_dict_reloaded,
+}
+
+
+@pytest.mark.parametrize("backend", backends_here())
+@pytest.mark.parametrize("name", list(MUTATIONS))
+def test_mutation_is_seen(backend, name):
+    ours, ref = _pair(backend)
+    _run(ours, ref, backend, MUTATIONS[name])
+
+
+@pytest.mark.parametrize("backend", backends_here())
+def test_tensor_lr_filled_in_place(backend):
+    ours, ref = _pair(backend, lr=torch.tensor(0.01))
+    _run(ours, ref, backend, lambda opt: opt.param_groups[0]["lr"].fill_(0.002))
+
+
+def _grads_changing(opt, step):
+    """Grads that disappear (step 3), reappear, and change layout (a transposed-contiguous grad at step 4, a new
+    grad tensor every step)."""
+    ps = _params(opt)
+    for i, (p, g) in enumerate(zip(ps, make_grads(ps, step))):
+        if i == 1 and step == 3:
+            p.grad = None
+        elif i == 1 and step == 4:
+            p.grad = g.t().contiguous().t()  # same values, other strides
+        elif i == 2 and step >= 4:
+            p.grad = None
+        else:
+            p.grad = g
+
+
+@pytest.mark.parametrize("backend", backends_here())
+def test_grads_appear_disappear_and_change_layout(backend):
+    ours, ref = _pair(backend)
+    _run(ours, ref, backend, lambda opt: None, grads=_grads_changing)
+
+
+@pytest.mark.parametrize("backend", backends_here())
+def test_param_data_of_another_shape_raises_and_changes_nothing(backend):
+    """torch's for-loop raises on a param whose states have another shape; so do we, before writing anything."""
+    ours, _ = _pair(backend)
+    for s in range(2):
+        _set_grads(ours, s)
+        ours.step()
+    p = ours.param_groups[0]["params"][0]
+    p.data = torch.randn(8)
+    _set_grads(ours, 2)
+    before = [t.clone() for t in _params(ours)] + [v.clone() for p_ in _params(ours) for v in ours.state[p_].values()]
+    with pytest.raises((RuntimeError, ValueError), match=r"shape|size"):
+        ours.step()
+    after = [t for t in _params(ours)] + [v for p_ in _params(ours) for v in ours.state[p_].values()]
+    for i, (a, b) in enumerate(zip(before, after)):
+        assert torch.equal(a, b), f"tensor {i} changed"
+
+
+@pytest.mark.parametrize("backend", backends_here())
+def test_param_data_of_another_dtype_raises_and_changes_nothing(backend):
+    """torch's for-loop raises on a param whose dtype no longer matches its states; so do we, before writing."""
+    ours, _ = _pair(backend)
+    _set_grads(ours, 0)
+    ours.step()
+    p = ours.param_groups[0]["params"][2]
+    p.data = p.data.double()
+    _set_grads(ours, 1)
+    before = [t.clone() for t in _params(ours)] + [v.clone() for p_ in _params(ours) for v in ours.state[p_].values()]
+    with pytest.raises((RuntimeError, TypeError, ValueError), match=r"dtype|Double|Float"):
+        ours.step()
+    after = [t for t in _params(ours)] + [v for p_ in _params(ours) for v in ours.state[p_].values()]
+    for i, (a, b) in enumerate(zip(before, after)):
+        assert torch.equal(a, b), f"tensor {i} changed"
+
+
+@pytest.mark.parametrize("backend", backends_here())
+def test_deepcopy_stepped_beside_the_original(backend):
+    ours, ref = _pair(backend)
+    for s in range(2):
+        for opt in (ours, ref):
+            _set_grads(opt, s)
+            opt.step()
+    ours2, ref2 = copy.deepcopy(ours), copy.deepcopy(ref)
+    for s in range(2, 6):
+        for opt in (ours, ref, ours2, ref2):
+            _set_grads(opt, s + (10 if opt in (ours2, ref2) else 0))  # the copies get other grads
+            opt.step()
+        _assert_same(ours, ref, backend, where=f"original, step {s}:")
+        _assert_same(ours2, ref2, backend, where=f"copy, step {s}:")
+
+
+@pytest.mark.parametrize("backend", [b for b in backends_here() if b != "triton"])  # the interpreter is not thread-safe
+def test_two_optimizers_in_two_threads(backend):
+    pairs = [_pair(backend, shapes=[(n,) for n in (3, 1000, 17, 4096)] * 50) for _ in range(2)]
+    errors = []
+
+    def train(opt, seed):
+        try:
+            for s in range(5):
+                _set_grads(opt, s + seed)
+                opt.step()
+        except Exception as e:  # reported by the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=train, args=(ours, 7 * k)) for k, (ours, _) in enumerate(pairs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for k, (ours, ref) in enumerate(pairs):
+        for s in range(5):
+            _set_grads(ref, s + 7 * k)
+            ref.step()
+        _assert_same(ours, ref, backend, where=f"optimizer {k}:")
+
+
+@pytest.mark.parametrize("backend", backends_here())
+def test_a_state_write_in_one_optimizer_keeps_the_others_plan(backend):
+    """NOTE [state generation]: the counter is per optimizer."""
+    a, _ = _pair(backend)
+    b, _ = _pair(backend)
+    for opt in (a, b):
+        _set_grads(opt, 0)
+        opt.step()
+    plan_b = b._plans[0]
+    _state_replaced(a)
+    _set_grads(b, 1)
+    b.step()
+    assert b._plans[0] is plan_b
+
+
+@pytest.mark.parametrize("backend", backends_here())
+def test_adam_and_amsgrad_mutations(backend):
+    """The same changes under Adam (L2 weight decay) with amsgrad: the max state follows too."""
+    params0 = make_params(torch.float32, SHAPES)
+    ours = FusedAdam([torch.nn.Parameter(p.clone()) for p in params0], lr=0.01, weight_decay=0.1, amsgrad=True,
+                     backend=backend)
+    ref = torch.optim.Adam([torch.nn.Parameter(p.clone()) for p in params0], lr=0.01, weight_decay=0.1,
+                           amsgrad=True, foreach=False)
+
+    def mutate(opt):
+        _replace_param(opt)
+        _steps_in_place(opt)
+        p = opt.param_groups[0]["params"][3]
+        opt.state[p]["max_exp_avg_sq"] = opt.state[p]["max_exp_avg_sq"] * 2
+
+    _run(ours, ref, backend, mutate)
