@@ -21,25 +21,10 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define FA_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define FA_HOST_DEVICE inline
-#endif
+#include "common/host_device.h"
+#include "common/options.h"  // WeightDecay, AdamHyper
 
 namespace fused_adam {
-
-enum class WeightDecay : uint8_t { kNone = 0, kL2 = 1, kDecoupled = 2 };
-
-// Hyperparameters of one param group, as plain doubles (Tensor hyperparameters are read before the launch,
-// or on the device for capturable steps).
-struct AdamHyper {
-  double lr;
-  double beta1;
-  double beta2;
-  double eps;
-  double weight_decay;
-};
 
 // Math on opmath scalars, spelled the same on host and device (::sqrt on a float would be the double one).
 FA_HOST_DEVICE float fa_sqrt(float x) { return sqrtf(x); }

@@ -1,0 +1,56 @@
+// What one step of one partition is given beyond its tensors, for the CPU and CUDA kernels alike. Torch-free and
+// CUDA-compilable. The torch binding fills it once per step from the partition's PartOptions (decided once, in
+// python/fused_adam/backends/__init__.py: PartOptions.of) and the step's Hyper and Amp; kernels read it and never
+// re-derive a rule from it (which stores round stochastically, which weight-decay mode applies).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "common/host_device.h"
+
+namespace fused_adam {
+
+// PartOptions.wd_mode (python's WeightDecay has the same values): none, L2 (Adam: grad += wd * param), decoupled
+// (AdamW: param *= 1 - lr * wd).
+enum class WeightDecay : uint8_t { kNone = 0, kL2 = 1, kDecoupled = 2 };
+
+// A param group's hyperparameters at this step, as doubles (a Tensor lr or beta is read on the host by the binding,
+// or on the device through StepOptions::lr_device for capturable steps).
+struct AdamHyper {
+  double lr;
+  double beta1;
+  double beta2;
+  double eps;
+  double weight_decay;
+};
+
+struct StepOptions {
+  AdamHyper hyper{};
+  // AdamW's decay factor 1 - lr * weight_decay when the caller computed it (with a Tensor lr torch computes it in
+  // the lr's dtype, and fp64 parity needs that value); NaN: computed from `hyper` in double.
+  double decay = NAN;
+
+  // The partition's options (PartOptions), the same every step.
+  WeightDecay wd_mode = WeightDecay::kNone;
+  bool amsgrad = false;
+  bool maximize = false;
+  bool capturable = false;  // steps (and lr_device) are read on the device: no host sync
+  bool master = false;      // every tensor has an fp32 master (bf16/fp16 params); the param gets it rounded to nearest
+  bool sr_param = false;    // the param stores round stochastically (csrc/rounding.h)
+  bool sr_state = false;    // the state stores (exp_avg, exp_avg_sq, max_exp_avg_sq) round stochastically
+  uint64_t seed = 0;        // stochastic rounding's seed
+  int64_t chunk_size = 0;   // elements per work item (chunk table entry); 0: the backend's default
+
+  // On the partition's device (host memory for the CPU), or null. float32 scalars, read by the kernel.
+  const float* grad_scale = nullptr;  // AMP: grads are divided by it, and stored back unscaled
+  const float* found_inf = nullptr;   // AMP: nonzero: nothing changes (params, grads, states, steps)
+  const float* clip_coef = nullptr;   // the unscaled grad is multiplied by it for the update only
+  const double* lr_device = nullptr;  // capturable: lr on the device (else hyper.lr)
+
+  FA_HOST_DEVICE bool stochastic_rounding() const { return sr_param || sr_state; }
+  FA_HOST_DEVICE bool unscale() const { return grad_scale != nullptr; }
+  FA_HOST_DEVICE bool clip() const { return clip_coef != nullptr; }
+};
+
+}  // namespace fused_adam
