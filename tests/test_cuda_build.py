@@ -2,20 +2,21 @@
 
 * every csrc/cuda/*.cu compiles for sm_80 and sm_90 with the flags setup.py uses, and ptxas reports no spill
   stores/loads and no stack frame for any function;
-* the SASS of every (param, state) dtype pair's kernels has 128-bit global loads and stores of every array on the
-  vector (16-byte aligned) path, and the scalar path exists;
-* the launch planner (csrc/cuda/launch_plan.h, plain C++) packs chunks into launches correctly, 2^31+ element
-  tensors included (compiled with g++ into a small driver);
-* the kernel and its launcher run on the CPU: csrc/cuda's host code and kernel body compiled as host C++ (g++, CUDA
-  headers only), blocks and threads run one after another, on CPU tensors, through FusedAdam and the parity table;
-  everything of the CUDA path runs except the `<<<>>>` launches and the torch binding; the options beyond torch
-  (master weights, state dtypes, stochastic rounding, clipping) against the reference backend and
-  tests/test_beyond_torch.py's torch compositions, and the stochastic rounding bitwise the reference's;
+* the SASS of every kernel instantiation has 128-bit global loads and stores of every array (the path of 16-byte
+  aligned chunks) and element-wise loads (the path of the others);
+* the device table (csrc/cuda/device_table.h, plain C++: the tensor and chunk tables, the patch of moved entries,
+  the grid size) is right for 2^31+ element tensors, more than 65,535 chunks and 100,000 tensors (a g++ driver);
+* the step runs on the CPU: csrc/cuda's host code and kernel compiled as host C++ (g++, CUDA headers only), a
+  partition's table patched and "uploaded" into a second buffer the kernel reads, one launch a step whose
+  persistent blocks and threads run one after another, on CPU tensors, through FusedAdam(backend="cuda")
+  (backends/cuda.py's CudaBackend on an emulated binding): tests/parity.py's table and FEATURE_CASES against torch
+  and the reference backend, moved grads, per-tensor steps, capturable steps, stochastic rounding bitwise the
+  reference's; everything of the CUDA path runs except the `<<<>>>` launch and the torch binding;
 * the torch binding (csrc/cuda/ops_cuda.cpp) passes a syntax check against this torch's headers (CPU torch ships
   the ATen/c10 CUDA headers; the CUDA math libraries' headers are stubbed).
 
-The .cu files are compiled once per session into a temporary directory, all of them in parallel: 360 kernels x 2
-archs, ~3 min of CPU (~4 min on this machine's 2 cores while other builds ran).
+The .cu files are compiled once per session into a temporary directory, all of them in parallel: 204 kernels x 2
+archs.
 """
 from __future__ import annotations
 
@@ -32,9 +33,9 @@ import pytest
 import torch
 
 from conftest import requires_nvcc
-from fused_adam import FusedAdam, backends
+from fused_adam import FusedAdam, FusedAdamW, backends
 from fused_adam.backends.cuda import CudaBackend
-from parity import DTYPES, OPTIM_INPUTS, assert_parity, make_grads, make_params
+from parity import DTYPES, FEATURE_CASES, OPTIM_INPUTS, assert_parity, bits, feature_id, make_grads, make_params, train
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
@@ -53,9 +54,7 @@ def _nvcc_flags() -> list[str]:
 NVCC_FLAGS = _nvcc_flags()
 MODES = 3 * 2 * 2  # weight decay x amsgrad x unscale (maximize and clipping are a runtime coefficient; the vector
 # and scalar paths are both in every kernel, picked per chunk)
-# adam_cuda_<stem>.cu: (param, state) storage types and the (master, stochastic rounding) layouts compiled for them,
-# as adam_kernel.cuh's Layout::kValid has it: masters for 16-bit params, stochastic rounding where a bf16 store is
-# the only copy of a value (a param without a master, a state).
+# adam_cuda_<stem>.cu: (param, state) storage types.
 PAIRS = {
     "f32": ("float", "float"), "f64": ("double", "double"), "bf16": ("bf16", "bf16"), "f16": ("half", "half"),
     "f32_bf16": ("float", "bf16"), "bf16_f32": ("bf16", "float"), "f16_f32": ("half", "float"),
@@ -63,10 +62,12 @@ PAIRS = {
 SIZE = {"float": 4, "double": 8, "bf16": 2, "half": 2}
 
 
-def layouts(stem: str) -> list[tuple[bool, bool]]:
+def layouts(stem: str) -> list[tuple[bool, bool, bool]]:
+    """(master, sr_param, sr_state) compiled for a pair: adam_kernel.cuh's Layout::kValid (masters for 16-bit params,
+    stochastic rounding of bf16 stores, the param's only without a master)."""
     p, s = PAIRS[stem]
-    return [(master, sr) for master in (False, True) for sr in (False, True)
-            if (not master or SIZE[p] == 2) and (not sr or (p == "bf16" and not master) or s == "bf16")]
+    return [(m, sp, ss) for m in (False, True) for sp in (False, True) for ss in (False, True)
+            if (not m or SIZE[p] == 2) and (not sp or (p == "bf16" and not m)) and (not ss or s == "bf16")]
 
 
 def kernels_per_file(stem: str) -> int:
@@ -133,7 +134,7 @@ def _ptxas_functions(log: str) -> dict[tuple[str, str], dict[str, int]]:
 def test_there_are_cuda_sources():
     stems = {cu.stem for cu in CU_FILES}
     assert {"adam_cuda"} | {f"adam_cuda_{p}" for p in PAIRS} == stems, stems
-    assert sum(kernels_per_file(p) for p in PAIRS) == 180  # compile time: see the module's docstring
+    assert sum(kernels_per_file(p) for p in PAIRS) == 204  # compile time: see the module's docstring
 
 
 @requires_nvcc
@@ -181,7 +182,7 @@ STG_128 = re.compile(r"\bSTG\.E(?:\.\w+)*\.128\b")
 SCALAR_LDG = re.compile(r"\bLDG\.E(?:\.(?!128\b)\w+)*\s")
 # adam_step_kernel<P, S, WD, AMSGRAD, UNSCALE, MASTER, SR, VECTOR>, mangled; S is a back reference when it is P.
 _TYPE = r"(f|d|13__nv_bfloat16|6__half|S\d*_)"
-KERNEL_ARGS = re.compile(r"adam_step_kernelI" + _TYPE + _TYPE + r"LNS_11WeightDecayE(\d)E" + r"Lb([01])E" * 4)
+KERNEL_ARGS = re.compile(r"adam_step_kernelI" + _TYPE + _TYPE + r"LNS_11WeightDecayE(\d)E" + r"Lb([01])E" * 5)
 _MANGLED = {"f": "float", "d": "double", "13__nv_bfloat16": "bf16", "6__half": "half"}
 
 
@@ -190,8 +191,8 @@ def _kernel_args(name: str) -> dict:
     assert m, name
     p = _MANGLED[m.group(1)]
     s = p if m.group(2).startswith("S") else _MANGLED[m.group(2)]
-    amsgrad, unscale, master, sr = (m.group(i) == "1" for i in range(4, 8))
-    return dict(p=p, s=s, amsgrad=amsgrad, unscale=unscale, master=master, sr=sr)
+    amsgrad, unscale, master, sr_param, sr_state = (m.group(i) == "1" for i in range(4, 9))
+    return dict(p=p, s=s, amsgrad=amsgrad, unscale=unscale, master=master, sr_param=sr_param, sr_state=sr_state)
 
 
 def _pieces(k: dict) -> tuple[int, int]:
@@ -431,7 +432,11 @@ struct EmuIndex { unsigned x = 0, y = 0, z = 0; };
 static EmuIndex threadIdx, blockIdx, gridDim;
 static inline void __syncthreads() {}
 static inline void __threadfence() {}
-static inline unsigned atomicAdd(unsigned* address, unsigned value) { const unsigned old = *address; *address += value; return old; }
+static inline unsigned atomicAdd(unsigned* address, unsigned value) {
+  const unsigned old = *address;
+  *address += value;
+  return old;
+}
 #include <algorithm>
 #include <cstring>
 #include <exception>
@@ -476,54 +481,57 @@ extern "C" void fa_emu_unsupported(int param_dtype, int state_dtype, int master,
 // weight_decay, decay (NaN: none). stats: [grid, chunks, first dirty byte, dirty bytes, step source, tensors].
 extern "C" int fa_emu_step(void* handle, int param_dtype, int state_dtype, void** bufs, float** device_steps,
                            const double* new_steps, const uint64_t* tensor_ids, const double* hyper,
-                           const double* lr_device, int decoupled, int amsgrad, int maximize, int capturable,
-                           const float* grad_scale, const float* found_inf, const float* clip_coef,
-                           int master_weights, int stochastic_rounding, uint64_t seed, int sm_count,
-                           int blocks_per_sm, int64_t* stats, char* err, int err_len) {
+                           const double* lr_device, int wd_mode, int amsgrad, int maximize, int capturable,
+                           const float* grad_scale, const float* found_inf, const float* clip_coef, int master,
+                           int sr_param, int sr_state, uint64_t seed, int sm_count, int blocks_per_sm,
+                           int64_t* stats, char* err, int err_len) {
   try {
     EmuPartition& part = *static_cast<EmuPartition*>(handle);
     DeviceTable& table = part.table;
     const int64_t n = table.num_tensors();
-    AdamStepOptions o;
+    StepOptions o;
     o.hyper = AdamHyper{hyper[0], hyper[1], hyper[2], hyper[3], hyper[4]};
     o.decay = hyper[5];
-    o.decoupled = decoupled;
+    o.wd_mode = static_cast<WeightDecay>(wd_mode);
     o.amsgrad = amsgrad;
     o.maximize = maximize;
+    o.capturable = capturable;
     o.lr_device = lr_device;
     o.grad_scale = grad_scale;
     o.found_inf = found_inf;
     o.clip_coef = clip_coef;
-    o.master_weights = master_weights;
-    o.stochastic_rounding = stochastic_rounding;
+    o.master = master;
+    o.sr_param = sr_param;
+    o.sr_state = sr_state;
     o.seed = seed;
+    HostSteps host;
     if (capturable) {
-      o.steps = StepSource::kDevice;
+      host.source = StepSource::kDevice;
     } else {
-      o.steps = host_step_source(std::vector<double>(new_steps, new_steps + n), &o.step);
+      host = host_steps(std::vector<double>(new_steps, new_steps + n));
     }
     for (int64_t i = 0; i < n; ++i) {
       void* b[kNumBufs];
       for (int k = 0; k < kNumBufs; ++k) b[k] = bufs[i * kNumBufs + k];
-      table.set(i, make_entry(b, table.entry(i).numel, capturable ? device_steps[i] : nullptr,
-                              stochastic_rounding ? tensor_ids[i] : 0, o.steps, o.hyper, capturable ? 0 : new_steps[i]));
+      table.set(i, make_entry(b, table.entry(i).numel, capturable ? device_steps[i] : nullptr, tensor_ids[i],
+                              host.source, o.hyper, capturable ? 0 : new_steps[i]));
     }
     const DType pd = static_cast<DType>(param_dtype), sd = static_cast<DType>(state_dtype);
     DeviceTableRef ref = DeviceTableRef::of(table, part.device.data());
-    check_step(ref, pd, sd, o);
+    check_step(ref, pd, sd, o, host);
     const auto dirty = table.take_dirty();  // the binding's one stream-ordered copy
     std::memcpy(reinterpret_cast<unsigned char*>(part.device.data()) + dirty.first, table.image() + dirty.first,
                 dirty.second - dirty.first);
     const unsigned grid = grid_size(table.num_chunks(), sm_count, blocks_per_sm);
-    stats[0] = table.num_chunks() == 0 && o.steps != StepSource::kDevice ? 0 : grid;
+    stats[0] = table.num_chunks() == 0 && host.source != StepSource::kDevice ? 0 : grid;
     stats[1] = table.num_chunks();
     stats[2] = static_cast<int64_t>(dirty.first);
     stats[3] = static_cast<int64_t>(dirty.second - dirty.first);
-    stats[4] = static_cast<int64_t>(o.steps);
+    stats[4] = static_cast<int64_t>(host.source);
     stats[5] = n;
     dispatch_pair(pd, sd, [&](auto param, auto state) {
       return run_step<typename decltype(param)::type, typename decltype(state)::type>(
-          ref, o, [&](auto kernel, const auto& args) {
+          ref, o, host, [&](auto kernel, const auto& args) {
             gridDim.x = grid;
             for (unsigned b = 0; b < grid; ++b) {
               blockIdx.x = b;
@@ -568,13 +576,14 @@ class EmulatedPartition:
     (fa_emu_step: DeviceTable, make_entry, run_step, the kernel)."""
 
     def __init__(self, native, params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, master_params,
-                 tensor_ids, amsgrad, maximize, decoupled, capturable, stochastic_rounding, seed, chunk_size):
+                 tensor_ids, wd_mode, amsgrad, maximize, capturable, sr_param, sr_state, seed, chunk_size):
         self.native, self.lib = native, native.lib
         self.params, self.exp_avgs, self.exp_avg_sqs = list(params), list(exp_avgs), list(exp_avg_sqs)
         self.max_exp_avg_sqs, self.state_steps = list(max_exp_avg_sqs), list(state_steps)
         self.master_params, self.tensor_ids = list(master_params), list(tensor_ids)
-        self.amsgrad, self.maximize, self.decoupled, self.capturable = amsgrad, maximize, decoupled, capturable
-        self.sr, self.seed = stochastic_rounding, seed
+        self.wd_mode, self.amsgrad, self.maximize, self.capturable = wd_mode, amsgrad, maximize, capturable
+        self.sr_param, self.sr_state, self.seed = sr_param, sr_state, seed
+        self.sr = sr_param or sr_state
         n = len(self.params)
         err = ctypes.create_string_buffer(512)
         self.handle = self.lib.fa_emu_partition((ctypes.c_int64 * n)(*(p.numel() for p in self.params)), n,
@@ -637,13 +646,17 @@ class EmulatedPartition:
             (c.c_double * n)(*(new_steps or [0.0] * n)), (c.c_uint64 * n)(*(self.tensor_ids or [0] * n)),
             (c.c_double * 6)(lr, beta1, beta2, eps, weight_decay, float("nan") if decay is None else decay),
             addr(lr_device),
-            int(self.decoupled), int(self.amsgrad), int(self.maximize), int(self.capturable),
-            addr(scale), addr(inf), addr(clip), int(master), int(self.sr), self.seed,
+            self.wd_mode, int(self.amsgrad), int(self.maximize), int(self.capturable),
+            addr(scale), addr(inf), addr(clip), int(master), int(self.sr_param), int(self.sr_state), self.seed,
             self.native.sm_count, self.native.blocks_per_sm, stats, err, 512,
         )
         if rc != 0:
             raise RuntimeError(f"fused_adam cuda: {err.value.decode()}")
         self.native.stats.append(list(stats))
+        # Tensors whose chunks the kernel steps with 128-bit accesses (all buffers 16-byte aligned), and the others.
+        nonempty = [bufs[i * NUM_BUFS:(i + 1) * NUM_BUFS] for i in range(n) if params[i].numel()]
+        aligned = sum(all(b is None or b % 16 == 0 for b in bs) for bs in nonempty)
+        self.native.aligned.append((aligned, len(nonempty) - aligned))
         for buf, target in write_backs:
             target.copy_(buf)
         if new_steps is not None:
@@ -657,7 +670,9 @@ class EmulatedNative:
     sized for a device of `sm_count` SMs running `blocks_per_sm` blocks each."""
 
     def __init__(self, lib, sm_count: int = 3, blocks_per_sm: int = 2):
-        self.lib, self.sm_count, self.blocks_per_sm, self.stats = lib, sm_count, blocks_per_sm, []
+        self.lib, self.sm_count, self.blocks_per_sm = lib, sm_count, blocks_per_sm
+        self.stats: list[list[int]] = []  # per step: grid, chunks, first dirty byte, dirty bytes, step source, tensors
+        self.aligned: list[tuple[int, int]] = []  # per step: tensors on the 128-bit path, on the element-wise path
 
     def Partition(self, *args, **kwargs):  # noqa: N802 (the binding's class name)
         return EmulatedPartition(self, *args, **kwargs)
@@ -688,8 +703,8 @@ def emulator_lib(tmp_path_factory):
     handle.fa_emu_step.argtypes = [
         c.c_void_p, c.c_int, c.c_int, c.POINTER(c.c_void_p), c.POINTER(c.c_void_p), c.POINTER(c.c_double),
         c.POINTER(c.c_uint64), c.POINTER(c.c_double), c.c_void_p, c.c_int, c.c_int, c.c_int, c.c_int, c.c_void_p,
-        c.c_void_p, c.c_void_p, c.c_int, c.c_int, c.c_uint64, c.c_int, c.c_int, c.POINTER(c.c_int64), c.c_char_p,
-        c.c_int,
+        c.c_void_p, c.c_void_p, c.c_int, c.c_int, c.c_int, c.c_uint64, c.c_int, c.c_int, c.POINTER(c.c_int64),
+        c.c_char_p, c.c_int,
     ]
     return handle
 
@@ -707,26 +722,24 @@ def emulated(emulator_lib, monkeypatch):
     return install
 
 
+def _one_launch_each_step(native, since=0):
+    """Every step since `since` was one launch of at most one wave (sm_count x blocks_per_sm) over all its chunks."""
+    wave = native.sm_count * native.blocks_per_sm
+    for grid, chunks, _, _, source, _ in native.stats[since:]:
+        assert grid == (max(1, min(chunks, wave)) if chunks or source == 2 else 0), native.stats
+
+
 @pytest.mark.parametrize("cls_name", ["Adam", "AdamW"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("optim_input", OPTIM_INPUTS, ids=repr)
 def test_emulated_kernel_parity(emulated, optim_input, dtype, cls_name):
-    """tests/parity.py's table, 20 steps, through FusedAdam(backend="cuda") with the emulated kernel."""
-    emu = emulated()
+    """tests/parity.py's table, 20 steps, through FusedAdam(backend="cuda") with the emulated kernel: one launch a
+    step, persistent blocks striding the chunks (chunk_size 8: the tensors have 1 to 9 chunks, a 3-SM device)."""
+    native = emulated(chunk_size=8)
     assert_parity("cuda", cls_name, optim_input.kwargs, dtype)
-    assert emu.stats and all(s[4] <= 4096 for s in emu.stats)  # sizeof(LaunchArgs): the 4 KB parameter limit
-
-
-def _train(params0, backend, steps=4, make=None, **kwargs):
-    """`make()` builds the params (e.g. views into one buffer); by default fresh copies of params0."""
-    params = make() if make else [p.detach().clone() for p in params0]
-    params = [p.requires_grad_() for p in params]
-    opt = FusedAdam(params, backend=backend, **kwargs)
-    for s in range(steps):
-        for p, g in zip(params, make_grads(params0, s)):
-            p.grad = g.to(p.dtype)
-        opt.step()
-    return params, opt
+    assert len(native.stats) == 20, native.stats
+    _one_launch_each_step(native)
+    assert native.stats[-1][1] > native.sm_count * native.blocks_per_sm  # more chunks than blocks: they stride
 
 
 def _assert_same_training(ours, ref, exact=False):
@@ -739,21 +752,83 @@ def _assert_same_training(ours, ref, exact=False):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-def test_emulated_many_tensors_and_launches(emulated, dtype):
-    """More tensors than one launch holds (32) and more chunks than one launch runs (320): chunk_size 8."""
-    emu = emulated(chunk_size=8)
+def test_emulated_many_tensors_one_launch(emulated, dtype):
+    """53 tensors (empty ones included) and 500+ chunks of 8 elements: one launch a step, 6 blocks striding them."""
+    native = emulated(chunk_size=8)
     shapes = [(n,) for n in (1, 7, 8, 9, 15, 16, 17, 0, 67, 129)] * 5 + [(2, 3, 4), (0, 3), (3000,)]
     params0 = make_params(dtype, shapes)
-    kwargs = dict(lr=0.01, weight_decay=0.1, amsgrad=True)
-    _assert_same_training(_train(params0, "cuda", **kwargs), _train(params0, "reference", **kwargs))
-    launches, vector, scalar, blocks, _, _ = emu.stats[-1]
-    assert vector >= 2 and blocks > 320 and scalar == 0, emu.stats[-1]
+    kwargs = dict(lr=0.01, weight_decay=0.1, amsgrad=True, cls=FusedAdam)
+    _assert_same_training(train("cuda", params0, **kwargs), train("reference", params0, **kwargs))
+    _one_launch_each_step(native)
+    assert native.stats[-1][1] > 500 and native.stats[-1][5] == len(shapes), native.stats[-1]
+
+
+def test_emulated_grid_sizes(emulated):
+    """The grid is one wave of the device, or one block a chunk when there are fewer chunks."""
+    params0 = make_params(torch.float32, [(64,), (7,)])
+    for sm_count, blocks_per_sm, chunk_size, grid in ((1, 1, 8, 1), (2, 3, 8, 6), (132, 4, 8, 9), (4, 4, 0, 2)):
+        native = emulated(chunk_size=chunk_size, sm_count=sm_count, blocks_per_sm=blocks_per_sm)
+        _assert_same_training(train("cuda", params0), train("reference", params0))
+        assert {s[0] for s in native.stats} == {grid}, (sm_count, blocks_per_sm, chunk_size, native.stats)
+
+
+@pytest.mark.parametrize("set_to_none", [True, False], ids=["new-grads", "static-grads"])
+def test_emulated_patches_only_moved_grads(emulated, set_to_none):
+    """The first step uploads the whole table; then grads that moved are patched (the entries between the first and
+    the last that changed), and static grads (zero_grad(set_to_none=False)) need no copy at all."""
+    native = emulated(chunk_size=8)
+    params0 = make_params(torch.float32, [(5,), (40,), (0,), (17,)])
+    params = [p.clone().requires_grad_() for p in params0]
+    ref = [p.clone().requires_grad_() for p in params0]
+    opt, ref_opt = FusedAdamW(params, backend="cuda"), FusedAdamW(ref, backend="reference")
+    kept = []  # every grad made stays alive, so a new one never reuses a freed one's address
+    for s in range(4):
+        for o in (opt, ref_opt):
+            o.zero_grad(set_to_none=set_to_none)
+        for p, r, g in zip(params, ref, make_grads(params0, s)):
+            if set_to_none:
+                p.grad, r.grad = g.clone(), g.clone()
+                kept.append(p.grad)
+            else:
+                p.grad.copy_(g) if p.grad is not None else setattr(p, "grad", g.clone())
+                r.grad = g.clone()
+        opt.step()
+        ref_opt.step()
+    _assert_same_training((params, opt), (ref, ref_opt))
+    first, later = native.stats[0], native.stats[1:]
+    assert first[2] == 0 and first[3] > 96 * 4, first  # the header, 4 entries, the chunks
+    if set_to_none:
+        assert all(0 < s[3] <= 96 * 4 and s[2] >= 16 for s in later), later  # entries only, never the chunk table
+    else:
+        assert all(s[3] == 0 for s in later), later
+
+
+def test_emulated_steps_that_differ_per_tensor(emulated):
+    """Step counts changed in place so that tensors are at different steps: each entry carries its own scalars
+    (StepSource::kPerTensor), and the result is torch's."""
+    native = emulated(chunk_size=8)
+    params0 = make_params(torch.float32, [(5,), (40,), (17,)])
+    runs = []
+    for backend in ("cuda", None):
+        params = [p.clone().requires_grad_() for p in params0]
+        opt = (FusedAdam(params, backend=backend, weight_decay=0.1) if backend else
+               torch.optim.Adam(params, weight_decay=0.1, foreach=False))
+        for s in range(4):
+            for p, g in zip(params, make_grads(params0, s)):
+                p.grad = g.clone()
+            opt.step()
+            if s == 1:
+                opt.state[params[1]]["step"].fill_(7.0)
+        runs.append((params, opt))
+    _assert_same_training(*runs)
+    assert [s[4] for s in native.stats] == [0, 0, 1, 1], native.stats  # uniform, then per tensor
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_emulated_misaligned_and_strided(emulated, dtype):
-    """Views at odd offsets take the scalar path; transposed params and grads with other strides are handled."""
-    emu = emulated(chunk_size=16)
+    """Views at odd offsets take the element-wise path, aligned tensors the 128-bit path, in the same launch;
+    transposed params and grads with other strides are staged."""
+    native = emulated(chunk_size=16)
     base0 = make_params(dtype, [(1000,)])[0]
     whole = make_params(dtype, [(5, 7), (33,)])
 
@@ -762,12 +837,22 @@ def test_emulated_misaligned_and_strided(emulated, dtype):
         views = [base[1:40], base[48:112], base[200:260].view(6, 10).t(), base[300:400].view(10, 10)[:, ::2]]
         return views + [w.clone() for w in whole]
 
-    params0 = make()
-    kwargs = dict(weight_decay=0.1, amsgrad=True)
-    ours = _train(params0, "cuda", make=make, **kwargs)
+    kwargs = dict(weight_decay=0.1, amsgrad=True, cls=FusedAdam)
+    ours = _train_made(make, "cuda", **kwargs)
     assert ours[0][0].storage_offset() == 1 and not ours[0][3].is_contiguous()
-    _assert_same_training(ours, _train(params0, "reference", make=make, **kwargs))
-    assert any(s[1] for s in emu.stats) and any(s[2] for s in emu.stats), emu.stats
+    _assert_same_training(ours, _train_made(make, "reference", **kwargs))
+    assert all(a > 0 and u > 0 for a, u in native.aligned), native.aligned
+    _one_launch_each_step(native)
+
+
+def _train_made(make, backend, steps=4, cls=FusedAdamW, **kwargs):
+    params = [p.requires_grad_() for p in make()]
+    opt = cls(params, backend=backend, **kwargs)
+    for s in range(steps):
+        for p, g in zip(params, make_grads(params, s)):
+            p.grad = g.to(p.dtype)
+        opt.step()
+    return params, opt
 
 
 def test_emulated_transposed_grad(emulated):
@@ -787,12 +872,15 @@ def test_emulated_transposed_grad(emulated):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_emulated_capturable_matches_host_scalars(emulated, dtype):
-    """capturable: step and lr read "on the device", steps incremented by the increment kernel; the same
-    make_step_scalars on the same values, so the result is bitwise the non-capturable one."""
-    emulated(chunk_size=8)
+    """capturable: step and lr read "on the device" (*step + 1), every step counted once by the launch's last block
+    (empty tensors too); the same make_step_scalars on the same values, so bitwise the non-capturable result."""
+    native = emulated(chunk_size=8)
     params0 = make_params(dtype, [(1,), (7,), (0,), (67,), (3, 5)] * 8)
     kwargs = dict(lr=torch.tensor(0.01), weight_decay=0.1, amsgrad=True, betas=(0.8, 0.95))
-    _assert_same_training(_train(params0, "cuda", capturable=True, **kwargs), _train(params0, "cuda", **kwargs), exact=True)
+    ours = train("cuda", params0, steps=4, capturable=True, **kwargs)
+    _assert_same_training(ours, train("cuda", params0, steps=4, **kwargs), exact=True)
+    assert all(float(ours[1].state[p]["step"]) == 4 for p in ours[0])
+    assert {s[4] for s in native.stats} == {2, 0}, native.stats  # device steps, then host steps
 
 
 @pytest.mark.parametrize("capturable", [False, True])
@@ -812,7 +900,7 @@ def test_emulated_amp(emulated, capturable):
         for p, r in zip(params, ref):
             torch.testing.assert_close(p.grad, r.grad)  # unscaled in place
     before = [(p.detach().clone(), p.grad.clone(), {k: v.clone() for k, v in opt.state[p].items()}) for p in params]
-    opt.step(grad_scale=scale, found_inf=torch.tensor(1.0))
+    opt.step(grad_scale=scale, found_inf=torch.tensor(1.0))  # nothing changes, steps included
     for p, (p0, g0, st0) in zip(params, before):
         assert torch.equal(p.detach(), p0) and torch.equal(p.grad, g0)
         for k, v in st0.items():
@@ -822,76 +910,21 @@ def test_emulated_amp(emulated, capturable):
 
 # ---- the options beyond torch, emulated --------------------------------------------------------------------------
 
-import test_beyond_torch as beyond  # noqa: E402  (a module attribute: its tests are not collected again here)
 from fused_adam.backends.reference import bf16_stochastic, sr_salt  # noqa: E402
 
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_emulated_master_weights_match_fp32_adam_on_the_master(emulated, dtype):
-    emulated(chunk_size=8)
-    beyond.test_master_weights_match_fp32_adam_on_the_master("cuda", dtype)
-
-
-@pytest.mark.parametrize("param_dtype, state_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
-                                                      (torch.float16, torch.float32)], ids=str)
-def test_emulated_state_dtype_matches_torch_composition(emulated, param_dtype, state_dtype):
-    emulated(chunk_size=8)
-    beyond.test_state_dtype_matches_torch_composition("cuda", param_dtype, state_dtype)
-
-
-def test_emulated_stochastic_rounding_resume_is_bitwise(emulated, tmp_path):
-    emulated(chunk_size=8)
-    beyond.test_stochastic_rounding_resume_is_bitwise("cuda", tmp_path)
-
-
-def test_emulated_stochastic_rounding_keeps_small_updates(emulated):
-    emulated()
-    beyond.test_stochastic_rounding_keeps_small_updates("cuda")
-
-
-@pytest.mark.parametrize("max_norm", [0.5, 1e6])
-def test_emulated_max_grad_norm_matches_clip_grad_norm_then_adam(emulated, max_norm):
-    emulated(chunk_size=8)
-    beyond.test_max_grad_norm_matches_clip_grad_norm_then_adam("cuda", max_norm)
-
-
-# (param dtype, options): every layout the kernels compile (csrc/cuda/adam_kernel.cuh, Layout).
-FEATURE_CASES = [
-    (torch.float32, dict(state_dtype=torch.bfloat16)),
-    (torch.float32, dict(state_dtype=torch.bfloat16, stochastic_rounding=True)),
-    (torch.bfloat16, dict(master_weights=True)),
-    (torch.bfloat16, dict(master_weights=True, stochastic_rounding=True)),  # the states round stochastically
-    (torch.bfloat16, dict(stochastic_rounding=True)),
-    (torch.bfloat16, dict(state_dtype=torch.float32)),
-    (torch.bfloat16, dict(state_dtype=torch.float32, stochastic_rounding=True)),  # the params round stochastically
-    (torch.bfloat16, dict(state_dtype=torch.float32, master_weights=True)),
-    (torch.float16, dict(master_weights=True)),
-    (torch.float16, dict(state_dtype=torch.float32)),
-    (torch.float16, dict(state_dtype=torch.float32, master_weights=True)),
-]
 # Sizes that find bugs at chunk_size 16 (the vector path moves 8 elements per thread where an array is 16-bit):
-# 1, a vector -1/+1, a chunk -1/+1, an empty tensor, a 2-D tensor, more tensors than a launch holds (28 or 32).
+# 1, a vector -1/+1, a chunk -1/+1, an empty tensor, a 2-D tensor, many tensors.
 FEATURE_SHAPES = [(1,), (7,), (9,), (15,), (17,), (0,), (3, 11), (67,)] + [(5,), (40,)] * 14
 
 
-def _feature_id(case):
-    dtype, kw = case
-    return str(dtype).replace("torch.", "") + "-" + "-".join(
-        f"{k}={str(v).replace('torch.', '')}" if not isinstance(v, bool) else k for k, v in kw.items())
-
-
-def _train_features(backend, dtype, kwargs, make, steps=4, max_grad_norm=None):
+def _train_features(backend, kwargs, make, steps=4):
     params = [p.requires_grad_() for p in make()]
-    opt = FusedAdam(params, backend=backend, max_grad_norm=max_grad_norm, **kwargs)
+    opt = FusedAdam(params, backend=backend, **kwargs)
     for s in range(steps):
         for p, g in zip(params, make_grads(params, s)):
             p.grad = (3 * g).to(p.dtype)
         opt.step()
     return params, opt
-
-
-def _bits(t):
-    return t.view(torch.int16) if t.element_size() == 2 else t.view(torch.int32) if t.element_size() == 4 else t
 
 
 def _assert_features_match(ours, ref, rounded_clip=False):
@@ -916,43 +949,38 @@ def _assert_features_match(ours, ref, rounded_clip=False):
             tol = dict(atol=ulp, rtol=ulp) if rounded_clip or narrow_param or x.dtype != torch.float32 else {}
             torch.testing.assert_close(x, y, **tol, msg=lambda m: f"{name} of param {i}: {m}")
             if x.element_size() == 2:
-                same[name] = same.get(name, 0) + (_bits(x) == _bits(y)).sum().item()
+                same[name] = same.get(name, 0) + (bits(x) == bits(y)).sum().item()
                 total[name] = total.get(name, 0) + x.numel()
     if not rounded_clip:
         for name in same:
             assert same[name] >= 0.95 * total[name], f"{name}: {same[name]} of {total[name]} bitwise the reference's"
 
 
-@pytest.mark.parametrize("capturable", [False, True], ids=["host-scalars", "capturable"])
-@pytest.mark.parametrize("options", [dict(), dict(weight_decay=0.1, amsgrad=True, maximize=True),
-                                     dict(weight_decay=0.1, decoupled_weight_decay=True, max_grad_norm=0.5)],
-                         ids=["default", "l2-ams-max", "adamw-clip"])
-@pytest.mark.parametrize("case", FEATURE_CASES, ids=_feature_id)
-def test_emulated_features_match_reference(emulated, case, options, capturable):
-    """Every compiled layout x modes x host/device scalars, aligned and misaligned tensors, many launches."""
+@pytest.mark.parametrize("options", [dict(), dict(weight_decay=0.1, maximize=True),
+                                     dict(weight_decay=0.1, decoupled_weight_decay=True, capturable=True)],
+                         ids=["default", "l2-max", "adamw-capturable"])
+@pytest.mark.parametrize("case", FEATURE_CASES, ids=feature_id)
+def test_emulated_features_match_reference(emulated, case, options):
+    """tests/parity.py's FEATURE_CASES x modes, aligned and misaligned tensors in one launch."""
     dtype, kw = case
-    emu = emulated(chunk_size=16)
-    options = dict(options)
-    max_grad_norm = options.pop("max_grad_norm", None)
-    kwargs = dict(lr=0.01, seed=7, capturable=capturable, **kw, **options)
+    native = emulated(chunk_size=16)
+    kwargs = {"lr": 0.01, "seed": 7, **options, **kw}
     base0 = make_params(dtype, [(200,)])[0]
     whole0 = make_params(dtype, FEATURE_SHAPES)
 
     def make():
-        base = base0.clone()  # views at odd offsets: the scalar path
+        base = base0.clone()  # views at odd offsets: the element-wise path
         return [base[1:40], base[41:58].view(1, 17)] + [w.clone() for w in whole0]
 
-    ours = _train_features("cuda", dtype, kwargs, make, max_grad_norm=max_grad_norm)
-    ref = _train_features("reference", dtype, kwargs, make, max_grad_norm=max_grad_norm)
+    ours = _train_features("cuda", kwargs, make)
+    ref = _train_features("reference", kwargs, make)
     assert {d.backend for d in ours[1].dispatch[0]} == {"cuda"}
-    _assert_features_match(ours, ref, rounded_clip=max_grad_norm is not None and dtype != torch.float32)
-    ext = kw.get("master_weights") or kw.get("stochastic_rounding")
-    assert any(s[1] for s in emu.stats) and any(s[2] for s in emu.stats), emu.stats  # vector and scalar launches
-    assert all(s[4] <= 4096 - 64 for s in emu.stats), emu.stats  # sizeof(LaunchArgs): the 4 KB parameter limit
-    assert max(s[5] for s in emu.stats) == (28 if ext else 32), emu.stats  # slots per launch
+    _assert_features_match(ours, ref, rounded_clip="max_grad_norm" in kw and dtype != torch.float32)
+    assert all(a > 0 and u > 0 for a, u in native.aligned), native.aligned
+    _one_launch_each_step(native)
 
 
-@pytest.mark.parametrize("capturable", [False, True], ids=["host-salt", "device-salt"])
+@pytest.mark.parametrize("capturable", [False, True], ids=["host-step", "device-step"])
 def test_emulated_stochastic_rounding_is_the_references_rounding(emulated, capturable):
     """Bitwise: one step from zero states of fp32 params with bf16 states gives exp_avg = SR((1 - beta1) * g) and
     exp_avg_sq = SR((1 - beta2) * g * g), each product one fp32 rounding, with the reference's bits for
@@ -973,8 +1001,8 @@ def test_emulated_stochastic_rounding_is_the_references_rounding(emulated, captu
         g = g * 100
         m = bf16_stochastic(one_minus[0] * g, sr_salt(2**63 + 5, 1, tid, 1))
         v = bf16_stochastic((one_minus[1] * g) * g, sr_salt(2**63 + 5, 1, tid, 2))
-        assert torch.equal(_bits(opt.state[p]["exp_avg"]), _bits(m)), tid
-        assert torch.equal(_bits(opt.state[p]["exp_avg_sq"]), _bits(v)), tid
+        assert torch.equal(bits(opt.state[p]["exp_avg"]), bits(m)), tid
+        assert torch.equal(bits(opt.state[p]["exp_avg_sq"]), bits(v)), tid
 
 
 def test_emulated_stochastic_rounding_capturable_is_bitwise_host(emulated):
@@ -982,8 +1010,27 @@ def test_emulated_stochastic_rounding_capturable_is_bitwise_host(emulated):
     emulated(chunk_size=8)
     params0 = make_params(torch.bfloat16, [(1,), (7,), (0,), (67,), (3, 5)] * 7)
     kwargs = dict(lr=torch.tensor(0.01), weight_decay=0.1, amsgrad=True, stochastic_rounding=True, seed=3)
-    _assert_same_training(_train(params0, "cuda", capturable=True, **kwargs), _train(params0, "cuda", **kwargs),
-                          exact=True)
+    _assert_same_training(train("cuda", params0, steps=4, capturable=True, **kwargs),
+                          train("cuda", params0, steps=4, **kwargs), exact=True)
+
+
+def test_emulated_stochastic_rounding_resume_is_bitwise(emulated):
+    """4 steps = 2 steps, state_dict, a new optimizer (a new partition and device table) loading it, 2 steps."""
+    emulated(chunk_size=8)
+    params0 = make_params(torch.bfloat16, [(7,), (67,), (3, 5)])
+    kwargs = dict(lr=1e-3, stochastic_rounding=True, seed=11, state_dtype=torch.bfloat16)
+    whole = train("cuda", params0, steps=4, **kwargs)
+    params = [p.clone().requires_grad_() for p in params0]
+    opt = FusedAdamW(params, backend="cuda", **kwargs)
+    for s in range(4):
+        if s == 2:
+            saved = opt.state_dict()
+            opt = FusedAdamW(params, backend="cuda", **kwargs)
+            opt.load_state_dict(saved)
+        for p, g in zip(params, make_grads(params0, s)):
+            p.grad = g.to(p.dtype)
+        opt.step()
+    _assert_same_training(whole, (params, opt), exact=True)
 
 
 def test_emulated_stochastic_rounding_of_a_transposed_param(emulated):
@@ -992,8 +1039,8 @@ def test_emulated_stochastic_rounding_of_a_transposed_param(emulated):
     base0 = make_params(torch.bfloat16, [(12, 10)])[0]
     make = lambda: [base0.clone().t()]  # noqa: E731
     kwargs = dict(lr=1e-3, stochastic_rounding=True, seed=11)
-    ours = _train_features("cuda", torch.bfloat16, kwargs, make)
-    ref = _train_features("reference", torch.bfloat16, kwargs, make)
+    ours = _train_features("cuda", kwargs, make)
+    ref = _train_features("reference", kwargs, make)
     assert not ours[0][0].is_contiguous()
     _assert_features_match(ours, ref)
 
@@ -1016,14 +1063,15 @@ def test_emulated_clip_is_read_on_the_device_under_amp(emulated):
     _assert_same_training(*runs)
 
 
-def test_emulated_launcher_refuses_what_is_not_compiled(emulated):
-    """The launcher's own checks (plan_step): a dtype pair without kernels, masters for fp32 params."""
-    emu = emulated()
-    p = [torch.zeros(4)]
-    hp = beyond._hp()
-    with pytest.raises(AssertionError, match="no kernel for float32 params with float16 states"):
-        emu.step(p, [torch.zeros(4)], [torch.zeros(4, dtype=torch.float16)], [torch.zeros(4, dtype=torch.float16)], [],
-                 [torch.zeros(())], hp, None, None)
-    with pytest.raises(AssertionError, match="master weights need bfloat16 or float16 params, got float32"):
-        emu.step(p, [torch.zeros(4)], [torch.zeros(4)], [torch.zeros(4)], [], [torch.zeros(())], hp, None, None,
-                 master_params=[torch.zeros(4)])
+def test_emulated_supports_is_the_launchers_rule(emulated):
+    """supports() asks the C++ rule (adam_cuda.h, unsupported): a dtype pair without kernels, masters for fp32."""
+    emulated()
+    backend = backends.get("cuda")
+    assert "no kernel for float32 params with float16 states" in backend.native.unsupported("float32", "float16", False)
+    assert "master weights need bfloat16 or float16 params, got float32" in backend.native.unsupported(
+        "float32", "float32", True)
+    assert backend.native.unsupported("bfloat16", "float32", True) == ""
+    opt = FusedAdam([torch.zeros(4, requires_grad=True)], state_dtype=torch.float16)
+    opt.param_groups[0]["params"][0].grad = torch.zeros(4)
+    opt.step()
+    assert "no kernel for float32 params with float16 states" in opt.dispatch[0][0].skipped["cuda"]

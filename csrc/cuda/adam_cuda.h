@@ -13,27 +13,15 @@
 #include <vector>
 
 #include "adam_math.h"
+#include "common/dtype.h"
+#include "common/options.h"
 #include "cuda/device_table.h"
 
 namespace fused_adam {
 namespace cuda {
 
-// Storage dtypes. Params and grads share one dtype, the states (exp_avg, exp_avg_sq, max_exp_avg_sq) another or the
-// same: float32/float32, float64/float64, bfloat16/bfloat16, float16/float16, float32 params with bfloat16 states,
-// bfloat16 or float16 params with float32 states. Math runs in float (double for float64), one rounding per store.
-enum class DType : uint8_t { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3 };
-
-inline const char* dtype_name(DType t) {
-  switch (t) {
-    case DType::kFloat32: return "float32";
-    case DType::kFloat64: return "float64";
-    case DType::kBFloat16: return "bfloat16";
-    case DType::kFloat16: return "float16";
-  }
-  return "unknown";
-}
-
-// The (param, state) dtype pairs with kernels (one adam_cuda_<pair>.cu each).
+// The (param, state) dtype pairs with kernels (one adam_cuda_<pair>.cu each). Math runs in float (double for
+// float64), one rounding per store.
 inline bool compiled_pair(DType param, DType state) {
   return param == state || (param == DType::kFloat32 && state == DType::kBFloat16) ||
          ((param == DType::kBFloat16 || param == DType::kFloat16) && state == DType::kFloat32);
@@ -41,38 +29,23 @@ inline bool compiled_pair(DType param, DType state) {
 
 // Why these dtypes and options have no kernel, or "" (the one place the CUDA backend's refusals are decided; the
 // Python backend's supports() asks it through the binding).
-inline std::string unsupported(DType param, DType state, bool master_weights) {
+inline std::string unsupported(DType param, DType state, bool master) {
   if (!compiled_pair(param, state)) {
     return std::string("no kernel for ") + dtype_name(param) + " params with " + dtype_name(state) +
            " states (states take the param's dtype, or float32 params have bfloat16 states, or bfloat16/float16 "
            "params have float32 states)";
   }
-  if (master_weights && param != DType::kBFloat16 && param != DType::kFloat16) {
+  if (master && param != DType::kBFloat16 && param != DType::kFloat16) {
     return std::string("master weights need bfloat16 or float16 params, got ") + dtype_name(param);
   }
   return "";
 }
 
-// One step's options; the tensors are in the device tables.
-struct AdamStepOptions {
-  AdamHyper hyper;                   // lr (unless lr_device), betas, eps, weight_decay
-  bool decoupled = false;            // AdamW
-  bool amsgrad = false;
-  bool maximize = false;
-  StepSource steps = StepSource::kUniform;
-  double step = 0;                   // kUniform: every tensor's step, already incremented by the caller
-  const double* lr_device = nullptr; // kDevice only: lr as a float64 scalar on the device
-  const float* grad_scale = nullptr; // AMP: grads are divided by *grad_scale (and stored back unscaled)
-  const float* found_inf = nullptr;  // AMP: if *found_inf != 0 the launch changes nothing, steps included
-  const float* clip_coef = nullptr;  // gradient clipping: the (unscaled) grad is multiplied by *clip_coef for the
-                                     // update (the stored grad stays unclipped); read on the device, no host sync
-  bool master_weights = false;       // every tensor has a master (bfloat16/float16 params only)
-  bool stochastic_rounding = false;  // bfloat16 stores that are the only copy of a value (params without a master,
-                                     // states) round stochastically (csrc/rounding.h); ignored where there is none
-  uint64_t seed = 0;                 // stochastic rounding's seed
-  // AdamW's decay factor 1 - lr*wd when the caller computed it (with a Tensor lr torch computes it in the lr's
-  // dtype, and fp64 parity needs the same value); NaN: computed from `hyper` in double. Not with kDevice.
-  double decay = NAN;
+// Not capturable: where the step-dependent scalars come from this step (StepSource::kUniform with the step every
+// tensor is at, or kPerTensor). Capturable steps are StepSource::kDevice.
+struct HostSteps {
+  StepSource source = StepSource::kUniform;
+  double step = 0;  // kUniform: every tensor's step, already incremented by the caller
 };
 
 // A partition's tables in device memory: the allocation `base` holds DeviceTable::image() (copied by the caller).
@@ -93,14 +66,13 @@ struct DeviceTableRef {
 constexpr int64_t kDefaultChunkSize = 65536;
 
 // Not capturable: the host has incremented every tensor's step; `steps` are the new values. All equal (the usual
-// case): kUniform with o.step, and the entries carry no step (they stay unchanged from step to step). Else
-// kPerTensor, and set_step fills each entry's scalars.
-inline StepSource host_step_source(const std::vector<double>& steps, double* uniform) {
+// case): kUniform, and the entries carry no step (they stay unchanged from step to step). Else kPerTensor, and
+// make_entry fills each entry's scalars.
+inline HostSteps host_steps(const std::vector<double>& steps) {
   for (double s : steps) {
-    if (s != steps[0]) return StepSource::kPerTensor;
+    if (s != steps[0]) return HostSteps{StepSource::kPerTensor, 0.0};
   }
-  *uniform = steps.empty() ? 0.0 : steps[0];
-  return StepSource::kUniform;
+  return HostSteps{StepSource::kUniform, steps.empty() ? 0.0 : steps[0]};
 }
 
 inline void set_step(TensorEntry& e, const AdamHyper& h, double step) {
@@ -124,24 +96,28 @@ inline TensorEntry make_entry(void* const (&bufs)[kNumBufs], int64_t numel, floa
   return e;
 }
 
-// Checks the options against the table; turns stochastic rounding off where it rounds nothing. Throws
-// std::invalid_argument.
-inline void check_step(const DeviceTableRef& t, DType param, DType state, AdamStepOptions& o) {
-  const std::string why = unsupported(param, state, o.master_weights);
+// Checks the options against the table and the compiled kernels. Throws std::invalid_argument.
+inline void check_step(const DeviceTableRef& t, DType param, DType state, const StepOptions& o, const HostSteps& h) {
+  const std::string why = unsupported(param, state, o.master);
   if (!why.empty()) throw std::invalid_argument("adam_step_cuda: " + why);
   if (t.base == nullptr) throw std::invalid_argument("adam_step_cuda: no device table");
-  if (o.steps != StepSource::kDevice && o.lr_device != nullptr) {
-    throw std::invalid_argument("adam_step_cuda: lr_device needs device steps (capturable)");
+  if (!o.capturable && o.lr_device != nullptr) {
+    throw std::invalid_argument("adam_step_cuda: lr_device needs capturable (else the host computes the scalars)");
   }
-  o.stochastic_rounding = o.stochastic_rounding &&
-                          ((param == DType::kBFloat16 && !o.master_weights) || state == DType::kBFloat16);
+  if (!o.capturable && h.source == StepSource::kDevice) {
+    throw std::invalid_argument("adam_step_cuda: device steps need capturable");
+  }
+  if ((o.sr_param && param != DType::kBFloat16) || (o.sr_param && o.master) ||
+      (o.sr_state && state != DType::kBFloat16)) {
+    throw std::invalid_argument("adam_step_cuda: stochastic rounding is for bfloat16 stores without a master");
+  }
 }
 
 // Enqueues the step of every tensor of the table on `stream`, one launch: params and grads of `param_dtype`, states
-// of `state_dtype`; a grid of as many blocks as `sm_count` SMs run at once. Throws std::invalid_argument for bad
-// arguments (check_step); returns the launch's CUDA error, or cudaSuccess.
-cudaError_t adam_step_cuda(const DeviceTableRef& table, DType param_dtype, DType state_dtype,
-                           const AdamStepOptions& options, int sm_count, cudaStream_t stream);
+// of `state_dtype`; a grid of as many blocks as `sm_count` SMs run at once. `host` is ignored when o.capturable.
+// Throws std::invalid_argument for bad arguments (check_step); returns the launch's CUDA error, or cudaSuccess.
+cudaError_t adam_step_cuda(const DeviceTableRef& table, DType param_dtype, DType state_dtype, const StepOptions& o,
+                           const HostSteps& host, int sm_count, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace fused_adam

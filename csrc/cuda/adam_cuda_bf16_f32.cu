@@ -6,8 +6,8 @@
 namespace fused_adam {
 namespace cuda {
 
-template cudaError_t launch_adam<__nv_bfloat16, float>(const DeviceTableRef&, const AdamStepOptions&, int,
-                                          cudaStream_t);
+template cudaError_t launch_adam<__nv_bfloat16, float>(const DeviceTableRef&, const StepOptions&,
+                                          const HostSteps&, int, cudaStream_t);
 
 }  // namespace cuda
 }  // namespace fused_adam

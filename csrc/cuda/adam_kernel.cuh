@@ -27,38 +27,13 @@
 #include <vector>
 
 #include "adam_math.h"
+#include "common/static_switch.h"
 #include "cuda/adam_cuda.h"
 #include "cuda/device_table.h"
 #include "rounding.h"
 
 namespace fused_adam {
 namespace cuda {
-
-// flash-attention's BOOL_SWITCH: a runtime bool becomes the constexpr NAME inside the lambda body.
-#define FA_BOOL_SWITCH(COND, NAME, ...)   \
-  [&] {                                   \
-    if (COND) {                           \
-      constexpr static bool NAME = true;  \
-      return __VA_ARGS__();               \
-    } else {                              \
-      constexpr static bool NAME = false; \
-      return __VA_ARGS__();               \
-    }                                     \
-  }()
-
-#define FA_WEIGHT_DECAY_SWITCH(MODE, NAME, ...)                                    \
-  [&] {                                                                            \
-    if ((MODE) == WeightDecay::kDecoupled) {                                       \
-      constexpr static WeightDecay NAME = WeightDecay::kDecoupled;                 \
-      return __VA_ARGS__();                                                        \
-    } else if ((MODE) == WeightDecay::kL2) {                                       \
-      constexpr static WeightDecay NAME = WeightDecay::kL2;                        \
-      return __VA_ARGS__();                                                        \
-    } else {                                                                       \
-      constexpr static WeightDecay NAME = WeightDecay::kNone;                      \
-      return __VA_ARGS__();                                                        \
-    }                                                                              \
-  }()
 
 // The thread of a block that computes what the block shares through shared memory. The CPU emulation
 // (tests/test_cuda_build.py) runs a block's threads one after another, each through all of the block's chunks, so
@@ -70,22 +45,26 @@ namespace cuda {
 constexpr int kNumStreams = 4;  // csrc/rounding.h's Stream: param, exp_avg, exp_avg_sq, max_exp_avg_sq
 
 constexpr int kBlockThreads = 512;
-constexpr int kScalarILP = 4;  // scalar path: elements in flight per thread per array
+// Element-wise path (unaligned chunks): elements in flight per thread per array. It shares its kernel with the
+// vector path, and the kernel's registers are the larger path's: 4 took the fp32 kernels from 64 to 102 registers
+// (one 512-thread block per SM instead of two), 2 keeps them at the vector path's 48-74.
+constexpr int kScalarILP = 2;
 
 template <typename T> struct OpMath { using type = float; };
 template <> struct OpMath<double> { using type = double; };
 template <typename T> using opmath_t = typename OpMath<T>::type;
 
-// What one instantiation stores: params and grads of P, states of S, an fp32 master (MASTER), stochastic rounding (SR).
-template <typename P, typename S, bool MASTER, bool SR>
+// What one instantiation stores: params and grads of P, states of S, an fp32 master (MASTER), and which stores round
+// stochastically (SR_PARAM, SR_STATE: StepOptions' sr_param / sr_state, decided once by PartOptions).
+template <typename P, typename S, bool MASTER, bool SR_PARAM, bool SR_STATE>
 struct Layout {
   using O = opmath_t<P>;
   static_assert(std::is_same<O, opmath_t<S>>::value, "params and states share one opmath type");
-  // Stochastic rounding applies to the bf16 stores that are the only copy of a value.
-  static constexpr bool kSrParam = SR && std::is_same<P, __nv_bfloat16>::value && !MASTER;
-  static constexpr bool kSrState = SR && std::is_same<S, __nv_bfloat16>::value;
-  // Compiled: masters of 16-bit params only; SR only where it rounds something (check_step turns it off elsewhere).
-  static constexpr bool kValid = (!MASTER || sizeof(P) == 2) && (!SR || kSrParam || kSrState);
+  // Compiled: masters of 16-bit params only; stochastic rounding of bf16 stores, the param's only without a master.
+  static constexpr bool kValid = (!MASTER || sizeof(P) == 2) &&
+                                 (!SR_PARAM || (std::is_same<P, __nv_bfloat16>::value && !MASTER)) &&
+                                 (!SR_STATE || std::is_same<S, __nv_bfloat16>::value);
+  static constexpr bool kSr = SR_PARAM || SR_STATE;
   // Vector path: elements per thread per access, 16 B of the narrowest array. Every array's access is then a whole
   // number of 16 B (fp32 arrays beside 16-bit ones move 32 B: two 128-bit accesses) and stays 16-byte aligned.
   static constexpr int kVec = 16 / static_cast<int>(sizeof(P) < sizeof(S) ? sizeof(P) : sizeof(S));
@@ -112,8 +91,8 @@ struct KernelArgs {
   const float* grad_scale;
   const float* found_inf;
   const float* clip_coef;  // or null: no clipping
-  uint64_t seed;           // SR
-  uint64_t step;           // kUniform: the step (SR's salts)
+  uint64_t seed;           // stochastic rounding
+  uint64_t step;           // kUniform: the step (stochastic rounding's salts)
   StepSource steps;
   bool maximize;
 };
@@ -168,9 +147,9 @@ struct Pieces {
 };
 
 // One element's update and the values it stores, shared by the vector and scalar paths.
-template <typename P, typename S, WeightDecay WD, bool AMSGRAD, bool UNSCALE, bool MASTER, bool SR>
+template <typename P, typename S, WeightDecay WD, bool AMSGRAD, bool UNSCALE, bool MASTER, bool SR_PARAM, bool SR_STATE>
 struct Elementwise {
-  using L = Layout<P, S, MASTER, SR>;
+  using L = Layout<P, S, MASTER, SR_PARAM, SR_STATE>;
   using O = typename L::O;
   // maximize and clipping are one signed coefficient on the grad: g * (-c) is -(g * c) bitwise (IEEE multiplication
   // is sign-symmetric), and g * 1 is g, so one instantiation serves all four (one FMUL per element).
@@ -179,10 +158,10 @@ struct Elementwise {
     adam_update<O, WD, AMSGRAD, /*MAXIMIZE=*/false, UNSCALE, /*CLIP=*/true>(p, g, m, v, vmax, s, scale, coef);
   }
   __device__ __forceinline__ static P param(O x, const uint32_t* salt, int64_t index) {
-    return round_store<P, L::kSrParam>(x, salt[static_cast<int>(Stream::kParam)], index);
+    return round_store<P, SR_PARAM>(x, salt[static_cast<int>(Stream::kParam)], index);
   }
   __device__ __forceinline__ static S state(O x, const uint32_t* salt, Stream stream, int64_t index) {
-    return round_store<S, L::kSrState>(x, salt[static_cast<int>(stream)], index);
+    return round_store<S, SR_STATE>(x, salt[static_cast<int>(stream)], index);
   }
 };
 
@@ -191,12 +170,14 @@ struct Elementwise {
 // any array is 16-bit); the tail that does not fill a vector runs element by element. Otherwise kScalarILP strided
 // elements per thread are loaded before any is computed. Indices inside a chunk are int (chunk_size <= 2^30);
 // tensor offsets and the element index of stochastic rounding are int64.
-template <typename P, typename S, WeightDecay WD, bool AMSGRAD, bool UNSCALE, bool MASTER, bool SR, bool VECTOR>
-__device__ __forceinline__ void step_chunk(const TensorEntry& t, int64_t start, int n, const StepScalars<opmath_t<P>>& s,
+template <typename P, typename S, WeightDecay WD, bool AMSGRAD, bool UNSCALE, bool MASTER, bool SR_PARAM, bool SR_STATE,
+          bool VECTOR>
+__device__ __forceinline__ void step_chunk(const TensorEntry& t, int64_t start, int n,
+                                           const StepScalars<opmath_t<P>>& s,
                                            const uint32_t* salt, opmath_t<P> scale, opmath_t<P> coef) {
-  using L = Layout<P, S, MASTER, SR>;
+  using L = Layout<P, S, MASTER, SR_PARAM, SR_STATE>;
   using O = typename L::O;
-  using E = Elementwise<P, S, WD, AMSGRAD, UNSCALE, MASTER, SR>;
+  using E = Elementwise<P, S, WD, AMSGRAD, UNSCALE, MASTER, SR_PARAM, SR_STATE>;
   P* __restrict__ p = static_cast<P*>(t.buf[kParam]) + start;
   P* __restrict__ g = static_cast<P*>(t.buf[kGrad]) + start;
   S* __restrict__ m = static_cast<S*>(t.buf[kExpAvg]) + start;
@@ -317,10 +298,10 @@ __device__ __forceinline__ void step_chunk(const TensorEntry& t, int64_t start, 
 __device__ __forceinline__ bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
 
 // The step: block b steps chunks b, b + gridDim.x, ... of the chunk table (NOTE [device table]).
-template <typename P, typename S, WeightDecay WD, bool AMSGRAD, bool UNSCALE, bool MASTER, bool SR>
-__global__ void __launch_bounds__(kBlockThreads, (Layout<P, S, MASTER, SR>::kMinBlocks))
+template <typename P, typename S, WeightDecay WD, bool AMSGRAD, bool UNSCALE, bool MASTER, bool SR_PARAM, bool SR_STATE>
+__global__ void __launch_bounds__(kBlockThreads, (Layout<P, S, MASTER, SR_PARAM, SR_STATE>::kMinBlocks))
     adam_step_kernel(const KernelArgs<opmath_t<P>> args) {
-  using L = Layout<P, S, MASTER, SR>;
+  using L = Layout<P, S, MASTER, SR_PARAM, SR_STATE>;
   using O = typename L::O;
   static_assert(L::kValid, "no such layout (check_step)");
   if (args.found_inf != nullptr && *args.found_inf != 0.0f) return;  // uniform over the grid: no step counted
@@ -358,18 +339,20 @@ __global__ void __launch_bounds__(kBlockThreads, (Layout<P, S, MASTER, SR>::kMin
       step = static_cast<uint64_t>(shared_step);
     }
     uint32_t salt[kNumStreams] = {0, 0, 0, 0};
-    if constexpr (SR) {
+    if constexpr (L::kSr) {
       for (int k = 0; k < kNumStreams; ++k) salt[k] = sr_salt(args.seed, step, t.tensor_id, static_cast<Stream>(k));
     }
 
-    bool vector = aligned16(static_cast<P*>(t.buf[kParam]) + start) && aligned16(static_cast<P*>(t.buf[kGrad]) + start) &&
-                  aligned16(static_cast<S*>(t.buf[kExpAvg]) + start) && aligned16(static_cast<S*>(t.buf[kExpAvgSq]) + start);
+    bool vector = aligned16(static_cast<P*>(t.buf[kParam]) + start) &&
+                  aligned16(static_cast<P*>(t.buf[kGrad]) + start) &&
+                  aligned16(static_cast<S*>(t.buf[kExpAvg]) + start) &&
+                  aligned16(static_cast<S*>(t.buf[kExpAvgSq]) + start);
     if (AMSGRAD) vector = vector && aligned16(static_cast<S*>(t.buf[kMaxExpAvgSq]) + start);
     if (MASTER) vector = vector && aligned16(static_cast<float*>(t.buf[kMaster]) + start);
     if (vector) {
-      step_chunk<P, S, WD, AMSGRAD, UNSCALE, MASTER, SR, true>(t, start, n, s, salt, scale, coef);
+      step_chunk<P, S, WD, AMSGRAD, UNSCALE, MASTER, SR_PARAM, SR_STATE, true>(t, start, n, s, salt, scale, coef);
     } else {
-      step_chunk<P, S, WD, AMSGRAD, UNSCALE, MASTER, SR, false>(t, start, n, s, salt, scale, coef);
+      step_chunk<P, S, WD, AMSGRAD, UNSCALE, MASTER, SR_PARAM, SR_STATE, false>(t, start, n, s, salt, scale, coef);
     }
   }
 
@@ -394,11 +377,9 @@ __global__ void __launch_bounds__(kBlockThreads, (Layout<P, S, MASTER, SR>::kMin
 // Host side, shared by the launcher and the CPU emulation test (tests/test_cuda_build.py): fills the kernel
 // parameters of a step and hands `launch(kernel, const KernelArgs<O>&)` the kernel instantiation of its options.
 template <typename P, typename S, typename Launch>
-cudaError_t run_step(const DeviceTableRef& table, const AdamStepOptions& o, Launch&& launch) {
+cudaError_t run_step(const DeviceTableRef& table, const StepOptions& o, const HostSteps& host, Launch&& launch) {
   using O = opmath_t<P>;
-  const WeightDecay wd = o.hyper.weight_decay == 0.0 ? WeightDecay::kNone
-                         : o.decoupled                ? WeightDecay::kDecoupled
-                                                      : WeightDecay::kL2;
+  const StepSource steps = o.capturable ? StepSource::kDevice : host.source;
   KernelArgs<O> args{};
   unsigned char* base = static_cast<unsigned char*>(table.base);
   args.header = reinterpret_cast<TableHeader*>(base);
@@ -407,7 +388,7 @@ cudaError_t run_step(const DeviceTableRef& table, const AdamStepOptions& o, Laun
   args.num_tensors = table.num_tensors;
   args.num_chunks = table.num_chunks;
   args.chunk_size = table.chunk_size;
-  args.scalars = make_step_scalars<O>(o.hyper, o.steps == StepSource::kUniform ? o.step : 1.0);
+  args.scalars = make_step_scalars<O>(o.hyper, steps == StepSource::kUniform ? host.step : 1.0);
   if (!std::isnan(o.decay)) args.scalars.decay = static_cast<O>(o.decay);
   args.hyper = o.hyper;
   args.lr = o.lr_device;
@@ -415,24 +396,26 @@ cudaError_t run_step(const DeviceTableRef& table, const AdamStepOptions& o, Laun
   args.found_inf = o.found_inf;
   args.clip_coef = o.clip_coef;
   args.seed = o.seed;
-  args.step = static_cast<uint64_t>(o.step);
-  args.steps = o.steps;
+  args.step = static_cast<uint64_t>(host.step);
+  args.steps = steps;
   args.maximize = o.maximize;
-  if (table.num_chunks == 0 && o.steps != StepSource::kDevice) return cudaSuccess;  // nothing to do
-  return FA_BOOL_SWITCH(o.master_weights, kMaster, [&] {
-    return FA_BOOL_SWITCH(o.stochastic_rounding, kSr, [&] {
-      if constexpr (Layout<P, S, kMaster, kSr>::kValid) {
-        return FA_WEIGHT_DECAY_SWITCH(wd, kWD, [&] {
-          return FA_BOOL_SWITCH(o.amsgrad, kAmsgrad, [&] {
-            return FA_BOOL_SWITCH(o.grad_scale != nullptr, kUnscale, [&] {
-              return launch(adam_step_kernel<P, S, kWD, kAmsgrad, kUnscale, kMaster, kSr>,
-                            static_cast<const KernelArgs<O>&>(args));
+  if (table.num_chunks == 0 && steps != StepSource::kDevice) return cudaSuccess;  // nothing to do
+  return FA_BOOL_SWITCH(o.master, kMaster, [&] {
+    return FA_BOOL_SWITCH(o.sr_param, kSrParam, [&] {
+      return FA_BOOL_SWITCH(o.sr_state, kSrState, [&] {
+        if constexpr (Layout<P, S, kMaster, kSrParam, kSrState>::kValid) {
+          return FA_WEIGHT_DECAY_SWITCH(o.wd_mode, kWD, [&] {
+            return FA_BOOL_SWITCH(o.amsgrad, kAmsgrad, [&] {
+              return FA_BOOL_SWITCH(o.unscale(), kUnscale, [&] {
+                return launch(adam_step_kernel<P, S, kWD, kAmsgrad, kUnscale, kMaster, kSrParam, kSrState>,
+                              static_cast<const KernelArgs<O>&>(args));
+              });
             });
           });
-        });
-      } else {
-        return cudaErrorInvalidValue;  // unreachable: check_step refuses or turns off what a layout cannot have
-      }
+        } else {
+          return cudaErrorInvalidValue;  // unreachable: check_step refuses what no layout has
+        }
+      });
     });
   });
 }
@@ -483,8 +466,9 @@ cudaError_t blocks_per_sm(const void* kernel, int device, int* out, Query&& quer
 // Enqueues the step of one (param, state) dtype pair on `stream`: one launch of as many blocks as fit on the device
 // at once. Instantiated once per pair in adam_cuda_<pair>.cu, so the pairs compile in parallel.
 template <typename P, typename S>
-cudaError_t launch_adam(const DeviceTableRef& table, const AdamStepOptions& o, int sm_count, cudaStream_t stream) {
-  return run_step<P, S>(table, o, [&](auto kernel, const auto& args) {
+cudaError_t launch_adam(const DeviceTableRef& table, const StepOptions& o, const HostSteps& host, int sm_count,
+                        cudaStream_t stream) {
+  return run_step<P, S>(table, o, host, [&](auto kernel, const auto& args) {
     int device = 0, per_sm = 0;
     cudaError_t err = cudaGetDevice(&device);
     if (err == cudaSuccess) {

@@ -22,7 +22,8 @@ from torch import Tensor
 
 from . import Amp, Backend, Hyper, PartOptions
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "bfloat16",
+                torch.float16: "float16"}
 _U64 = (1 << 64) - 1
 
 
@@ -74,8 +75,8 @@ class CudaBackend(Backend):
         part.prepared = self.native.Partition(
             part.params, part.exp_avgs, part.exp_avg_sqs, part.max_exp_avg_sqs, part.state_steps,
             master_params=part.master_params, tensor_ids=part.tensor_ids if o.stochastic_rounding else [],
-            amsgrad=o.amsgrad, maximize=o.maximize, decoupled=o.decoupled, capturable=o.capturable,
-            stochastic_rounding=o.stochastic_rounding, seed=o.seed & _U64, chunk_size=self.chunk_size,
+            wd_mode=int(o.wd_mode), amsgrad=o.amsgrad, maximize=o.maximize, capturable=o.capturable,
+            sr_param=o.sr_param, sr_state=o.sr_state, seed=o.seed & _U64, chunk_size=self.chunk_size,
         )
 
     def step(self, part, grads: list[Tensor] | None, hp: Hyper, amp: Amp) -> bool:
