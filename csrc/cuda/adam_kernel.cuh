@@ -35,10 +35,14 @@
 namespace fused_adam {
 namespace cuda {
 
-// The thread of a block that computes what the block shares through shared memory. The CPU emulation
-// (tests/test_cuda_build.py) runs a block's threads one after another, each through all of the block's chunks, so
-// there every thread computes the shared values itself (the same function of the same inputs).
-#ifndef FA_SHARED_WRITER
+// NOTE [emulation]: the CPU emulation (tests/test_cuda_build.py) compiles this file as host C++ with FA_EMULATION
+// and runs a block's threads one after another, each through all of the block's chunks. There every thread computes
+// the values a block shares through shared memory itself (FA_SHARED_WRITER: the same function of the same inputs),
+// and the emulator runs count_device_steps for each block after all of its threads have stepped their chunks (on
+// the device, the kernel's barrier orders them).
+#if defined(FA_EMULATION)
+#define FA_SHARED_WRITER true
+#else
 #define FA_SHARED_WRITER (threadIdx.x == 0)
 #endif
 
@@ -68,12 +72,10 @@ struct Layout {
   // Vector path: elements per thread per access, 16 B of the narrowest array. Every array's access is then a whole
   // number of 16 B (fp32 arrays beside 16-bit ones move 32 B: two 128-bit accesses) and stays 16-byte aligned.
   static constexpr int kVec = 16 / static_cast<int>(sizeof(P) < sizeof(S) ? sizeof(P) : sizeof(S));
-  // __launch_bounds__' minimum blocks per SM. Layouts with an fp32 array beside 16-bit ones hold 8 elements of up
-  // to 6 arrays per thread; left to itself ptxas squeezes some of them into 64 registers (two 512-thread blocks per
-  // SM) with a few bytes of spills. 1 lets them take what they need (one block of 16 warps per SM, each thread with
-  // 7 to 9 128-bit loads in flight: ~64 KB per SM, several times what bandwidth x latency asks for). 0: no minimum,
-  // ptxas' own choice.
-  static constexpr int kMinBlocks = (kVec == 8 && (MASTER || sizeof(P) == 4 || sizeof(S) == 4)) ? 1 : 0;
+  // __launch_bounds__' minimum blocks per SM: 1 lets every layout take the registers it needs, up to 128 (one
+  // 512-thread block per SM; each thread keeps 4 to 9 128-bit loads in flight). Left to itself (0) ptxas squeezes
+  // some layouts (bf16, fp64, an fp32 array beside 16-bit ones) into 64 or 128 registers with a few bytes of spills.
+  static constexpr int kMinBlocks = 1;
 };
 
 // The kernel parameters: the tables' addresses and what is the same for every tensor of the step.
@@ -165,6 +167,14 @@ struct Elementwise {
   }
 };
 
+// The buffers' addresses come from the device table, not from the kernel parameters, so the compiler cannot see
+// they are global memory and would use generic loads and stores (LD/ST); asserting it gives LDG/STG.
+#if defined(__CUDA_ARCH__)
+#define FA_ASSUME_GLOBAL(ptr) __builtin_assume(__isGlobal(ptr))
+#else
+#define FA_ASSUME_GLOBAL(ptr) static_cast<void>(ptr)
+#endif
+
 // One chunk: elements [start, start + n) of every buffer of `t`. VECTOR: every buffer is 16-byte aligned at `start`,
 // so each thread moves whole 16 B per buffer per access (Layout::kVec elements: 4 fp32, 8 bf16/fp16, 2 fp64, 8 when
 // any array is 16-bit); the tail that does not fill a vector runs element by element. Otherwise kScalarILP strided
@@ -184,6 +194,12 @@ __device__ __forceinline__ void step_chunk(const TensorEntry& t, int64_t start, 
   S* __restrict__ v = static_cast<S*>(t.buf[kExpAvgSq]) + start;
   S* __restrict__ vmax = AMSGRAD ? static_cast<S*>(t.buf[kMaxExpAvgSq]) + start : nullptr;
   float* __restrict__ master = MASTER ? static_cast<float*>(t.buf[kMaster]) + start : nullptr;
+  FA_ASSUME_GLOBAL(p);
+  FA_ASSUME_GLOBAL(g);
+  FA_ASSUME_GLOBAL(m);
+  FA_ASSUME_GLOBAL(v);
+  if (AMSGRAD) FA_ASSUME_GLOBAL(vmax);
+  if (MASTER) FA_ASSUME_GLOBAL(master);
 
   // Stores element i's opmath values, each rounded once (scalar path and the vector path's tail).
   const auto store = [&](int i, O rp, O rg, O rm, O rv, O rvmax) {
@@ -297,6 +313,25 @@ __device__ __forceinline__ void step_chunk(const TensorEntry& t, int64_t start, 
 
 __device__ __forceinline__ bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
 
+// kDevice: the last block of the launch to finish counts every tensor's step: every block has read its steps by
+// then (each thread's reads are done before the block's barrier; the fence orders the block's count after them).
+template <typename O>
+__device__ __forceinline__ void count_device_steps(const KernelArgs<O>& args) {
+  if (args.steps != StepSource::kDevice || (args.found_inf != nullptr && *args.found_inf != 0.0f)) return;
+  __shared__ bool last;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    last = atomicAdd(&args.header->blocks_done, 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (last) {
+    __threadfence();
+    for (int64_t i = threadIdx.x; i < args.num_tensors; i += kBlockThreads) *args.tensors[i].step += 1.0f;
+    if (threadIdx.x == 0) args.header->blocks_done = 0;  // the next launch (a graph replay too) counts from 0
+  }
+}
+
 // The step: block b steps chunks b, b + gridDim.x, ... of the chunk table (NOTE [device table]).
 template <typename P, typename S, WeightDecay WD, bool AMSGRAD, bool UNSCALE, bool MASTER, bool SR_PARAM, bool SR_STATE>
 __global__ void __launch_bounds__(kBlockThreads, (Layout<P, S, MASTER, SR_PARAM, SR_STATE>::kMinBlocks))
@@ -356,22 +391,9 @@ __global__ void __launch_bounds__(kBlockThreads, (Layout<P, S, MASTER, SR_PARAM,
     }
   }
 
-  if (args.steps == StepSource::kDevice) {
-    // The last block to finish counts every tensor's step: every block has read its steps by then (each thread's
-    // reads are done before the block's barrier; the fence orders the block's count after them).
-    __shared__ bool last;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      __threadfence();
-      last = atomicAdd(&args.header->blocks_done, 1u) == gridDim.x - 1;
-    }
-    __syncthreads();
-    if (last) {
-      __threadfence();
-      for (int64_t i = threadIdx.x; i < args.num_tensors; i += kBlockThreads) *args.tensors[i].step += 1.0f;
-      if (threadIdx.x == 0) args.header->blocks_done = 0;  // the next launch (a graph replay too) counts from 0
-    }
-  }
+#if !defined(FA_EMULATION)
+  count_device_steps(args);
+#endif
 }
 
 // Host side, shared by the launcher and the CPU emulation test (tests/test_cuda_build.py): fills the kernel
