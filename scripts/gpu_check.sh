@@ -47,7 +47,9 @@ stage "GPU tests (log: tests.log)"
 xdist=()
 if [ "$WORKERS" != 0 ] && "$PY" -c "import xdist" 2>/dev/null; then xdist=(-n "$WORKERS"); fi
 SECONDS=0
-# -m '': the 2^31-element test (slow-marked, ~20 GiB) runs here too. --timeout needs pytest-timeout.
+# Every test that runs on a GPU (the cuda and triton backends' GPU files; test_beyond_torch and test_native_link, the
+# shared-libstdc++ link of both extensions). -m '': the 2^31-element test (slow-marked, ~20 GiB) runs here too.
+# --timeout needs pytest-timeout.
 timeout_arg=()
 "$PY" -c "import pytest_timeout" 2>/dev/null && timeout_arg=(--timeout 200)
 timeout 240 "$PY" -m pytest -q -m '' -p no:cacheprovider "${xdist[@]}" "${timeout_arg[@]}" -rfEs --tb=short \
@@ -71,7 +73,8 @@ if grep -q "Segmentation fault\|crashed while running" "$OUT/tests.log" && [ -n 
 import torch
 from fused_adam import _C_cuda
 p = [torch.zeros(4, device='cuda')]
-_C_cuda.adam_step(p, p, p, p, [], [], 1e-3, None, 0.9, 0.999, 1e-8, 0.0, False, False, False, False, None, None)
+_C_cuda.Partition(p, p, p, [], [torch.zeros((), device='cuda')], wd_mode=0, amsgrad=False, maximize=False,
+                  capturable=False).step_(p, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
 " >"$OUT/crash.txt" 2>&1
     grep -E -A25 "SIG[A-Z]+|RuntimeError" "$OUT/crash.txt" | head -40
 fi

@@ -1,7 +1,8 @@
 """The CUDA backend (csrc/cuda, fused_adam._C_cuda) on a GPU: parity with torch.optim.Adam/AdamW over the option
-table, agreement with the reference (and triton, cpu) backends on the sizes that find bugs, CUDA-graph capture,
-AMP. Without CUDA these skip with the reason; the backend's availability and refusals are checked everywhere.
-The same kernel runs on the CPU in tests/test_cuda_build.py (host emulation), which needs no GPU.
+table, agreement with the reference (and triton, cpu) backends on the sizes that find bugs, one launch a step over
+the device table (10,000 tensors, moved grads), CUDA-graph capture, AMP. Without CUDA these skip with the reason;
+the backend's availability is checked everywhere. The same kernel runs on the CPU in tests/test_cuda_build.py (host
+emulation), which needs no GPU.
 """
 from __future__ import annotations
 
@@ -9,8 +10,12 @@ import pytest
 import torch
 
 from conftest import requires_cuda
-from fused_adam import FusedAdam, FusedAdamW, Hyper, backends
-from parity import DTYPES, K_LOW_PRECISION, LOW_PRECISION, OPTIM_INPUTS, _adjust, make_grads, make_params
+from types import SimpleNamespace
+
+from fused_adam import FusedAdam, FusedAdamW, backends
+from fused_adam.backends import PartOptions
+from parity import (DTYPES, FEATURE_CASES, K_LOW_PRECISION, LOW_PRECISION, OPTIM_INPUTS, _adjust, bits, feature_id,
+                    make_grads, make_params)
 
 _REASON = backends.unavailable("cuda")
 requires_cuda_backend = pytest.mark.skipif(
@@ -19,8 +24,13 @@ requires_cuda_backend = pytest.mark.skipif(
 )
 DEVICE = "cuda"
 CHUNK = 65536  # kDefaultChunkSize
-HP = Hyper(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
-           decoupled=False, capturable=False, differentiable=False)
+
+
+def _part(device, dtype, **group):
+    """What supports() reads of a partition: its device and its options (PartOptions.of, the one place)."""
+    group = {"lr": 1e-3, "weight_decay": 0.0, "decoupled_weight_decay": False, "amsgrad": False, "maximize": False,
+             "capturable": False, "differentiable": False, **group}
+    return SimpleNamespace(device=torch.device(device), options=PartOptions.of(group, dtype, clip=False))
 
 
 # ---- everywhere --------------------------------------------------------------------------------------------------
@@ -40,31 +50,19 @@ def test_explicit_backend_raises_with_the_reason():
         FusedAdam([torch.zeros(3, requires_grad=True)], backend="cuda")
 
 
-def test_unsupported_declines_cpu_and_differentiable():
-    try:
-        mod = backends.get("cuda")
-    except Exception as e:  # pragma: no cover - an import error is reported by unavailable()
-        pytest.skip(f"cuda backend module not importable: {e}")
-    assert "CUDA devices only" in mod.unsupported(torch.device("cpu"), torch.float32, HP)
-    diff = Hyper(**{**HP.__dict__, "differentiable": True})
-    assert "differentiable" in mod.unsupported(torch.device("cuda", 0), torch.float32, diff)
-    assert mod.unsupported(torch.device("cuda", 0), torch.float32, HP) is None
-    assert "not supported" in mod.unsupported(torch.device("cuda", 0), torch.int32, HP)
-
-
-def test_features_and_the_state_dtypes_it_declines():
-    try:
-        mod = backends.get("cuda")
-    except Exception as e:  # pragma: no cover - an import error is reported by unavailable()
-        pytest.skip(f"cuda backend module not importable: {e}")
-    assert set(mod.FEATURES) == {"master_weights", "state_dtype", "stochastic_rounding", "clip"}
-    dev = torch.device("cuda", 0)
-    for dtype, state_dtype in ((torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float16, torch.float32)):
-        assert mod.unsupported(dev, dtype, Hyper(**{**HP.__dict__, "state_dtype": state_dtype})) is None
+@requires_cuda_backend
+def test_supports_declines_cpu_differentiable_and_what_is_not_compiled():
+    backend = backends.get("cuda")
+    assert "CUDA devices only" in backend.supports(_part("cpu", torch.float32))
+    assert "differentiable" in backend.supports(_part("cuda:0", torch.float32, differentiable=True))
+    assert backend.supports(_part("cuda:0", torch.float32)) is None
+    assert "not supported" in backend.supports(_part("cuda:0", torch.int32))
+    compiled = ((torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float16, torch.float32))
+    for dtype, state_dtype in compiled:
+        assert backend.supports(_part("cuda:0", dtype, state_dtype=state_dtype)) is None
     for dtype, state_dtype in ((torch.float32, torch.float16), (torch.bfloat16, torch.float16), (torch.float64, torch.float32)):
-        reason = mod.unsupported(dev, dtype, Hyper(**{**HP.__dict__, "state_dtype": state_dtype}))
-        assert reason is not None and "not compiled" in reason, (dtype, state_dtype, reason)
-    assert "master_weights" in mod.unsupported(dev, torch.float32, Hyper(**{**HP.__dict__, "master_weights": True}))
+        reason = backend.supports(_part("cuda:0", dtype, state_dtype=state_dtype))
+        assert reason is not None and "no kernel for" in reason, (dtype, state_dtype, reason)
 
 
 # ---- on a GPU ----------------------------------------------------------------------------------------------------
@@ -229,10 +227,13 @@ def test_agrees_with_other_kernels(other):
 
 @requires_cuda
 @requires_cuda_backend
+@pytest.mark.parametrize("grads_in_graph", [False, True], ids=["static-grads", "grads-made-in-capture"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_cuda_graph_capture_matches_eager(dtype):
+def test_cuda_graph_capture_matches_eager(dtype, grads_in_graph):
     """capturable=True: step() captured once and replayed matches eager steps, with a device lr changed between
-    replays (as an LR scheduler writing into a Tensor lr does)."""
+    replays (as an LR scheduler writing into a Tensor lr does). grads-made-in-capture: torch's whole-network recipe
+    (zero_grad(set_to_none=True) before capture, backward inside it) makes the grads in the graph's pool, at new
+    addresses: the device table's patch is a node of the graph."""
     params0 = make_params(dtype, BUG_SHAPES[:9] + [(33, 5)] * 40)
     grads = [[g.to(DEVICE, dtype) for g in make_grads(params0, s)] for s in range(6)]
     lrs = [1e-3, 1e-3, 5e-4, 5e-4, 2e-4, 1e-4]
@@ -262,7 +263,12 @@ def test_cuda_graph_capture_matches_eager(dtype):
         opt.step()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
+    if grads_in_graph:
+        opt.zero_grad(set_to_none=True)
     with torch.cuda.graph(graph):
+        if grads_in_graph:
+            for p, g in zip(params, static_grads):
+                p.grad = g * 1.0
         opt.step()
     for s in range(1, 6):
         lr.fill_(lrs[s])
@@ -312,16 +318,60 @@ def test_binding_errors_name_the_argument():
     m = [torch.zeros(4, device=DEVICE), torch.zeros(6, device=DEVICE)]
     v = [torch.zeros(4, device=DEVICE), torch.zeros(5, device=DEVICE)]
     steps = [torch.zeros(()), torch.zeros(())]
-    args = (1e-3, None, 0.9, 0.999, 1e-8, 0.0, False, False, False, False, None, None)
+    hyper = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+
+    def part(m, steps):
+        return _C_cuda.Partition(p, m, v, [], steps, wd_mode=0, amsgrad=False, maximize=False, capturable=False)
+
     with pytest.raises(RuntimeError, match=r"exp_avg of param 1 has shape \[6\], expected \[5\]"):
-        _C_cuda.adam_step(p, g, m, v, [], steps, *args)
+        part(m, steps).step_(g, **hyper)
     m[1] = torch.zeros(5, device=DEVICE, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="exp_avg of param 1 has dtype Double"):
-        _C_cuda.adam_step(p, g, m, v, [], steps, *args)
+        part(m, steps).step_(g, **hyper)
     m[1] = torch.zeros(5, device=DEVICE)
     with pytest.raises(RuntimeError, match="step of param 0 is on cuda"):
-        _C_cuda.adam_step(p, g, m, v, [], [steps[0].to(DEVICE), steps[1]], *args)
+        part(m, [steps[0].to(DEVICE), steps[1]]).step_(g, **hyper)
     assert float(steps[0]) == 0.0  # nothing changed on a refused call
+    with pytest.raises(RuntimeError, match="no kernel for float32 params with float16 states"):
+        part([t.half() for t in m], steps)
+    ok = part(m, steps)
+    assert ok.step_(None, **hyper) is False  # grads read from the params: none yet
+    assert ok.step_(g, **hyper) is True and float(steps[0]) == 1.0
+
+
+@requires_cuda
+@requires_cuda_backend
+@pytest.mark.parametrize("set_to_none", [True, False], ids=["new-grads", "static-grads"])
+def test_ten_thousand_tensors_one_launch(set_to_none):
+    """10,000 tensors of 1,000 elements (and a few empty or large ones): one launch a step, grads that move between
+    steps patched into the device table; against torch's for-loop."""
+    shapes = [(1000,)] * 10_000 + [(0,), (CHUNK * 3 + 7,), (5, 3)]
+    params0 = make_params(torch.float32, shapes)
+    params = [p.to(DEVICE).requires_grad_() for p in params0]
+    ref = [p.to(DEVICE).requires_grad_() for p in params0]
+    opt = FusedAdamW(params, backend="cuda", weight_decay=0.1)
+    ref_opt = torch.optim.AdamW(ref, weight_decay=0.1, foreach=False)
+    for s in range(3):
+        grads = [g.to(DEVICE) for g in make_grads(params0, s)]
+        for o in (opt, ref_opt):
+            o.zero_grad(set_to_none=set_to_none)
+        for p, r, g in zip(params, ref, grads):
+            if p.grad is None:
+                p.grad = g.clone()
+            else:
+                p.grad.copy_(g)
+            r.grad = g
+        opt.step()
+        ref_opt.step()
+    assert opt.dispatch[0][0].backend == "cuda"
+    for i in (0, 4999, 9999, 10_001, 10_002):
+        torch.testing.assert_close(params[i], ref[i], msg=lambda m: f"param {i}: {m}")
+        torch.testing.assert_close(opt.state[params[i]]["exp_avg_sq"], ref_opt.state[ref[i]]["exp_avg_sq"])
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        opt.step()
+        torch.cuda.synchronize()
+    launches = [e for e in prof.events() if "adam_step_kernel" in e.name]
+    assert len(launches) == 1, [e.name for e in prof.events()][:20]
 
 
 @requires_cuda
@@ -351,36 +401,10 @@ def test_tensor_over_2_31_elements():
 
 # ---- the options beyond torch, on a GPU ------------------------------------------------------------------------------
 
-# (param dtype, options): every layout the kernels compile (adam_kernel.cuh's Layout), as in test_cuda_build.py.
-FEATURE_CASES = [
-    (torch.float32, dict(state_dtype=torch.bfloat16)),
-    (torch.float32, dict(state_dtype=torch.bfloat16, stochastic_rounding=True)),
-    (torch.bfloat16, dict(master_weights=True)),
-    (torch.bfloat16, dict(master_weights=True, stochastic_rounding=True)),
-    (torch.bfloat16, dict(stochastic_rounding=True)),
-    (torch.bfloat16, dict(state_dtype=torch.float32)),
-    (torch.bfloat16, dict(state_dtype=torch.float32, stochastic_rounding=True)),
-    (torch.bfloat16, dict(state_dtype=torch.float32, master_weights=True)),
-    (torch.float16, dict(master_weights=True)),
-    (torch.float16, dict(state_dtype=torch.float32)),
-    (torch.float16, dict(state_dtype=torch.float32, master_weights=True)),
-]
-
-
-def _feature_id(case):
-    dtype, kw = case
-    return str(dtype).replace("torch.", "") + "-" + "-".join(
-        f"{k}={str(v).replace('torch.', '')}" if not isinstance(v, bool) else k for k, v in kw.items())
-
-
-def _bits(t):
-    return t.view(torch.int16) if t.element_size() == 2 else t.view(torch.int32) if t.element_size() == 4 else t
-
-
 @requires_cuda
 @requires_cuda_backend
 @pytest.mark.parametrize("capturable", [False, True], ids=["host-scalars", "capturable"])
-@pytest.mark.parametrize("case", FEATURE_CASES, ids=_feature_id)
+@pytest.mark.parametrize("case", FEATURE_CASES, ids=feature_id)
 def test_features_match_reference(case, capturable):
     """Every compiled layout against the reference backend on the same GPU tensors: chunk boundaries, a misaligned
     view (scalar path), more tensors than a launch holds; clipping and AdamW on. 16-bit stores mostly bitwise (the
@@ -394,8 +418,8 @@ def test_features_match_reference(case, capturable):
         return [base[1:CHUNK + 2]] + [w.to(DEVICE) for w in whole0]
 
     params0 = [p.cpu() for p in make()]
-    kwargs = dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True, seed=5, capturable=capturable,
-                  max_grad_norm=0.5, **kw)
+    kwargs = {"lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True, "seed": 5, "capturable": capturable,
+              "max_grad_norm": 0.5, **kw}
     ours_p, ours = _run(FusedAdam, kwargs, params0, 3, backend="cuda", make=make)
     ref_p, ref = _run(FusedAdam, kwargs, params0, 3, backend="reference", make=make)
     assert {d.backend for d in ours.dispatch[0]} == {"cuda"}
@@ -409,7 +433,7 @@ def test_features_match_reference(case, capturable):
             ulp = max(torch.finfo(t).eps for t in (dtype, x.dtype, kw.get("state_dtype", dtype)))
             torch.testing.assert_close(x, y, atol=ulp, rtol=ulp, msg=lambda m: f"{name} of param {i}: {m}")
             if x.element_size() == 2 and dtype == torch.float32:  # (16-bit grads: clipping rounds differently)
-                same, total = same + (_bits(x) == _bits(y)).sum().item(), total + x.numel()
+                same, total = same + (bits(x) == bits(y)).sum().item(), total + x.numel()
     assert same >= 0.95 * total, f"{same} of {total} 16-bit stores bitwise the reference's"
 
 
@@ -431,8 +455,8 @@ def test_stochastic_rounding_is_the_references_rounding(capturable):
     opt.step()
     w1, w2 = (torch.tensor(1 - b, dtype=torch.float64).float().to(DEVICE) for b in (0.8, 0.95))
     for tid, (p, g) in enumerate(zip(params, grads)):
-        assert torch.equal(_bits(opt.state[p]["exp_avg"]), _bits(bf16_stochastic(w1 * g, sr_salt(2**63 + 5, 1, tid, 1))))
-        assert torch.equal(_bits(opt.state[p]["exp_avg_sq"]), _bits(bf16_stochastic((w2 * g) * g, sr_salt(2**63 + 5, 1, tid, 2))))
+        assert torch.equal(bits(opt.state[p]["exp_avg"]), bits(bf16_stochastic(w1 * g, sr_salt(2**63 + 5, 1, tid, 1))))
+        assert torch.equal(bits(opt.state[p]["exp_avg_sq"]), bits(bf16_stochastic((w2 * g) * g, sr_salt(2**63 + 5, 1, tid, 2))))
 
 
 @requires_cuda
@@ -476,10 +500,10 @@ def test_features_capture_in_a_cuda_graph(dtype, kw):
         graph.replay()
     torch.cuda.synchronize()
     for i, (a, b) in enumerate(zip(params, eager_p)):
-        assert torch.equal(_bits(a.detach()), _bits(b.detach())), f"param {i}"
+        assert torch.equal(bits(a.detach()), bits(b.detach())), f"param {i}"
         for k, v in eager.state[b].items():
             if torch.is_tensor(v) and v.is_floating_point():
-                assert torch.equal(_bits(opt.state[a][k]), _bits(v)), f"{k} of param {i}"
+                assert torch.equal(bits(opt.state[a][k]), bits(v)), f"{k} of param {i}"
 
 
 @requires_cuda

@@ -2,20 +2,21 @@
 
 * every csrc/cuda/*.cu compiles for sm_80 and sm_90 with the flags setup.py uses, and ptxas reports no spill
   stores/loads and no stack frame for any function;
-* the SASS of every (param, state) dtype pair's kernels has 128-bit global loads and stores of every array on the
-  vector (16-byte aligned) path, and the scalar path exists;
-* the launch planner (csrc/cuda/launch_plan.h, plain C++) packs chunks into launches correctly, 2^31+ element
-  tensors included (compiled with g++ into a small driver);
-* the kernel and its launcher run on the CPU: csrc/cuda's host code and kernel body compiled as host C++ (g++, CUDA
-  headers only), blocks and threads run one after another, on CPU tensors, through FusedAdam and the parity table;
-  everything of the CUDA path runs except the `<<<>>>` launches and the torch binding; the options beyond torch
-  (master weights, state dtypes, stochastic rounding, clipping) against the reference backend and
-  tests/test_beyond_torch.py's torch compositions, and the stochastic rounding bitwise the reference's;
+* the SASS of every kernel instantiation has 128-bit global loads and stores of every array (the path of 16-byte
+  aligned chunks) and element-wise loads (the path of the others);
+* the device table (csrc/cuda/device_table.h, plain C++: the tensor and chunk tables, the patch of moved entries,
+  the grid size) is right for 2^31+ element tensors, more than 65,535 chunks and 100,000 tensors (a g++ driver);
+* the step runs on the CPU: csrc/cuda's host code and kernel compiled as host C++ (g++, CUDA headers only), a
+  partition's table patched and "uploaded" into a second buffer the kernel reads, one launch a step whose
+  persistent blocks and threads run one after another, on CPU tensors, through FusedAdam(backend="cuda")
+  (backends/cuda.py's CudaBackend on an emulated binding): tests/parity.py's table and FEATURE_CASES against torch
+  and the reference backend, moved grads, per-tensor steps, capturable steps, stochastic rounding bitwise the
+  reference's; everything of the CUDA path runs except the `<<<>>>` launch and the torch binding;
 * the torch binding (csrc/cuda/ops_cuda.cpp) passes a syntax check against this torch's headers (CPU torch ships
   the ATen/c10 CUDA headers; the CUDA math libraries' headers are stubbed).
 
-The .cu files are compiled once per session into a temporary directory, all of them in parallel: 360 kernels x 2
-archs, ~3 min of CPU (~4 min on this machine's 2 cores while other builds ran).
+The .cu files are compiled once per session into a temporary directory, all of them in parallel: 204 kernels x 2
+archs.
 """
 from __future__ import annotations
 
@@ -27,14 +28,16 @@ import sysconfig
 from pathlib import Path
 
 import ctypes
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from conftest import requires_nvcc
-from fused_adam import FusedAdam, backends
-from fused_adam.backends import cuda as cuda_backend
-from parity import DTYPES, OPTIM_INPUTS, assert_parity, make_grads, make_params
+from fused_adam import FusedAdam, FusedAdamW, backends
+from fused_adam.backends import PartOptions
+from fused_adam.backends.cuda import CudaBackend
+from parity import DTYPES, FEATURE_CASES, OPTIM_INPUTS, assert_parity, bits, feature_id, make_grads, make_params, train
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
@@ -51,10 +54,9 @@ def _nvcc_flags() -> list[str]:
 
 
 NVCC_FLAGS = _nvcc_flags()
-MODES = 3 * 2 * 2 * 2  # weight decay x amsgrad x unscale x vector (maximize and clipping are a runtime coefficient)
-# adam_cuda_<stem>.cu: (param, state) storage types and the (master, stochastic rounding) layouts compiled for them,
-# as adam_kernel.cuh's Layout::kValid has it: masters for 16-bit params, stochastic rounding where a bf16 store is
-# the only copy of a value (a param without a master, a state).
+MODES = 3 * 2 * 2  # weight decay x amsgrad x unscale (maximize and clipping are a runtime coefficient; the vector
+# and scalar paths are both in every kernel, picked per chunk)
+# adam_cuda_<stem>.cu: (param, state) storage types.
 PAIRS = {
     "f32": ("float", "float"), "f64": ("double", "double"), "bf16": ("bf16", "bf16"), "f16": ("half", "half"),
     "f32_bf16": ("float", "bf16"), "bf16_f32": ("bf16", "float"), "f16_f32": ("half", "float"),
@@ -62,10 +64,12 @@ PAIRS = {
 SIZE = {"float": 4, "double": 8, "bf16": 2, "half": 2}
 
 
-def layouts(stem: str) -> list[tuple[bool, bool]]:
+def layouts(stem: str) -> list[tuple[bool, bool, bool]]:
+    """(master, sr_param, sr_state) compiled for a pair: adam_kernel.cuh's Layout::kValid (masters for 16-bit params,
+    stochastic rounding of bf16 stores, the param's only without a master)."""
     p, s = PAIRS[stem]
-    return [(master, sr) for master in (False, True) for sr in (False, True)
-            if (not master or SIZE[p] == 2) and (not sr or (p == "bf16" and not master) or s == "bf16")]
+    return [(m, sp, ss) for m in (False, True) for sp in (False, True) for ss in (False, True)
+            if (not m or SIZE[p] == 2) and (not sp or (p == "bf16" and not m)) and (not ss or s == "bf16")]
 
 
 def kernels_per_file(stem: str) -> int:
@@ -132,7 +136,7 @@ def _ptxas_functions(log: str) -> dict[tuple[str, str], dict[str, int]]:
 def test_there_are_cuda_sources():
     stems = {cu.stem for cu in CU_FILES}
     assert {"adam_cuda"} | {f"adam_cuda_{p}" for p in PAIRS} == stems, stems
-    assert sum(kernels_per_file(p) for p in PAIRS) == 360  # compile time: see the module's docstring
+    assert sum(kernels_per_file(p) for p in PAIRS) == 204  # compile time: see the module's docstring
 
 
 @requires_nvcc
@@ -141,7 +145,7 @@ def test_no_spills_or_stack(compiled, arch):
     for cu in CU_FILES:
         _, log = compiled[cu.stem]
         funcs = {name: f for (a, name), f in _ptxas_functions(log).items() if a == arch}
-        assert funcs, f"no ptxas report for {cu.name} ({arch}):\n{log}"
+        assert funcs or cu.stem == "adam_cuda", f"no ptxas report for {cu.name} ({arch}):\n{log}"
         kernels = [f for f in funcs if "adam_step_kernel" in f]
         if cu.stem.startswith("adam_cuda_"):
             assert len(kernels) == kernels_per_file(cu.stem[len("adam_cuda_"):]), (cu.name, arch, len(kernels))
@@ -155,7 +159,7 @@ def test_no_spills_or_stack(compiled, arch):
 @requires_nvcc
 @requires_gxx
 def test_objects_link_into_one_library(compiled, tmp_path):
-    """The per-dtype instantiations, extern templates and the cross-file increment kernel resolve: what is left
+    """The per-dtype instantiations and extern templates resolve: what is left
     undefined in the shared library is the CUDA runtime's and the C++ runtime's, none of ours."""
     objs = [str(compiled[cu.stem][0]) for cu in CU_FILES]
     lib = tmp_path / "libfused_adam_cuda.so"
@@ -178,6 +182,7 @@ def _sass_functions(sass: str, arch: str) -> dict[str, str]:
 LDG_128 = re.compile(r"\bLDG\.E(?:\.\w+)*\.128\b")
 STG_128 = re.compile(r"\bSTG\.E(?:\.\w+)*\.128\b")
 SCALAR_LDG = re.compile(r"\bLDG\.E(?:\.(?!128\b)\w+)*\s")
+GENERIC_128 = re.compile(r"\b(?:LD|ST)\.E(?:\.\w+)*\.128\b")  # through the generic address space
 # adam_step_kernel<P, S, WD, AMSGRAD, UNSCALE, MASTER, SR, VECTOR>, mangled; S is a back reference when it is P.
 _TYPE = r"(f|d|13__nv_bfloat16|6__half|S\d*_)"
 KERNEL_ARGS = re.compile(r"adam_step_kernelI" + _TYPE + _TYPE + r"LNS_11WeightDecayE(\d)E" + r"Lb([01])E" * 5)
@@ -189,8 +194,8 @@ def _kernel_args(name: str) -> dict:
     assert m, name
     p = _MANGLED[m.group(1)]
     s = p if m.group(2).startswith("S") else _MANGLED[m.group(2)]
-    amsgrad, unscale, master, sr, vector = (m.group(i) == "1" for i in range(4, 9))
-    return dict(p=p, s=s, amsgrad=amsgrad, unscale=unscale, master=master, sr=sr, vector=vector)
+    amsgrad, unscale, master, sr_param, sr_state = (m.group(i) == "1" for i in range(4, 9))
+    return dict(p=p, s=s, amsgrad=amsgrad, unscale=unscale, master=master, sr_param=sr_param, sr_state=sr_state)
 
 
 def _pieces(k: dict) -> tuple[int, int]:
@@ -208,46 +213,76 @@ def _pieces(k: dict) -> tuple[int, int]:
 @pytest.mark.skipif(_cuobjdump() is None, reason="no cuobjdump (triton wheel or CUDA toolkit)")
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("stem", list(PAIRS))
-def test_vector_path_has_128bit_accesses(compiled, arch, stem):
-    """Every array of the aligned path moves in 128-bit accesses (fp32 params and states: LDG.E.128/STG.E.128 as
-    before; fp32 beside 16-bit arrays: two per thread), and the unaligned path has none."""
+def test_every_kernel_has_128bit_accesses_and_a_scalar_path(compiled, arch, stem):
+    """Every kernel takes 128-bit accesses on its aligned chunks, every array (fp32 params and states:
+    LDG.E.128/STG.E.128; fp32 beside 16-bit arrays: two per thread), and has the element-wise path for the others."""
     obj, _ = compiled[f"adam_cuda_{stem}"]
     sass = subprocess.run([_cuobjdump(), "--dump-sass", str(obj)], check=True, capture_output=True, text=True).stdout
     funcs = {name: body for name, body in _sass_functions(sass, arch).items() if "adam_step_kernel" in name}
     assert len(funcs) == kernels_per_file(stem), sorted(funcs)
-    vector = {n: b for n, b in funcs.items() if _kernel_args(n)["vector"]}
-    scalar = {n: b for n, b in funcs.items() if not _kernel_args(n)["vector"]}
-    assert len(vector) == len(scalar) == kernels_per_file(stem) // 2
-    for name, body in vector.items():
+    for name, body in funcs.items():
         k = _kernel_args(name)
         assert (k["p"], k["s"]) == PAIRS[stem], (name, k)
         loads, stores = _pieces(k)
         assert len(LDG_128.findall(body)) >= loads, f"{arch} {name} {k}: fewer than {loads} 128-bit loads\n{body[:4000]}"
         assert len(STG_128.findall(body)) >= stores, f"{arch} {name} {k}: fewer than {stores} 128-bit stores"
-    for name, body in scalar.items():
-        assert SCALAR_LDG.search(body), f"{arch} {name}: no element-wise loads on the unaligned path"
-        assert not STG_128.search(body), f"{arch} {name}: 128-bit store on the unaligned path"
+        assert SCALAR_LDG.search(body), f"{arch} {name}: no element-wise loads for unaligned chunks"
+        # The addresses come from the device table: without FA_ASSUME_GLOBAL the vector accesses would be generic.
+        assert not GENERIC_128.search(body), f"{arch} {name}: 128-bit accesses through generic addresses"
 
 
-# ---- the launch planner, on the host ---------------------------------------------------------------------------
+# ---- the device table, on the host --------------------------------------------------------------------------------
 
-PLAN_DRIVER = r"""
+TABLE_DRIVER = r"""
 #include <cstdio>
 #include <iostream>
 #include <stdexcept>
-#include "cuda/launch_plan.h"
-// stdin: chunk_size max_tensors max_blocks count, then count lines "numel vector_ok".
-// stdout: per launch "L vector", then "S tensor first" per slot and "B slot chunk" per block; or "E message".
+#include "cuda/device_table.h"
+using namespace fused_adam::cuda;
+// stdin: chunk_size count, then count numels, then commands: "s i grad" sets tensor i's entry with that grad address
+// (its other fields zero), "t" takes the dirty range, "g sms per_sm" prints grid_size. stdout: "T tensors chunks
+// bytes tensors_offset chunks_offset", the check of the chunk list ("C ok" or "C bad ..."), then one line per
+// command; or "E message".
 int main() {
-  long long chunk_size; int max_tensors, max_blocks; long long count;
-  std::cin >> chunk_size >> max_tensors >> max_blocks >> count;
-  std::vector<int64_t> numels(count); std::vector<bool> ok(count);
-  for (long long i = 0; i < count; ++i) { long long n; int v; std::cin >> n >> v; numels[i] = n; ok[i] = v != 0; }
+  long long chunk_size, count;
+  std::cin >> chunk_size >> count;
+  std::vector<int64_t> numels(count);
+  for (auto& n : numels) { long long v; std::cin >> v; n = v; }
   try {
-    for (const auto& l : fused_adam::cuda::plan_launches(numels, ok, chunk_size, max_tensors, max_blocks)) {
-      std::printf("L %d\n", l.vector ? 1 : 0);
-      for (const auto& s : l.slots) std::printf("S %lld %d\n", (long long)s.tensor, s.first ? 1 : 0);
-      for (const auto& b : l.blocks) std::printf("B %d %d\n", b.slot, b.chunk);
+    DeviceTable table(numels, chunk_size);
+    std::printf("T %lld %lld %zu %zu %zu\n", (long long)table.num_tensors(), (long long)table.num_chunks(),
+                table.bytes(), table.tensors_offset(), table.chunks_offset());
+    // Every tensor's chunks 0..ceil(numel / chunk_size) - 1, in tensor order, each once; the entries' numels.
+    int64_t c = 0;
+    for (int64_t t = 0; t < table.num_tensors(); ++t) {
+      if (table.entry(t).numel != numels[t]) { std::printf("C bad numel %lld\n", (long long)t); return 0; }
+      for (int64_t k = 0; k * chunk_size < numels[t]; ++k, ++c) {
+        const ChunkEntry& e = table.chunk(c);
+        if (e.tensor != t || e.chunk != k) {
+          std::printf("C bad chunk %lld: (%d, %d), expected (%lld, %lld)\n", (long long)c, e.tensor, e.chunk,
+                      (long long)t, (long long)k);
+          return 0;
+        }
+      }
+    }
+    std::printf(c == table.num_chunks() ? "C ok\n" : "C bad count\n");
+    std::string cmd;
+    while (std::cin >> cmd) {
+      if (cmd == "s") {
+        long long i; unsigned long long grad;
+        std::cin >> i >> grad;
+        TensorEntry e{};
+        e.numel = table.entry(i).numel;
+        e.buf[kGrad] = reinterpret_cast<void*>(grad);
+        table.set(i, e);
+      } else if (cmd == "t") {
+        const auto r = table.take_dirty();
+        std::printf("D %zu %zu\n", r.first, r.second);
+      } else if (cmd == "g") {
+        int sms, per_sm;
+        std::cin >> sms >> per_sm;
+        std::printf("G %u\n", grid_size(table.num_chunks(), sms, per_sm));
+      }
     }
   } catch (const std::invalid_argument& e) { std::printf("E %s\n", e.what()); }
   return 0;
@@ -256,95 +291,84 @@ int main() {
 
 
 @pytest.fixture(scope="module")
-def plan_driver(tmp_path_factory):
-    out = tmp_path_factory.mktemp("plan")
-    src, exe = out / "plan_driver.cpp", out / "plan_driver"
-    src.write_text(PLAN_DRIVER)
+def table_driver(tmp_path_factory):
+    out = tmp_path_factory.mktemp("table")
+    src, exe = out / "table_driver.cpp", out / "table_driver"
+    src.write_text(TABLE_DRIVER)
     subprocess.run(["g++", "-O1", "-std=c++17", f"-I{CSRC}", str(src), "-o", str(exe)], check=True)
 
-    def plan(numels, vector_ok, chunk_size, max_tensors, max_blocks):
-        stdin = f"{chunk_size} {max_tensors} {max_blocks} {len(numels)}\n" + "".join(
-            f"{n} {int(v)}\n" for n, v in zip(numels, vector_ok)
-        )
+    def run(numels, chunk_size, commands=""):
+        stdin = f"{chunk_size} {len(numels)}\n" + " ".join(map(str, numels)) + "\n" + commands
         text = subprocess.run([str(exe)], input=stdin, capture_output=True, text=True, check=True).stdout
         if text.startswith("E "):
             raise ValueError(text[2:].strip())
-        launches = []
-        for line in text.splitlines():
-            kind, *vals = line.split()
-            if kind == "L":
-                launches.append({"vector": vals[0] == "1", "slots": [], "blocks": []})
-            elif kind == "S":
-                launches[-1]["slots"].append((int(vals[0]), vals[1] == "1"))
-            else:
-                launches[-1]["blocks"].append((int(vals[0]), int(vals[1])))
-        return launches
+        lines = text.splitlines()
+        tensors, chunks, size, t_off, c_off = map(int, lines[0].split()[1:])
+        assert lines[1] == "C ok", lines[1]
+        return dict(tensors=tensors, chunks=chunks, bytes=size, tensors_offset=t_off, chunks_offset=c_off,
+                    out=[tuple(map(int, line.split()[1:])) for line in lines[2:]])
 
-    return plan
+    return run
 
 
-def _check_plan(launches, numels, vector_ok, chunk_size, max_tensors, max_blocks):
-    covered = {t: [] for t in range(len(numels))}
-    firsts = {t: [] for t in range(len(numels))}
-    for li, launch in enumerate(launches):
-        slots, blocks = launch["slots"], launch["blocks"]
-        assert slots, f"launch {li} is empty"
-        assert len(slots) <= max_tensors and len(blocks) <= max_blocks, (li, len(slots), len(blocks))
-        for si, (t, first) in enumerate(slots):
-            assert vector_ok[t] == launch["vector"], (li, t)
-            if first:
-                firsts[t].append(li)
-            if numels[t] > 0:
-                assert any(b[0] == si for b in blocks), f"launch {li} slot {si} (tensor {t}) has no block"
-        for slot, chunk in blocks:
-            covered[slots[slot][0]].append(chunk)
-    for t, n in enumerate(numels):
-        assert len(firsts[t]) == 1, f"tensor {t} is first in launches {firsts[t]}"
-        appearances = [li for li, l in enumerate(launches) if any(s[0] == t for s in l["slots"])]
-        assert firsts[t][0] == appearances[0], f"tensor {t}: step incremented after a launch that reads it"
-        assert sorted(covered[t]) == list(range(-(-n // chunk_size))), f"tensor {t}: chunks {covered[t][:10]}..."
+ENTRY, CHUNK_ENTRY, HEADER = 96, 8, 16  # sizeof(TensorEntry), sizeof(ChunkEntry), the header's aligned size
 
 
 @requires_gxx
-def test_plan_small_tables(plan_driver):
-    import random
-
-    rng = random.Random(0)
-    for trial in range(30):
-        numels = [rng.choice([0, 1, 7, 8, 9, 15, 16, 17, 40, 65]) for _ in range(rng.randint(1, 12))]
-        vector_ok = [rng.random() < 0.7 for _ in numels]
-        args = (8, rng.randint(1, 4), rng.randint(1, 6))
-        _check_plan(plan_driver(numels, vector_ok, *args), numels, vector_ok, *args)
+def test_table_small_sizes(table_driver):
+    numels = [0, 1, 7, 8, 9, 15, 16, 17, 40, 65, 0]
+    t = table_driver(numels, 8)
+    assert t["tensors"] == len(numels) and t["chunks"] == sum(-(-n // 8) for n in numels)
+    assert t["tensors_offset"] == HEADER and t["chunks_offset"] == HEADER + ENTRY * len(numels)
+    assert t["bytes"] == t["chunks_offset"] + -(-CHUNK_ENTRY * t["chunks"] // 16) * 16
 
 
 @requires_gxx
-def test_plan_real_limits_more_tensors_than_one_launch(plan_driver):
-    numels = [1000] * 70 + [0] * 5 + [65536 * 3 + 1] * 3
-    vector_ok = [i % 3 != 0 for i in range(len(numels))]
-    args = (65536, 32, 320)
-    launches = plan_driver(numels, vector_ok, *args)
-    _check_plan(launches, numels, vector_ok, *args)
-    assert [l["vector"] for l in launches] == sorted((l["vector"] for l in launches), reverse=True)
-    assert len(launches) >= 3
+def test_table_tensor_over_2_31_elements(table_driver):
+    numels = [5, 2**31 + 5, 3 * 2**31]
+    t = table_driver(numels, 65536)  # the driver checks every chunk index, 2^31 / 65536 (the 5-element tail) included
+    assert t["chunks"] == 1 + (2**31 // 65536 + 1) + 3 * 2**31 // 65536
 
 
 @requires_gxx
-def test_plan_tensor_over_2_31_elements(plan_driver):
-    numels = [5, 2**31 + 5, 3]
-    args = (65536, 32, 320)
-    launches = plan_driver(numels, [True] * 3, *args)
-    _check_plan(launches, numels, [True] * 3, *args)
-    last = max(c for l in launches for s, c in l["blocks"] if l["slots"][s][0] == 1)
-    assert last == 2**31 // 65536  # the 5-element tail chunk, at element offset 2^31
-    assert len(launches) == -(-(2 + 2**31 // 65536 + 1) // 320)
+def test_table_more_than_65535_chunks_and_100000_tensors(table_driver):
+    t = table_driver([8 * 70_000 + 3], 8)
+    assert t["chunks"] == 70_001  # beyond a grid's y/z limit and a uint16 index: the table has int32 indices
+    numels = [(i * 37) % 300 for i in range(100_000)]
+    t = table_driver(numels, 64, "g 132 4\n")
+    assert t["tensors"] == 100_000 and t["chunks"] == sum(-(-n // 64) for n in numels)
+    assert t["out"] == [(132 * 4,)]  # one wave of persistent blocks strides them all
 
 
 @requires_gxx
-def test_plan_rejects_what_the_kernel_cannot_index(plan_driver):
+def test_table_rejects_what_the_kernel_cannot_index(table_driver):
     with pytest.raises(ValueError, match="more than 2\\^31 chunks"):
-        plan_driver([8 * 2**31 + 1], [True], 8, 32, 320)
-    with pytest.raises(ValueError, match="chunk_size must be positive"):
-        plan_driver([8], [True], 0, 32, 320)
+        table_driver([8 * 2**31 + 1], 8)
+    with pytest.raises(ValueError, match="chunk_size must be a positive multiple of 8"):
+        table_driver([8], 12)
+    with pytest.raises(ValueError, match="tensor 1 has negative numel"):
+        table_driver([8, -1], 8)
+
+
+@requires_gxx
+def test_table_patches_only_the_entries_that_moved(table_driver):
+    """The first upload is the whole image; then only the byte range of entries whose addresses changed."""
+    numels = [10, 0, 30, 7]
+    entry = lambda i: HEADER + ENTRY * i  # noqa: E731
+    cmds = ("t\n"                                  # the first upload: everything
+            "s 0 0\ns 1 0\ns 2 0\ns 3 0\nt\n"       # the same entries (zero addresses): nothing
+            "s 2 4096\nt\n"                         # one grad moved: its entry
+            "s 0 64\ns 3 128\nt\n"                  # two: the range between them
+            "s 0 64\ns 3 128\nt\n")                 # the same again: nothing
+    t = table_driver(numels, 8, cmds)
+    assert t["out"] == [(0, t["bytes"]), (0, 0), (entry(2), entry(3)), (entry(0), entry(4)), (0, 0)]
+
+
+@requires_gxx
+def test_grid_size(table_driver):
+    assert table_driver([8 * 1000], 8, "g 132 4\n")["out"] == [(528,)]  # capped at one wave
+    assert table_driver([8 * 5], 8, "g 132 4\n")["out"] == [(5,)]  # one block a chunk
+    assert table_driver([0, 0], 8, "g 132 4\n")["out"] == [(1,)]  # capturable steps of empty tensors still count
 
 
 # ---- the torch binding ------------------------------------------------------------------------------------------
@@ -397,69 +421,83 @@ def test_binding_compiles_against_torch_headers(tmp_path):
 # ---- the kernel, emulated on the CPU ------------------------------------------------------------------------------
 
 EMULATOR = r"""
-// CPU emulation of the CUDA launcher (csrc/cuda): plan_step + run_plan + adam_step_kernel and increment_steps,
-// compiled as host code; a launch runs its blocks and their threads one after another. Everything of the CUDA
-// path runs except the <<<>>> launches themselves.
+// CPU emulation of the CUDA step (csrc/cuda): a partition's DeviceTable, its upload (the dirty range copied into a
+// second buffer, the "device memory" the kernel reads), run_step and adam_step_kernel, compiled as host code; a
+// launch runs its persistent blocks, and their threads, one after another. Everything of the CUDA path runs except
+// the <<<>>> launch itself and the torch binding (whose staging the Python side mirrors).
 #define __global__
 #define __device__
 #define __host__
-#define __shared__ static  // one instance per kernel instantiation: thread 0 writes it before the others read
+#define __shared__ static  // one instance per kernel instantiation
+#define FA_EMULATION  // NOTE [emulation] in adam_kernel.cuh
 #include <cuda_runtime.h>
 #undef __launch_bounds__
 #define __launch_bounds__(...)
 struct EmuIndex { unsigned x = 0, y = 0, z = 0; };
-static EmuIndex threadIdx, blockIdx;
+static EmuIndex threadIdx, blockIdx, gridDim;
 static inline void __syncthreads() {}
+static inline void __threadfence() {}
+static inline unsigned atomicAdd(unsigned* address, unsigned value) {
+  const unsigned old = *address;
+  *address += value;
+  return old;
+}
 #include <algorithm>
 #include <cstring>
 #include <exception>
+#include <memory>
 #include "cuda/adam_kernel.cuh"
 
 using namespace fused_adam;
 using namespace fused_adam::cuda;
 
-template <typename P, typename S>
-static void emulate(const AdamTensor* tensors, const std::vector<PlannedLaunch>& plan, const AdamStepOptions& o) {
-  run_plan<P, S>(
-      tensors, plan, o,
-      [&](auto kernel, unsigned grid, const auto& args) {
-        for (unsigned b = 0; b < grid; ++b) {
-          blockIdx.x = b;
-          for (int t = 0; t < kBlockThreads; ++t) {
-            threadIdx.x = static_cast<unsigned>(t);
-            kernel(args);
-          }
-        }
-        return cudaSuccess;
-      },
-      [&](const IncrementArgs& inc) {
-        for (int t = 0; t < kMaxTensors; ++t) increment_steps(inc, t);
-        return cudaSuccess;
-      });
+namespace {
+struct EmuPartition {
+  DeviceTable table;
+  std::vector<TableHeader> device;  // 16-byte units
+  EmuPartition(const std::vector<int64_t>& numels, int64_t chunk_size)
+      : table(numels, chunk_size), device((table.bytes() + 15) / 16) {}
+};
+
+void set_error(const std::exception& e, char* err, int err_len) {
+  std::strncpy(err, e.what(), static_cast<size_t>(err_len) - 1);
+  err[err_len - 1] = 0;
+}
+}  // namespace
+
+extern "C" void* fa_emu_partition(const int64_t* numels, int64_t n, int64_t chunk_size, char* err, int err_len) {
+  try {
+    return new EmuPartition(std::vector<int64_t>(numels, numels + n), chunk_size ? chunk_size : kDefaultChunkSize);
+  } catch (const std::exception& e) {
+    set_error(e, err, err_len);
+    return nullptr;
+  }
 }
 
-// stats: [launches, vector launches with blocks, scalar launches with blocks, blocks, sizeof(LaunchArgs),
-//         most slots in one launch].
-extern "C" int fa_emulate_step(int param_dtype, int state_dtype, int64_t n, void** params, void** grads,
-                               void** exp_avgs, void** exp_avg_sqs, void** max_exp_avg_sqs, void** masters,
-                               const uint64_t* tensor_ids, const int64_t* numels, float** steps_device,
-                               const double* steps, const double* hyper, const double* lr_device, int decoupled,
-                               int amsgrad, int maximize, int capturable, const float* grad_scale,
-                               const float* found_inf, const float* clip_coef, int master_weights,
-                               int stochastic_rounding, uint64_t seed, int64_t chunk_size, int64_t* stats, char* err,
-                               int err_len) {
+extern "C" void fa_emu_free(void* part) { delete static_cast<EmuPartition*>(part); }
+
+extern "C" void fa_emu_unsupported(int param_dtype, int state_dtype, int master, char* out, int out_len) {
+  std::strncpy(out, unsupported(static_cast<DType>(param_dtype), static_cast<DType>(state_dtype), master).c_str(),
+               static_cast<size_t>(out_len) - 1);
+  out[out_len - 1] = 0;
+}
+
+// bufs: n x kNumBufs addresses. new_steps: not capturable, each tensor's step + 1. hyper: lr, beta1, beta2, eps,
+// weight_decay, decay (NaN: none). stats: [grid, chunks, first dirty byte, dirty bytes, step source, tensors].
+extern "C" int fa_emu_step(void* handle, int param_dtype, int state_dtype, void** bufs, float** device_steps,
+                           const double* new_steps, const uint64_t* tensor_ids, const double* hyper,
+                           const double* lr_device, int wd_mode, int amsgrad, int maximize, int capturable,
+                           const float* grad_scale, const float* found_inf, const float* clip_coef, int master,
+                           int sr_param, int sr_state, uint64_t seed, int sm_count, int blocks_per_sm,
+                           int64_t* stats, char* err, int err_len) {
   try {
-    std::vector<AdamTensor> tensors(static_cast<size_t>(n));
-    for (int64_t i = 0; i < n; ++i) {
-      tensors[i] = AdamTensor{params[i], grads[i], exp_avgs[i], exp_avg_sqs[i],
-                              amsgrad ? max_exp_avg_sqs[i] : nullptr, numels[i],
-                              capturable ? steps_device[i] : nullptr, capturable ? 0.0 : steps[i],
-                              master_weights ? static_cast<float*>(masters[i]) : nullptr,
-                              stochastic_rounding ? tensor_ids[i] : 0};
-    }
-    AdamStepOptions o;
+    EmuPartition& part = *static_cast<EmuPartition*>(handle);
+    DeviceTable& table = part.table;
+    const int64_t n = table.num_tensors();
+    StepOptions o;
     o.hyper = AdamHyper{hyper[0], hyper[1], hyper[2], hyper[3], hyper[4]};
-    o.decoupled = decoupled;
+    o.decay = hyper[5];
+    o.wd_mode = static_cast<WeightDecay>(wd_mode);
     o.amsgrad = amsgrad;
     o.maximize = maximize;
     o.capturable = capturable;
@@ -467,31 +505,55 @@ extern "C" int fa_emulate_step(int param_dtype, int state_dtype, int64_t n, void
     o.grad_scale = grad_scale;
     o.found_inf = found_inf;
     o.clip_coef = clip_coef;
-    o.master_weights = master_weights;
-    o.stochastic_rounding = stochastic_rounding;
+    o.master = master;
+    o.sr_param = sr_param;
+    o.sr_state = sr_state;
     o.seed = seed;
-    o.chunk_size = chunk_size;
-    o.decay = hyper[5];
-    const DType pd = static_cast<DType>(param_dtype), sd = static_cast<DType>(state_dtype);
-    const std::vector<PlannedLaunch> plan = plan_step(tensors.data(), n, pd, sd, o);
-    stats[0] = static_cast<int64_t>(plan.size());
-    stats[1] = stats[2] = stats[3] = stats[5] = 0;
-    for (const PlannedLaunch& l : plan) {
-      if (!l.blocks.empty()) ++stats[l.vector ? 1 : 2];
-      stats[3] += static_cast<int64_t>(l.blocks.size());
-      stats[5] = std::max(stats[5], static_cast<int64_t>(l.slots.size()));
+    HostSteps host;
+    if (capturable) {
+      host.source = StepSource::kDevice;
+    } else {
+      host = host_steps(std::vector<double>(new_steps, new_steps + n));
     }
-    const bool ext = o.master_weights || o.stochastic_rounding;
+    for (int64_t i = 0; i < n; ++i) {
+      void* b[kNumBufs];
+      for (int k = 0; k < kNumBufs; ++k) b[k] = bufs[i * kNumBufs + k];
+      table.set(i, make_entry(b, table.entry(i).numel, capturable ? device_steps[i] : nullptr, tensor_ids[i],
+                              host.source, o.hyper, capturable ? 0 : new_steps[i]));
+    }
+    const DType pd = static_cast<DType>(param_dtype), sd = static_cast<DType>(state_dtype);
+    DeviceTableRef ref = DeviceTableRef::of(table, part.device.data());
+    check_step(ref, pd, sd, o, host);
+    const auto dirty = table.take_dirty();  // the binding's one stream-ordered copy
+    std::memcpy(reinterpret_cast<unsigned char*>(part.device.data()) + dirty.first, table.image() + dirty.first,
+                dirty.second - dirty.first);
+    const unsigned grid = grid_size(table.num_chunks(), sm_count, blocks_per_sm);
+    stats[0] = table.num_chunks() == 0 && host.source != StepSource::kDevice ? 0 : grid;
+    stats[1] = table.num_chunks();
+    stats[2] = static_cast<int64_t>(dirty.first);
+    stats[3] = static_cast<int64_t>(dirty.second - dirty.first);
+    stats[4] = static_cast<int64_t>(host.source);
+    stats[5] = n;
     dispatch_pair(pd, sd, [&](auto param, auto state) {
-      using P = typename decltype(param)::type;
-      using O = opmath_t<P>;
-      emulate<P, typename decltype(state)::type>(tensors.data(), plan, o);
-      stats[4] = ext ? sizeof(LaunchArgs<O, true>) : sizeof(LaunchArgs<O, false>);
-      return 0;
+      return run_step<typename decltype(param)::type, typename decltype(state)::type>(
+          ref, o, host, [&](auto kernel, const auto& args) {
+            gridDim.x = grid;
+            for (unsigned b = 0; b < grid; ++b) {
+              blockIdx.x = b;
+              for (int t = 0; t < kBlockThreads; ++t) {
+                threadIdx.x = static_cast<unsigned>(t);
+                kernel(args);
+              }
+              for (int t = 0; t < kBlockThreads; ++t) {  // the kernel's epilogue, after the block's barrier
+                threadIdx.x = static_cast<unsigned>(t);
+                count_device_steps(args);
+              }
+            }
+            return cudaSuccess;
+          });
     });
   } catch (const std::exception& e) {
-    std::strncpy(err, e.what(), static_cast<size_t>(err_len) - 1);
-    err[err_len - 1] = 0;
+    set_error(e, err, err_len);
     return 1;
   }
   return 0;
@@ -499,6 +561,8 @@ extern "C" int fa_emulate_step(int param_dtype, int state_dtype, int64_t n, void
 """
 
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}  # cuda::DType
+_DTYPE_BY_NAME = {str(d).replace("torch.", ""): code for d, code in _DTYPE_CODES.items()}
+NUM_BUFS = 6  # csrc/cuda/device_table.h's Buf: param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master
 
 
 def _dense(t) -> bool:
@@ -515,60 +579,63 @@ def _same_layout(t, like) -> bool:
     return all(size == 1 or a == b for size, a, b in zip(t.shape, t.stride(), like.stride()))
 
 
-class EmulatedCuda:
-    """A backend module (NAME, FEATURES, unavailable, unsupported, step) whose step is ops_cuda.cpp's, written in
-    Python, with the launcher and kernel emulated on CPU tensors ("device memory" is CPU memory). It declines what
-    backends/cuda.py declines, except for the device."""
+class EmulatedPartition:
+    """_C_cuda.Partition with "device memory" in CPU memory: ops_cuda.cpp's per-step pass (grads read from the params,
+    staging of other layouts, host steps) written in Python, then the table patch and the launch in C++
+    (fa_emu_step: DeviceTable, make_entry, run_step, the kernel)."""
 
-    NAME = "cuda"
-    FEATURES = cuda_backend.FEATURES
+    def __init__(self, native, params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, master_params,
+                 tensor_ids, wd_mode, amsgrad, maximize, capturable, sr_param, sr_state, seed, chunk_size):
+        self.native, self.lib = native, native.lib
+        self.params, self.exp_avgs, self.exp_avg_sqs = list(params), list(exp_avgs), list(exp_avg_sqs)
+        self.max_exp_avg_sqs, self.state_steps = list(max_exp_avg_sqs), list(state_steps)
+        self.master_params, self.tensor_ids = list(master_params), list(tensor_ids)
+        self.wd_mode, self.amsgrad, self.maximize, self.capturable = wd_mode, amsgrad, maximize, capturable
+        self.sr_param, self.sr_state, self.seed = sr_param, sr_state, seed
+        self.sr = sr_param or sr_state
+        n = len(self.params)
+        err = ctypes.create_string_buffer(512)
+        self.handle = self.lib.fa_emu_partition((ctypes.c_int64 * n)(*(p.numel() for p in self.params)), n,
+                                                chunk_size, err, 512)
+        assert self.handle, err.value.decode()
 
-    def __init__(self, lib, chunk_size: int = 0):
-        self.lib, self.chunk_size, self.stats = lib, chunk_size, []
+    def __del__(self):
+        if getattr(self, "handle", None):
+            self.lib.fa_emu_free(self.handle)
 
-    def unavailable(self):
-        return None
-
-    def unsupported(self, device, dtype, hp):
-        return cuda_backend.unsupported_options(dtype, hp)
-
-    def step(self, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, hp, grad_scale, found_inf,
-             *, master_params=None, tensor_ids=None, clip_coef=None):
-        n = len(params)
-        if n == 0:
-            return
-        lr, lr_device = hp.lr, None
-        decay = float("nan")
-        if isinstance(lr, torch.Tensor) and hp.decoupled and hp.weight_decay != 0 and not hp.capturable:
-            decay = (1 - lr * hp.weight_decay).item()  # as backends/cuda.py: in lr's dtype, as torch does
-        if isinstance(lr, torch.Tensor):
-            if hp.capturable:
-                lr_device, lr = lr.to(torch.float64).reshape(()).clone(), 0.0
-            else:
-                lr = lr.item()
-        beta1, beta2 = (float(b) for b in (hp.beta1, hp.beta2))
-        scale = grad_scale.to(torch.float32).reshape(()).clone() if grad_scale is not None else None
-        inf = found_inf.to(torch.float32).reshape(()).clone() if found_inf is not None else None
-        clip = clip_coef.to(torch.float32).reshape(()).clone() if clip_coef is not None else None
-        if not hp.capturable and inf is not None:
-            if inf.item() != 0:
-                return
+    def step_(self, grads, *, lr, lr_tensor, beta1, beta2, eps, weight_decay, decay, grad_scale, found_inf, clip_coef):
+        params, n = self.params, len(self.params)
+        if grads is None:
+            grads = [p.grad for p in params]
+            if any(g is None for g in grads):
+                return False
+        dtype, state_dtype = params[0].dtype, self.exp_avgs[0].dtype
+        for i, p in enumerate(params):
+            for what, t, want in (("grad", grads[i], dtype), ("exp_avg", self.exp_avgs[i], state_dtype),
+                                  ("exp_avg_sq", self.exp_avg_sqs[i], state_dtype)):
+                assert t.dtype == want and t.shape == p.shape, f"{what} of param {i}: {t.dtype} {tuple(t.shape)}"
+        scalar = lambda t: t.to(torch.float32).reshape(()).clone() if t is not None else None  # noqa: E731
+        scale, inf, clip = scalar(grad_scale), scalar(found_inf), scalar(clip_coef)
+        lr_device = lr_tensor.to(torch.float64).reshape(()).clone() if lr_tensor is not None else None
+        if not self.capturable and inf is not None:
+            if inf.item() != 0:  # the steps live on the host and must not change: one host read
+                return True
             inf = None
-        master, sr = bool(master_params), hp.stochastic_rounding
-        bufs, write_backs, keep = [[] for _ in range(6)], [], []
+        master = bool(self.master_params)
+        bufs, write_backs, keep = [], [], []
         for i in range(n):
             p = params[i]
             # Stochastic rounding's bits follow the row-major element index: the contiguous order.
-            ok = p.is_contiguous() if sr else _dense(p)
+            ok = p.is_contiguous() if self.sr else _dense(p)
             layout = p if ok else p.contiguous()
             if layout is not p:
                 write_backs.append((layout, p))
-            roles = [(layout, False), (grads[i], scale is not None), (exp_avgs[i], True), (exp_avg_sqs[i], True)]
-            roles.append((max_exp_avg_sqs[i], True) if hp.amsgrad else (None, False))
-            roles.append((master_params[i], True) if master else (None, False))
+            roles = [(layout, False), (grads[i], scale is not None), (self.exp_avgs[i], True),
+                     (self.exp_avg_sqs[i], True), (self.max_exp_avg_sqs[i] if self.amsgrad else None, True),
+                     (self.master_params[i] if master else None, True)]
             for r, (t, written) in enumerate(roles):
                 if t is None or p.numel() == 0:
-                    bufs[r].append(None)
+                    bufs.append(None)
                     continue
                 if r > 0 and not _same_layout(t, layout):
                     copy = torch.empty_strided(layout.shape, layout.stride(), dtype=t.dtype)
@@ -577,30 +644,52 @@ class EmulatedCuda:
                         write_backs.append((copy, t))
                     t = copy
                 keep.append(t)
-                bufs[r].append(t.data_ptr())
-        new_steps = [float(s.item() + 1) for s in state_steps] if not hp.capturable else None
+                bufs.append(t.data_ptr())
+        new_steps = None if self.capturable else [float(s.item() + 1) for s in self.state_steps]
         c = ctypes
-        ptrs = lambda xs: (c.c_void_p * n)(*xs)  # noqa: E731
-        addr = lambda t: c.c_void_p(t.data_ptr() if t is not None else None)  # noqa: E731
         stats, err = (c.c_int64 * 6)(), c.create_string_buffer(512)
-        rc = self.lib.fa_emulate_step(
-            _DTYPE_CODES[params[0].dtype], _DTYPE_CODES[exp_avgs[0].dtype], n, *(ptrs(b) for b in bufs),
-            (c.c_uint64 * n)(*(tensor_ids if sr else [0] * n)),
-            (c.c_int64 * n)(*(p.numel() for p in params)),
-            ptrs([s.data_ptr() for s in state_steps]),
-            (c.c_double * n)(*(new_steps or [0.0] * n)),
-            (c.c_double * 6)(float(lr), beta1, beta2, float(hp.eps), float(hp.weight_decay), decay),
-            addr(lr_device), int(hp.decoupled), int(hp.amsgrad), int(hp.maximize), int(hp.capturable),
-            addr(scale), addr(inf), addr(clip), int(master), int(sr), hp.seed,
-            self.chunk_size, stats, err, 512,
+        addr = lambda t: c.c_void_p(t.data_ptr() if t is not None else None)  # noqa: E731
+        rc = self.lib.fa_emu_step(
+            self.handle, _DTYPE_CODES[dtype], _DTYPE_CODES[state_dtype], (c.c_void_p * (n * NUM_BUFS))(*bufs),
+            (c.c_void_p * n)(*(s.data_ptr() for s in self.state_steps)),
+            (c.c_double * n)(*(new_steps or [0.0] * n)), (c.c_uint64 * n)(*(self.tensor_ids or [0] * n)),
+            (c.c_double * 6)(lr, beta1, beta2, eps, weight_decay, float("nan") if decay is None else decay),
+            addr(lr_device),
+            self.wd_mode, int(self.amsgrad), int(self.maximize), int(self.capturable),
+            addr(scale), addr(inf), addr(clip), int(master), int(self.sr_param), int(self.sr_state), self.seed,
+            self.native.sm_count, self.native.blocks_per_sm, stats, err, 512,
         )
-        assert rc == 0, err.value.decode()
-        self.stats.append(list(stats))
+        if rc != 0:
+            raise RuntimeError(f"fused_adam cuda: {err.value.decode()}")
+        self.native.stats.append(list(stats))
+        # Tensors whose chunks the kernel steps with 128-bit accesses (all buffers 16-byte aligned), and the others.
+        nonempty = [bufs[i * NUM_BUFS:(i + 1) * NUM_BUFS] for i in range(n) if params[i].numel()]
+        aligned = sum(all(b is None or b % 16 == 0 for b in bs) for bs in nonempty)
+        self.native.aligned.append((aligned, len(nonempty) - aligned))
         for buf, target in write_backs:
             target.copy_(buf)
         if new_steps is not None:
-            for s, v in zip(state_steps, new_steps):
+            for s, v in zip(self.state_steps, new_steps):
                 s.fill_(v)
+        return True
+
+
+class EmulatedNative:
+    """What CudaBackend asks of fused_adam._C_cuda (Partition, unsupported), emulated on the CPU. The grid is
+    sized for a device of `sm_count` SMs running `blocks_per_sm` blocks each."""
+
+    def __init__(self, lib, sm_count: int = 3, blocks_per_sm: int = 2):
+        self.lib, self.sm_count, self.blocks_per_sm = lib, sm_count, blocks_per_sm
+        self.stats: list[list[int]] = []  # per step: grid, chunks, first dirty byte, dirty bytes, step source, tensors
+        self.aligned: list[tuple[int, int]] = []  # per step: tensors on the 128-bit path, on the element-wise path
+
+    def Partition(self, *args, **kwargs):  # noqa: N802 (the binding's class name)
+        return EmulatedPartition(self, *args, **kwargs)
+
+    def unsupported(self, param_dtype: str, state_dtype: str, master: bool) -> str:
+        out = ctypes.create_string_buffer(512)
+        self.lib.fa_emu_unsupported(_DTYPE_BY_NAME[param_dtype], _DTYPE_BY_NAME[state_dtype], int(master), out, 512)
+        return out.value.decode()
 
 
 @pytest.fixture(scope="session")
@@ -615,11 +704,15 @@ def emulator_lib(tmp_path_factory):
                     f"-I{_cuda_include()}", str(src), "-o", str(lib)], check=True)
     handle = ctypes.CDLL(str(lib))
     c = ctypes
-    handle.fa_emulate_step.restype = c.c_int
-    handle.fa_emulate_step.argtypes = [
-        c.c_int, c.c_int, c.c_int64, *[c.POINTER(c.c_void_p)] * 6, c.POINTER(c.c_uint64), c.POINTER(c.c_int64),
-        c.POINTER(c.c_void_p), c.POINTER(c.c_double), c.POINTER(c.c_double), c.c_void_p, c.c_int, c.c_int, c.c_int,
-        c.c_int, c.c_void_p, c.c_void_p, c.c_void_p, c.c_int, c.c_int, c.c_uint64, c.c_int64, c.POINTER(c.c_int64),
+    handle.fa_emu_partition.restype = c.c_void_p
+    handle.fa_emu_partition.argtypes = [c.POINTER(c.c_int64), c.c_int64, c.c_int64, c.c_char_p, c.c_int]
+    handle.fa_emu_free.argtypes = [c.c_void_p]
+    handle.fa_emu_unsupported.argtypes = [c.c_int, c.c_int, c.c_int, c.c_char_p, c.c_int]
+    handle.fa_emu_step.restype = c.c_int
+    handle.fa_emu_step.argtypes = [
+        c.c_void_p, c.c_int, c.c_int, c.POINTER(c.c_void_p), c.POINTER(c.c_void_p), c.POINTER(c.c_double),
+        c.POINTER(c.c_uint64), c.POINTER(c.c_double), c.c_void_p, c.c_int, c.c_int, c.c_int, c.c_int, c.c_void_p,
+        c.c_void_p, c.c_void_p, c.c_int, c.c_int, c.c_int, c.c_uint64, c.c_int, c.c_int, c.POINTER(c.c_int64),
         c.c_char_p, c.c_int,
     ]
     return handle
@@ -627,36 +720,35 @@ def emulator_lib(tmp_path_factory):
 
 @pytest.fixture
 def emulated(emulator_lib, monkeypatch):
-    """Install the emulated backend as "cuda" for FusedAdam(backend="cuda")."""
+    """Install the emulated backend as "cuda" for FusedAdam(backend="cuda"): backends/cuda.py's CudaBackend on the
+    emulated binding, for CPU tensors."""
 
-    def install(chunk_size: int = 0) -> EmulatedCuda:
-        emu = EmulatedCuda(emulator_lib, chunk_size)
-        monkeypatch.setitem(backends._modules, "cuda", emu)
-        return emu
+    def install(chunk_size: int = 0, sm_count: int = 3, blocks_per_sm: int = 2) -> EmulatedNative:
+        native = EmulatedNative(emulator_lib, sm_count, blocks_per_sm)
+        monkeypatch.setitem(backends._backends, "cuda", CudaBackend(native, device_type="cpu", chunk_size=chunk_size))
+        return native
 
     return install
+
+
+def _one_launch_each_step(native, since=0):
+    """Every step since `since` was one launch of at most one wave (sm_count x blocks_per_sm) over all its chunks."""
+    wave = native.sm_count * native.blocks_per_sm
+    for grid, chunks, _, _, source, _ in native.stats[since:]:
+        assert grid == (max(1, min(chunks, wave)) if chunks or source == 2 else 0), native.stats
 
 
 @pytest.mark.parametrize("cls_name", ["Adam", "AdamW"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("optim_input", OPTIM_INPUTS, ids=repr)
 def test_emulated_kernel_parity(emulated, optim_input, dtype, cls_name):
-    """tests/parity.py's table, 20 steps, through FusedAdam(backend="cuda") with the emulated kernel."""
-    emu = emulated()
+    """tests/parity.py's table, 20 steps, through FusedAdam(backend="cuda") with the emulated kernel: one launch a
+    step, persistent blocks striding the chunks (chunk_size 8: the tensors have 1 to 9 chunks, a 3-SM device)."""
+    native = emulated(chunk_size=8)
     assert_parity("cuda", cls_name, optim_input.kwargs, dtype)
-    assert emu.stats and all(s[4] <= 4096 for s in emu.stats)  # sizeof(LaunchArgs): the 4 KB parameter limit
-
-
-def _train(params0, backend, steps=4, make=None, **kwargs):
-    """`make()` builds the params (e.g. views into one buffer); by default fresh copies of params0."""
-    params = make() if make else [p.detach().clone() for p in params0]
-    params = [p.requires_grad_() for p in params]
-    opt = FusedAdam(params, backend=backend, **kwargs)
-    for s in range(steps):
-        for p, g in zip(params, make_grads(params0, s)):
-            p.grad = g.to(p.dtype)
-        opt.step()
-    return params, opt
+    assert len(native.stats) == 20, native.stats
+    _one_launch_each_step(native)
+    assert native.stats[-1][1] > native.sm_count * native.blocks_per_sm  # more chunks than blocks: they stride
 
 
 def _assert_same_training(ours, ref, exact=False):
@@ -669,21 +761,83 @@ def _assert_same_training(ours, ref, exact=False):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-def test_emulated_many_tensors_and_launches(emulated, dtype):
-    """More tensors than one launch holds (32) and more chunks than one launch runs (320): chunk_size 8."""
-    emu = emulated(chunk_size=8)
+def test_emulated_many_tensors_one_launch(emulated, dtype):
+    """53 tensors (empty ones included) and 500+ chunks of 8 elements: one launch a step, 6 blocks striding them."""
+    native = emulated(chunk_size=8)
     shapes = [(n,) for n in (1, 7, 8, 9, 15, 16, 17, 0, 67, 129)] * 5 + [(2, 3, 4), (0, 3), (3000,)]
     params0 = make_params(dtype, shapes)
-    kwargs = dict(lr=0.01, weight_decay=0.1, amsgrad=True)
-    _assert_same_training(_train(params0, "cuda", **kwargs), _train(params0, "reference", **kwargs))
-    launches, vector, scalar, blocks, _, _ = emu.stats[-1]
-    assert vector >= 2 and blocks > 320 and scalar == 0, emu.stats[-1]
+    kwargs = dict(lr=0.01, weight_decay=0.1, amsgrad=True, cls=FusedAdam)
+    _assert_same_training(train("cuda", params0, **kwargs), train("reference", params0, **kwargs))
+    _one_launch_each_step(native)
+    assert native.stats[-1][1] > 500 and native.stats[-1][5] == len(shapes), native.stats[-1]
+
+
+def test_emulated_grid_sizes(emulated):
+    """The grid is one wave of the device, or one block a chunk when there are fewer chunks."""
+    params0 = make_params(torch.float32, [(64,), (7,)])
+    for sm_count, blocks_per_sm, chunk_size, grid in ((1, 1, 8, 1), (2, 3, 8, 6), (132, 4, 8, 9), (4, 4, 0, 2)):
+        native = emulated(chunk_size=chunk_size, sm_count=sm_count, blocks_per_sm=blocks_per_sm)
+        _assert_same_training(train("cuda", params0), train("reference", params0))
+        assert {s[0] for s in native.stats} == {grid}, (sm_count, blocks_per_sm, chunk_size, native.stats)
+
+
+@pytest.mark.parametrize("set_to_none", [True, False], ids=["new-grads", "static-grads"])
+def test_emulated_patches_only_moved_grads(emulated, set_to_none):
+    """The first step uploads the whole table; then grads that moved are patched (the entries between the first and
+    the last that changed), and static grads (zero_grad(set_to_none=False)) need no copy at all."""
+    native = emulated(chunk_size=8)
+    params0 = make_params(torch.float32, [(5,), (40,), (0,), (17,)])
+    params = [p.clone().requires_grad_() for p in params0]
+    ref = [p.clone().requires_grad_() for p in params0]
+    opt, ref_opt = FusedAdamW(params, backend="cuda"), FusedAdamW(ref, backend="reference")
+    kept = []  # every grad made stays alive, so a new one never reuses a freed one's address
+    for s in range(4):
+        for o in (opt, ref_opt):
+            o.zero_grad(set_to_none=set_to_none)
+        for p, r, g in zip(params, ref, make_grads(params0, s)):
+            if set_to_none:
+                p.grad, r.grad = g.clone(), g.clone()
+                kept.append(p.grad)
+            else:
+                p.grad.copy_(g) if p.grad is not None else setattr(p, "grad", g.clone())
+                r.grad = g.clone()
+        opt.step()
+        ref_opt.step()
+    _assert_same_training((params, opt), (ref, ref_opt))
+    first, later = native.stats[0], native.stats[1:]
+    assert first[2] == 0 and first[3] > 96 * 4, first  # the header, 4 entries, the chunks
+    if set_to_none:
+        assert all(0 < s[3] <= 96 * 4 and s[2] >= 16 for s in later), later  # entries only, never the chunk table
+    else:
+        assert all(s[3] == 0 for s in later), later
+
+
+def test_emulated_steps_that_differ_per_tensor(emulated):
+    """Step counts changed in place so that tensors are at different steps: each entry carries its own scalars
+    (StepSource::kPerTensor), and the result is torch's."""
+    native = emulated(chunk_size=8)
+    params0 = make_params(torch.float32, [(5,), (40,), (17,)])
+    runs = []
+    for backend in ("cuda", None):
+        params = [p.clone().requires_grad_() for p in params0]
+        opt = (FusedAdam(params, backend=backend, weight_decay=0.1) if backend else
+               torch.optim.Adam(params, weight_decay=0.1, foreach=False))
+        for s in range(4):
+            for p, g in zip(params, make_grads(params0, s)):
+                p.grad = g.clone()
+            opt.step()
+            if s == 1:
+                opt.state[params[1]]["step"].fill_(7.0)
+        runs.append((params, opt))
+    _assert_same_training(*runs)
+    assert [s[4] for s in native.stats] == [0, 0, 1, 1], native.stats  # uniform, then per tensor
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_emulated_misaligned_and_strided(emulated, dtype):
-    """Views at odd offsets take the scalar path; transposed params and grads with other strides are handled."""
-    emu = emulated(chunk_size=16)
+    """Views at odd offsets take the element-wise path, aligned tensors the 128-bit path, in the same launch;
+    transposed params and grads with other strides are staged."""
+    native = emulated(chunk_size=16)
     base0 = make_params(dtype, [(1000,)])[0]
     whole = make_params(dtype, [(5, 7), (33,)])
 
@@ -692,12 +846,22 @@ def test_emulated_misaligned_and_strided(emulated, dtype):
         views = [base[1:40], base[48:112], base[200:260].view(6, 10).t(), base[300:400].view(10, 10)[:, ::2]]
         return views + [w.clone() for w in whole]
 
-    params0 = make()
-    kwargs = dict(weight_decay=0.1, amsgrad=True)
-    ours = _train(params0, "cuda", make=make, **kwargs)
+    kwargs = dict(weight_decay=0.1, amsgrad=True, cls=FusedAdam)
+    ours = _train_made(make, "cuda", **kwargs)
     assert ours[0][0].storage_offset() == 1 and not ours[0][3].is_contiguous()
-    _assert_same_training(ours, _train(params0, "reference", make=make, **kwargs))
-    assert any(s[1] for s in emu.stats) and any(s[2] for s in emu.stats), emu.stats
+    _assert_same_training(ours, _train_made(make, "reference", **kwargs))
+    assert all(a > 0 and u > 0 for a, u in native.aligned), native.aligned
+    _one_launch_each_step(native)
+
+
+def _train_made(make, backend, steps=4, cls=FusedAdamW, **kwargs):
+    params = [p.requires_grad_() for p in make()]
+    opt = cls(params, backend=backend, **kwargs)
+    for s in range(steps):
+        for p, g in zip(params, make_grads(params, s)):
+            p.grad = g.to(p.dtype)
+        opt.step()
+    return params, opt
 
 
 def test_emulated_transposed_grad(emulated):
@@ -717,12 +881,15 @@ def test_emulated_transposed_grad(emulated):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_emulated_capturable_matches_host_scalars(emulated, dtype):
-    """capturable: step and lr read "on the device", steps incremented by the increment kernel; the same
-    make_step_scalars on the same values, so the result is bitwise the non-capturable one."""
-    emulated(chunk_size=8)
+    """capturable: step and lr read "on the device" (*step + 1), every step counted once by the launch's last block
+    (empty tensors too); the same make_step_scalars on the same values, so bitwise the non-capturable result."""
+    native = emulated(chunk_size=8)
     params0 = make_params(dtype, [(1,), (7,), (0,), (67,), (3, 5)] * 8)
     kwargs = dict(lr=torch.tensor(0.01), weight_decay=0.1, amsgrad=True, betas=(0.8, 0.95))
-    _assert_same_training(_train(params0, "cuda", capturable=True, **kwargs), _train(params0, "cuda", **kwargs), exact=True)
+    ours = train("cuda", params0, steps=4, capturable=True, **kwargs)
+    _assert_same_training(ours, train("cuda", params0, steps=4, **kwargs), exact=True)
+    assert all(float(ours[1].state[p]["step"]) == 4 for p in ours[0])
+    assert {s[4] for s in native.stats} == {2, 0}, native.stats  # device steps, then host steps
 
 
 @pytest.mark.parametrize("capturable", [False, True])
@@ -742,7 +909,7 @@ def test_emulated_amp(emulated, capturable):
         for p, r in zip(params, ref):
             torch.testing.assert_close(p.grad, r.grad)  # unscaled in place
     before = [(p.detach().clone(), p.grad.clone(), {k: v.clone() for k, v in opt.state[p].items()}) for p in params]
-    opt.step(grad_scale=scale, found_inf=torch.tensor(1.0))
+    opt.step(grad_scale=scale, found_inf=torch.tensor(1.0))  # nothing changes, steps included
     for p, (p0, g0, st0) in zip(params, before):
         assert torch.equal(p.detach(), p0) and torch.equal(p.grad, g0)
         for k, v in st0.items():
@@ -752,76 +919,21 @@ def test_emulated_amp(emulated, capturable):
 
 # ---- the options beyond torch, emulated --------------------------------------------------------------------------
 
-import test_beyond_torch as beyond  # noqa: E402  (a module attribute: its tests are not collected again here)
 from fused_adam.backends.reference import bf16_stochastic, sr_salt  # noqa: E402
 
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_emulated_master_weights_match_fp32_adam_on_the_master(emulated, dtype):
-    emulated(chunk_size=8)
-    beyond.test_master_weights_match_fp32_adam_on_the_master("cuda", dtype)
-
-
-@pytest.mark.parametrize("param_dtype, state_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
-                                                      (torch.float16, torch.float32)], ids=str)
-def test_emulated_state_dtype_matches_torch_composition(emulated, param_dtype, state_dtype):
-    emulated(chunk_size=8)
-    beyond.test_state_dtype_matches_torch_composition("cuda", param_dtype, state_dtype)
-
-
-def test_emulated_stochastic_rounding_resume_is_bitwise(emulated, tmp_path):
-    emulated(chunk_size=8)
-    beyond.test_stochastic_rounding_resume_is_bitwise("cuda", tmp_path)
-
-
-def test_emulated_stochastic_rounding_keeps_small_updates(emulated):
-    emulated()
-    beyond.test_stochastic_rounding_keeps_small_updates("cuda")
-
-
-@pytest.mark.parametrize("max_norm", [0.5, 1e6])
-def test_emulated_max_grad_norm_matches_clip_grad_norm_then_adam(emulated, max_norm):
-    emulated(chunk_size=8)
-    beyond.test_max_grad_norm_matches_clip_grad_norm_then_adam("cuda", max_norm)
-
-
-# (param dtype, options): every layout the kernels compile (csrc/cuda/adam_kernel.cuh, Layout).
-FEATURE_CASES = [
-    (torch.float32, dict(state_dtype=torch.bfloat16)),
-    (torch.float32, dict(state_dtype=torch.bfloat16, stochastic_rounding=True)),
-    (torch.bfloat16, dict(master_weights=True)),
-    (torch.bfloat16, dict(master_weights=True, stochastic_rounding=True)),  # the states round stochastically
-    (torch.bfloat16, dict(stochastic_rounding=True)),
-    (torch.bfloat16, dict(state_dtype=torch.float32)),
-    (torch.bfloat16, dict(state_dtype=torch.float32, stochastic_rounding=True)),  # the params round stochastically
-    (torch.bfloat16, dict(state_dtype=torch.float32, master_weights=True)),
-    (torch.float16, dict(master_weights=True)),
-    (torch.float16, dict(state_dtype=torch.float32)),
-    (torch.float16, dict(state_dtype=torch.float32, master_weights=True)),
-]
 # Sizes that find bugs at chunk_size 16 (the vector path moves 8 elements per thread where an array is 16-bit):
-# 1, a vector -1/+1, a chunk -1/+1, an empty tensor, a 2-D tensor, more tensors than a launch holds (28 or 32).
+# 1, a vector -1/+1, a chunk -1/+1, an empty tensor, a 2-D tensor, many tensors.
 FEATURE_SHAPES = [(1,), (7,), (9,), (15,), (17,), (0,), (3, 11), (67,)] + [(5,), (40,)] * 14
 
 
-def _feature_id(case):
-    dtype, kw = case
-    return str(dtype).replace("torch.", "") + "-" + "-".join(
-        f"{k}={str(v).replace('torch.', '')}" if not isinstance(v, bool) else k for k, v in kw.items())
-
-
-def _train_features(backend, dtype, kwargs, make, steps=4, max_grad_norm=None):
+def _train_features(backend, kwargs, make, steps=4):
     params = [p.requires_grad_() for p in make()]
-    opt = FusedAdam(params, backend=backend, max_grad_norm=max_grad_norm, **kwargs)
+    opt = FusedAdam(params, backend=backend, **kwargs)
     for s in range(steps):
         for p, g in zip(params, make_grads(params, s)):
             p.grad = (3 * g).to(p.dtype)
         opt.step()
     return params, opt
-
-
-def _bits(t):
-    return t.view(torch.int16) if t.element_size() == 2 else t.view(torch.int32) if t.element_size() == 4 else t
 
 
 def _assert_features_match(ours, ref, rounded_clip=False):
@@ -846,43 +958,38 @@ def _assert_features_match(ours, ref, rounded_clip=False):
             tol = dict(atol=ulp, rtol=ulp) if rounded_clip or narrow_param or x.dtype != torch.float32 else {}
             torch.testing.assert_close(x, y, **tol, msg=lambda m: f"{name} of param {i}: {m}")
             if x.element_size() == 2:
-                same[name] = same.get(name, 0) + (_bits(x) == _bits(y)).sum().item()
+                same[name] = same.get(name, 0) + (bits(x) == bits(y)).sum().item()
                 total[name] = total.get(name, 0) + x.numel()
     if not rounded_clip:
         for name in same:
             assert same[name] >= 0.95 * total[name], f"{name}: {same[name]} of {total[name]} bitwise the reference's"
 
 
-@pytest.mark.parametrize("capturable", [False, True], ids=["host-scalars", "capturable"])
-@pytest.mark.parametrize("options", [dict(), dict(weight_decay=0.1, amsgrad=True, maximize=True),
-                                     dict(weight_decay=0.1, decoupled_weight_decay=True, max_grad_norm=0.5)],
-                         ids=["default", "l2-ams-max", "adamw-clip"])
-@pytest.mark.parametrize("case", FEATURE_CASES, ids=_feature_id)
-def test_emulated_features_match_reference(emulated, case, options, capturable):
-    """Every compiled layout x modes x host/device scalars, aligned and misaligned tensors, many launches."""
+@pytest.mark.parametrize("options", [dict(), dict(weight_decay=0.1, maximize=True),
+                                     dict(weight_decay=0.1, decoupled_weight_decay=True, capturable=True)],
+                         ids=["default", "l2-max", "adamw-capturable"])
+@pytest.mark.parametrize("case", FEATURE_CASES, ids=feature_id)
+def test_emulated_features_match_reference(emulated, case, options):
+    """tests/parity.py's FEATURE_CASES x modes, aligned and misaligned tensors in one launch."""
     dtype, kw = case
-    emu = emulated(chunk_size=16)
-    options = dict(options)
-    max_grad_norm = options.pop("max_grad_norm", None)
-    kwargs = dict(lr=0.01, seed=7, capturable=capturable, **kw, **options)
+    native = emulated(chunk_size=16)
+    kwargs = {"lr": 0.01, "seed": 7, **options, **kw}
     base0 = make_params(dtype, [(200,)])[0]
     whole0 = make_params(dtype, FEATURE_SHAPES)
 
     def make():
-        base = base0.clone()  # views at odd offsets: the scalar path
+        base = base0.clone()  # views at odd offsets: the element-wise path
         return [base[1:40], base[41:58].view(1, 17)] + [w.clone() for w in whole0]
 
-    ours = _train_features("cuda", dtype, kwargs, make, max_grad_norm=max_grad_norm)
-    ref = _train_features("reference", dtype, kwargs, make, max_grad_norm=max_grad_norm)
+    ours = _train_features("cuda", kwargs, make)
+    ref = _train_features("reference", kwargs, make)
     assert {d.backend for d in ours[1].dispatch[0]} == {"cuda"}
-    _assert_features_match(ours, ref, rounded_clip=max_grad_norm is not None and dtype != torch.float32)
-    ext = kw.get("master_weights") or kw.get("stochastic_rounding")
-    assert any(s[1] for s in emu.stats) and any(s[2] for s in emu.stats), emu.stats  # vector and scalar launches
-    assert all(s[4] <= 4096 - 64 for s in emu.stats), emu.stats  # sizeof(LaunchArgs): the 4 KB parameter limit
-    assert max(s[5] for s in emu.stats) == (28 if ext else 32), emu.stats  # slots per launch
+    _assert_features_match(ours, ref, rounded_clip="max_grad_norm" in kw and dtype != torch.float32)
+    assert all(a > 0 and u > 0 for a, u in native.aligned), native.aligned
+    _one_launch_each_step(native)
 
 
-@pytest.mark.parametrize("capturable", [False, True], ids=["host-salt", "device-salt"])
+@pytest.mark.parametrize("capturable", [False, True], ids=["host-step", "device-step"])
 def test_emulated_stochastic_rounding_is_the_references_rounding(emulated, capturable):
     """Bitwise: one step from zero states of fp32 params with bf16 states gives exp_avg = SR((1 - beta1) * g) and
     exp_avg_sq = SR((1 - beta2) * g * g), each product one fp32 rounding, with the reference's bits for
@@ -903,17 +1010,37 @@ def test_emulated_stochastic_rounding_is_the_references_rounding(emulated, captu
         g = g * 100
         m = bf16_stochastic(one_minus[0] * g, sr_salt(2**63 + 5, 1, tid, 1))
         v = bf16_stochastic((one_minus[1] * g) * g, sr_salt(2**63 + 5, 1, tid, 2))
-        assert torch.equal(_bits(opt.state[p]["exp_avg"]), _bits(m)), tid
-        assert torch.equal(_bits(opt.state[p]["exp_avg_sq"]), _bits(v)), tid
+        assert torch.equal(bits(opt.state[p]["exp_avg"]), bits(m)), tid
+        assert torch.equal(bits(opt.state[p]["exp_avg_sq"]), bits(v)), tid
 
 
 def test_emulated_stochastic_rounding_capturable_is_bitwise_host(emulated):
     """Salts computed on the device from the device step = salts from the host: the same training, bit for bit."""
     emulated(chunk_size=8)
     params0 = make_params(torch.bfloat16, [(1,), (7,), (0,), (67,), (3, 5)] * 7)
-    kwargs = dict(lr=torch.tensor(0.01), weight_decay=0.1, amsgrad=True, stochastic_rounding=True, seed=3)
-    _assert_same_training(_train(params0, "cuda", capturable=True, **kwargs), _train(params0, "cuda", **kwargs),
-                          exact=True)
+    # (parity.train's `seed` is the grads'; the optimizer's seed stays 0)
+    kwargs = dict(lr=torch.tensor(0.01), weight_decay=0.1, amsgrad=True, stochastic_rounding=True)
+    _assert_same_training(train("cuda", params0, steps=4, capturable=True, **kwargs),
+                          train("cuda", params0, steps=4, **kwargs), exact=True)
+
+
+def test_emulated_stochastic_rounding_resume_is_bitwise(emulated):
+    """4 steps = 2 steps, state_dict, a new optimizer (a new partition and device table) loading it, 2 steps."""
+    emulated(chunk_size=8)
+    params0 = make_params(torch.bfloat16, [(7,), (67,), (3, 5)])
+    kwargs = dict(lr=1e-3, stochastic_rounding=True, state_dtype=torch.bfloat16)  # (train's `seed` is the grads')
+    whole = train("cuda", params0, steps=4, **kwargs)
+    params = [p.clone().requires_grad_() for p in params0]
+    opt = FusedAdamW(params, backend="cuda", **kwargs)
+    for s in range(4):
+        if s == 2:
+            saved = opt.state_dict()
+            opt = FusedAdamW(params, backend="cuda", **kwargs)
+            opt.load_state_dict(saved)
+        for p, g in zip(params, make_grads(params0, s)):
+            p.grad = g.to(p.dtype)
+        opt.step()
+    _assert_same_training(whole, (params, opt), exact=True)
 
 
 def test_emulated_stochastic_rounding_of_a_transposed_param(emulated):
@@ -922,8 +1049,8 @@ def test_emulated_stochastic_rounding_of_a_transposed_param(emulated):
     base0 = make_params(torch.bfloat16, [(12, 10)])[0]
     make = lambda: [base0.clone().t()]  # noqa: E731
     kwargs = dict(lr=1e-3, stochastic_rounding=True, seed=11)
-    ours = _train_features("cuda", torch.bfloat16, kwargs, make)
-    ref = _train_features("reference", torch.bfloat16, kwargs, make)
+    ours = _train_features("cuda", kwargs, make)
+    ref = _train_features("reference", kwargs, make)
     assert not ours[0][0].is_contiguous()
     _assert_features_match(ours, ref)
 
@@ -946,14 +1073,17 @@ def test_emulated_clip_is_read_on_the_device_under_amp(emulated):
     _assert_same_training(*runs)
 
 
-def test_emulated_launcher_refuses_what_is_not_compiled(emulated):
-    """The launcher's own checks (plan_step): a dtype pair without kernels, masters for fp32 params."""
-    emu = emulated()
-    p = [torch.zeros(4)]
-    hp = beyond._hp()
-    with pytest.raises(AssertionError, match="no kernel for float32 params with float16 states"):
-        emu.step(p, [torch.zeros(4)], [torch.zeros(4, dtype=torch.float16)], [torch.zeros(4, dtype=torch.float16)], [],
-                 [torch.zeros(())], hp, None, None)
-    with pytest.raises(AssertionError, match="master weights need bfloat16 or float16 params, got float32"):
-        emu.step(p, [torch.zeros(4)], [torch.zeros(4)], [torch.zeros(4)], [], [torch.zeros(())], hp, None, None,
-                 master_params=[torch.zeros(4)])
+def test_emulated_supports_is_the_launchers_rule(emulated):
+    """supports() asks the C++ rule (adam_cuda.h, unsupported): a dtype pair without kernels, masters for fp32."""
+    emulated()
+    backend = backends.get("cuda")
+    assert "no kernel for float32 params with float16 states" in backend.native.unsupported("float32", "float16", False)
+    assert "master weights need bfloat16 or float16 params, got float32" in backend.native.unsupported(
+        "float32", "float32", True)
+    assert backend.native.unsupported("bfloat16", "float32", True) == ""
+    group = {"lr": 1e-3, "weight_decay": 0.0, "decoupled_weight_decay": False, "amsgrad": False, "maximize": False,
+             "capturable": False, "differentiable": False, "state_dtype": torch.float16}
+    part = SimpleNamespace(device=torch.device("cpu"), options=PartOptions.of(group, torch.float32, clip=False))
+    assert "no kernel for float32 params with float16 states" in backend.supports(part)
+    part.options = PartOptions.of({**group, "state_dtype": None, "differentiable": True}, torch.float32, clip=False)
+    assert "differentiable" in backend.supports(part)

@@ -1,13 +1,13 @@
-// Adam/AdamW step kernels for float16 params with float32 states, every mode (weight decay x amsgrad x unscale x vector
-// path x fp32 master weights). One file per (param, state) dtype pair so that the instantiations compile in parallel;
+// Adam/AdamW step kernels for float16 params with float32 states, every mode (weight decay x amsgrad x unscale x
+// fp32 master weights). One file per (param, state) dtype pair so that the instantiations compile in parallel;
 // the kernel is in adam_kernel.cuh.
 #include "cuda/adam_kernel.cuh"
 
 namespace fused_adam {
 namespace cuda {
 
-template cudaError_t launch_adam<__half, float>(const AdamTensor*, const std::vector<PlannedLaunch>&,
-                                                const AdamStepOptions&, cudaStream_t);
+template cudaError_t launch_adam<__half, float>(const DeviceTableRef&, const StepOptions&,
+                                          const HostSteps&, int, cudaStream_t);
 
 }  // namespace cuda
 }  // namespace fused_adam

@@ -1,17 +1,17 @@
-// Multi-tensor-apply Adam/AdamW kernel: one block per chunk of a chunk table spanning all tensors of a group
-// (NOTE [chunk table], NOTE [launch plan]); per element it runs fused_adam::adam_update from adam_math.h, the
-// same code the CPU kernel runs, and reads/writes every byte once (28 B/param for fp32, 14 B for bf16, 20 B for
-// fp32 params with bf16 states, 28 B for bf16 params with an fp32 master and fp32 states: DESIGN.md's cost model).
-// Structure after PyTorch's multi_tensor_apply.cuh / apex: the launch metadata (tensor addresses, sizes, per-tensor
-// scalars, block -> (tensor, chunk) map) travels in the kernel parameters, so a step needs no host-to-device copy
-// and can be captured in a CUDA graph.
+// Multi-tensor Adam/AdamW kernel: one launch per step over a partition's device tables (NOTE [device table],
+// device_table.h): a grid of persistent blocks strides the chunk list, a block steps one chunk at a time; per
+// element it runs fused_adam::adam_update from adam_math.h, the same code the CPU kernel runs, and reads/writes every
+// byte once (28 B/param for fp32, 14 B for bf16, 20 B for fp32 params with bf16 states, 28 B for bf16 params with an
+// fp32 master and fp32 states: DESIGN.md's cost model). Each chunk takes 128-bit accesses if every one of its
+// buffers is 16-byte aligned (decided per chunk, in the kernel), else element-wise accesses; a chunk's tail that
+// does not fill a vector runs element by element.
 // The options beyond torch (backends/__init__.py): states in their own dtype (a state type S beside the param type
 // P), fp32 master weights (the update reads and writes the master; the param gets it rounded to nearest), stochastic
 // rounding of bf16 stores that are the only copy of a value (csrc/rounding.h: per-tensor salt, per-element bits),
 // and gradient clipping by a coefficient read from device memory.
 // Torch-free (CUDA runtime, cuda_fp16.h, cuda_bf16.h). Included by the .cu files of csrc/cuda, and compiled as host
-// C++ by the CPU emulation test (tests/test_cuda_build.py), which runs plan_step, run_plan and the kernel body on
-// CPU tensors: only the `<<<>>>` launches in launch_adam are CUDA-only.
+// C++ by the CPU emulation test (tests/test_cuda_build.py), which runs run_step and the kernel body on CPU tensors
+// (blocks one after another): only the `<<<>>>` launch in launch_adam is CUDA-only.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -19,136 +19,84 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <map>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
 #include <vector>
 
 #include "adam_math.h"
+#include "common/static_switch.h"
 #include "cuda/adam_cuda.h"
-#include "cuda/launch_plan.h"
+#include "cuda/device_table.h"
 #include "rounding.h"
 
 namespace fused_adam {
 namespace cuda {
 
-// flash-attention's BOOL_SWITCH: a runtime bool becomes the constexpr NAME inside the lambda body.
-#define FA_BOOL_SWITCH(COND, NAME, ...)   \
-  [&] {                                   \
-    if (COND) {                           \
-      constexpr static bool NAME = true;  \
-      return __VA_ARGS__();               \
-    } else {                              \
-      constexpr static bool NAME = false; \
-      return __VA_ARGS__();               \
-    }                                     \
-  }()
+// NOTE [emulation]: the CPU emulation (tests/test_cuda_build.py) compiles this file as host C++ with FA_EMULATION
+// and runs a block's threads one after another, each through all of the block's chunks. There every thread computes
+// the values a block shares through shared memory itself (FA_SHARED_WRITER: the same function of the same inputs),
+// and the emulator runs count_device_steps for each block after all of its threads have stepped their chunks (on
+// the device, the kernel's barrier orders them).
+#if defined(FA_EMULATION)
+#define FA_SHARED_WRITER true
+#else
+#define FA_SHARED_WRITER (threadIdx.x == 0)
+#endif
 
-#define FA_WEIGHT_DECAY_SWITCH(MODE, NAME, ...)                                    \
-  [&] {                                                                            \
-    if ((MODE) == WeightDecay::kDecoupled) {                                       \
-      constexpr static WeightDecay NAME = WeightDecay::kDecoupled;                 \
-      return __VA_ARGS__();                                                        \
-    } else if ((MODE) == WeightDecay::kL2) {                                       \
-      constexpr static WeightDecay NAME = WeightDecay::kL2;                        \
-      return __VA_ARGS__();                                                        \
-    } else {                                                                       \
-      constexpr static WeightDecay NAME = WeightDecay::kNone;                      \
-      return __VA_ARGS__();                                                        \
-    }                                                                              \
-  }()
-
-// Named slots of a tensor's buffers (PyTorch's kParamIdx habit).
-enum Buf : int { kParam = 0, kGrad = 1, kExpAvg = 2, kExpAvgSq = 3, kMaxExpAvgSq = 4, kNumBufs = 5 };
 constexpr int kNumStreams = 4;  // csrc/rounding.h's Stream: param, exp_avg, exp_avg_sq, max_exp_avg_sq
 
 constexpr int kBlockThreads = 512;
-constexpr int kScalarILP = 4;  // scalar path: elements in flight per thread per array
-// Launch capacity. Kernel parameters are limited to 4 KB on pre-12.1 toolkits and pre-Volta archs (static_asserts
-// below). A block is 5 B (uint8 slot, int32 chunk). A slot is 56 B for float opmath, 64 B for double (5 pointers,
-// numel, two opmath scalars or the step pointer): 32 slots, sizeof(LaunchArgs<double, false>) = 3,816 B (<float>:
-// 3,528 B). Launches with master weights or stochastic rounding (float opmath only) have 80 B slots (+ the master
-// pointer, and four salts or the tensor id): 28 slots, sizeof(LaunchArgs<float, true>) = 3,976 B.
-constexpr int kMaxTensors = 32;  // also the thread count of the increment kernel
-constexpr int kMaxTensorsExt = 28;
-constexpr int kMaxBlocks = 320;
-constexpr size_t kParamBytes = 4096 - 64;  // what a launch may use of the 4 KB, with room for the ABI's own
+// Element-wise path (unaligned chunks): elements in flight per thread per array. It shares its kernel with the
+// vector path, and the kernel's registers are the larger path's: 4 took the fp32 kernels from 64 to 102 registers
+// (one 512-thread block per SM instead of two), 2 keeps them at the vector path's 48-74.
+constexpr int kScalarILP = 2;
 
 template <typename T> struct OpMath { using type = float; };
 template <> struct OpMath<double> { using type = double; };
 template <typename T> using opmath_t = typename OpMath<T>::type;
 
-// What one instantiation stores: params and grads of P, states of S, an fp32 master (MASTER), stochastic rounding (SR).
-template <typename P, typename S, bool MASTER, bool SR>
+// What one instantiation stores: params and grads of P, states of S, an fp32 master (MASTER), and which stores round
+// stochastically (SR_PARAM, SR_STATE: StepOptions' sr_param / sr_state, decided once by PartOptions).
+template <typename P, typename S, bool MASTER, bool SR_PARAM, bool SR_STATE>
 struct Layout {
   using O = opmath_t<P>;
   static_assert(std::is_same<O, opmath_t<S>>::value, "params and states share one opmath type");
-  // Stochastic rounding applies to the bf16 stores that are the only copy of a value.
-  static constexpr bool kSrParam = SR && std::is_same<P, __nv_bfloat16>::value && !MASTER;
-  static constexpr bool kSrState = SR && std::is_same<S, __nv_bfloat16>::value;
-  // Compiled: masters of 16-bit params only; SR only where it rounds something (plan_step turns it off elsewhere).
-  static constexpr bool kValid = (!MASTER || sizeof(P) == 2) && (!SR || kSrParam || kSrState);
-  static constexpr bool kExtSlot = MASTER || SR;
+  // Compiled: masters of 16-bit params only; stochastic rounding of bf16 stores, the param's only without a master.
+  static constexpr bool kValid = (!MASTER || sizeof(P) == 2) &&
+                                 (!SR_PARAM || (std::is_same<P, __nv_bfloat16>::value && !MASTER)) &&
+                                 (!SR_STATE || std::is_same<S, __nv_bfloat16>::value);
+  static constexpr bool kSr = SR_PARAM || SR_STATE;
   // Vector path: elements per thread per access, 16 B of the narrowest array. Every array's access is then a whole
   // number of 16 B (fp32 arrays beside 16-bit ones move 32 B: two 128-bit accesses) and stays 16-byte aligned.
   static constexpr int kVec = 16 / static_cast<int>(sizeof(P) < sizeof(S) ? sizeof(P) : sizeof(S));
-  // __launch_bounds__' minimum blocks per SM. Layouts with an fp32 array beside 16-bit ones hold 8 elements of up
-  // to 6 arrays per thread; left to itself ptxas squeezes some of them into 64 registers (two 512-thread blocks per
-  // SM) with a few bytes of spills. 1 lets them take what they need (one block of 16 warps per SM, each thread with
-  // 7 to 9 128-bit loads in flight: ~64 KB per SM, several times what bandwidth x latency asks for). 0: no minimum,
-  // ptxas' own choice, as before these layouts existed.
-  static constexpr int kMinBlocks = (kVec == 8 && (MASTER || sizeof(P) == 4 || sizeof(S) == 4)) ? 1 : 0;
+  // __launch_bounds__' minimum blocks per SM: 1 lets every layout take the registers it needs, up to 128 (one
+  // 512-thread block per SM; each thread keeps 4 to 9 128-bit loads in flight). Left to itself (0) ptxas squeezes
+  // some layouts (bf16, fp64, an fp32 array beside 16-bit ones) into 64 or 128 registers with a few bytes of spills.
+  static constexpr int kMinBlocks = 1;
 };
 
+// The kernel parameters: the tables' addresses and what is the same for every tensor of the step.
 template <typename O>
-struct TensorSlot {
-  void* buf[kNumBufs];
-  int64_t numel;
-  union {
-    struct {
-      O neg_step_size;          // host-computed (not capturable), see StepScalars
-      O bias_correction2_sqrt;
-    } host;
-    float* step;                // capturable: read on the device
-  };
-};
-
-// A slot of a launch with master weights or stochastic rounding.
-template <typename O>
-struct TensorSlotExt : TensorSlot<O> {
-  float* master;                 // MASTER: the fp32 master, read and written instead of the param
-  union {
-    uint32_t salt[kNumStreams];  // SR, not capturable: sr_salt(seed, step, tensor, stream), indexed by Stream
-    uint64_t tensor;             // SR, capturable: the tensor id; the block computes the salts from the device step
-  };
-};
-
-template <typename O, bool EXT>
-struct LaunchArgs {
-  static constexpr int kTensors = EXT ? kMaxTensorsExt : kMaxTensors;
-  typename std::conditional<EXT, TensorSlotExt<O>, TensorSlot<O>>::type tensors[kTensors];
-  int32_t block_chunk[kMaxBlocks];
-  uint8_t block_slot[kMaxBlocks];
-  StepScalars<O> scalars;  // not capturable: the step-independent fields (the rest are per slot)
-  AdamHyper hyper;         // capturable: the block computes its tensor's StepScalars from these and the step
-  const double* lr;        // capturable: lr on the device, or null (hyper.lr)
+struct KernelArgs {
+  const TensorEntry* tensors;
+  const ChunkEntry* chunks;
+  TableHeader* header;     // kDevice: the finished-blocks counter
+  int64_t num_tensors;
+  int64_t num_chunks;
+  int64_t chunk_size;
+  StepScalars<O> scalars;  // kUniform: every tensor's; kPerTensor: the step-independent fields
+  AdamHyper hyper;         // kDevice: the block computes its tensor's StepScalars from these and the step
+  const double* lr;        // kDevice: lr on the device, or null (hyper.lr)
   const float* grad_scale;
   const float* found_inf;
   const float* clip_coef;  // or null: no clipping
-  int64_t chunk_size;
-  uint64_t seed;           // SR, capturable
-  bool device_scalars;     // capturable
+  uint64_t seed;           // stochastic rounding
+  uint64_t step;           // kUniform: the step (stochastic rounding's salts)
+  StepSource steps;
   bool maximize;
-};
-static_assert(sizeof(LaunchArgs<double, false>) <= kParamBytes, "launch metadata must fit the 4 KB parameter limit");
-static_assert(sizeof(LaunchArgs<float, false>) <= kParamBytes, "launch metadata must fit the 4 KB parameter limit");
-static_assert(sizeof(LaunchArgs<float, true>) <= kParamBytes, "launch metadata must fit the 4 KB parameter limit");
-static_assert(kMaxTensors <= 256 && kMaxTensorsExt <= kMaxTensors, "block_slot is a uint8_t; IncrementArgs has 32");
-
-struct IncrementArgs {
-  float* step[kMaxTensors];
-  const float* found_inf;
-  int32_t count;
 };
 
 // Storage <-> opmath conversions: one rounding per store (to nearest, or stochastic to bf16).
@@ -201,9 +149,9 @@ struct Pieces {
 };
 
 // One element's update and the values it stores, shared by the vector and scalar paths.
-template <typename P, typename S, WeightDecay WD, bool AMSGRAD, bool UNSCALE, bool MASTER, bool SR>
+template <typename P, typename S, WeightDecay WD, bool AMSGRAD, bool UNSCALE, bool MASTER, bool SR_PARAM, bool SR_STATE>
 struct Elementwise {
-  using L = Layout<P, S, MASTER, SR>;
+  using L = Layout<P, S, MASTER, SR_PARAM, SR_STATE>;
   using O = typename L::O;
   // maximize and clipping are one signed coefficient on the grad: g * (-c) is -(g * c) bitwise (IEEE multiplication
   // is sign-symmetric), and g * 1 is g, so one instantiation serves all four (one FMUL per element).
@@ -212,74 +160,46 @@ struct Elementwise {
     adam_update<O, WD, AMSGRAD, /*MAXIMIZE=*/false, UNSCALE, /*CLIP=*/true>(p, g, m, v, vmax, s, scale, coef);
   }
   __device__ __forceinline__ static P param(O x, const uint32_t* salt, int64_t index) {
-    return round_store<P, L::kSrParam>(x, salt[static_cast<int>(Stream::kParam)], index);
+    return round_store<P, SR_PARAM>(x, salt[static_cast<int>(Stream::kParam)], index);
   }
   __device__ __forceinline__ static S state(O x, const uint32_t* salt, Stream stream, int64_t index) {
-    return round_store<S, L::kSrState>(x, salt[static_cast<int>(stream)], index);
+    return round_store<S, SR_STATE>(x, salt[static_cast<int>(stream)], index);
   }
 };
 
-// One block = one chunk. VECTOR: every buffer of the launch is 16-byte aligned and chunk_size is a multiple of 8,
+// The buffers' addresses come from the device table, not from the kernel parameters, so the compiler cannot see
+// they are global memory and would use generic loads and stores (LD/ST); asserting it gives LDG/STG.
+#if defined(__CUDA_ARCH__)
+#define FA_ASSUME_GLOBAL(ptr) __builtin_assume(__isGlobal(ptr))
+#else
+#define FA_ASSUME_GLOBAL(ptr) static_cast<void>(ptr)
+#endif
+
+// One chunk: elements [start, start + n) of every buffer of `t`. VECTOR: every buffer is 16-byte aligned at `start`,
 // so each thread moves whole 16 B per buffer per access (Layout::kVec elements: 4 fp32, 8 bf16/fp16, 2 fp64, 8 when
-// any array is 16-bit); the chunk's tail that does not fill a vector runs element by element. Otherwise
-// kScalarILP strided elements per thread are loaded before any is computed. Indices inside a chunk are int
-// (chunk_size <= 2^30); tensor offsets and the element index of stochastic rounding are int64.
-template <typename P, typename S, WeightDecay WD, bool AMSGRAD, bool UNSCALE, bool MASTER, bool SR, bool VECTOR>
-__global__ void __launch_bounds__(kBlockThreads, (Layout<P, S, MASTER, SR>::kMinBlocks))
-    adam_step_kernel(const LaunchArgs<opmath_t<P>, MASTER || SR> args) {
-  using L = Layout<P, S, MASTER, SR>;
+// any array is 16-bit); the tail that does not fill a vector runs element by element. Otherwise kScalarILP strided
+// elements per thread are loaded before any is computed. Indices inside a chunk are int (chunk_size <= 2^30);
+// tensor offsets and the element index of stochastic rounding are int64.
+template <typename P, typename S, WeightDecay WD, bool AMSGRAD, bool UNSCALE, bool MASTER, bool SR_PARAM, bool SR_STATE,
+          bool VECTOR>
+__device__ __forceinline__ void step_chunk(const TensorEntry& t, int64_t start, int n,
+                                           const StepScalars<opmath_t<P>>& s,
+                                           const uint32_t* salt, opmath_t<P> scale, opmath_t<P> coef) {
+  using L = Layout<P, S, MASTER, SR_PARAM, SR_STATE>;
   using O = typename L::O;
-  using E = Elementwise<P, S, WD, AMSGRAD, UNSCALE, MASTER, SR>;
-  static_assert(L::kValid, "no such layout (plan_step)");
-  if (args.found_inf != nullptr && *args.found_inf != 0.0f) return;  // uniform over the grid
-
-  const int slot = args.block_slot[blockIdx.x];
-  const auto& ts = args.tensors[slot];
-  const int64_t start = static_cast<int64_t>(args.block_chunk[blockIdx.x]) * args.chunk_size;
-  const int64_t left = ts.numel - start;
-  const int n = static_cast<int>(left < args.chunk_size ? left : args.chunk_size);
-
-  StepScalars<O> s;
-  uint32_t salt[kNumStreams] = {0, 0, 0, 0};
-  if (args.device_scalars) {
-    // The step was incremented by increment_steps_kernel before this launch (NOTE [launch plan]).
-    __shared__ StepScalars<O> shared;
-    __shared__ uint32_t shared_salt[kNumStreams];
-    if (threadIdx.x == 0) {
-      AdamHyper h = args.hyper;
-      if (args.lr != nullptr) h.lr = *args.lr;
-      const float step = *ts.step;
-      shared = make_step_scalars<O>(h, static_cast<double>(step));
-      if constexpr (SR) {
-        for (int k = 0; k < kNumStreams; ++k) {
-          shared_salt[k] = sr_salt(args.seed, static_cast<uint64_t>(step), ts.tensor, static_cast<Stream>(k));
-        }
-      }
-    }
-    __syncthreads();
-    s = shared;
-    if constexpr (SR) {
-      for (int k = 0; k < kNumStreams; ++k) salt[k] = shared_salt[k];
-    }
-  } else {
-    s = args.scalars;
-    s.neg_step_size = ts.host.neg_step_size;
-    s.bias_correction2_sqrt = ts.host.bias_correction2_sqrt;
-    if constexpr (SR) {
-      for (int k = 0; k < kNumStreams; ++k) salt[k] = ts.salt[k];
-    }
-  }
-  const O scale = UNSCALE ? static_cast<O>(*args.grad_scale) : O(1);
-  O coef = args.clip_coef != nullptr ? static_cast<O>(*args.clip_coef) : O(1);
-  if (args.maximize) coef = -coef;
-
-  P* __restrict__ p = static_cast<P*>(ts.buf[kParam]) + start;
-  P* __restrict__ g = static_cast<P*>(ts.buf[kGrad]) + start;
-  S* __restrict__ m = static_cast<S*>(ts.buf[kExpAvg]) + start;
-  S* __restrict__ v = static_cast<S*>(ts.buf[kExpAvgSq]) + start;
-  S* __restrict__ vmax = AMSGRAD ? static_cast<S*>(ts.buf[kMaxExpAvgSq]) + start : nullptr;
-  float* __restrict__ master = nullptr;
-  if constexpr (MASTER) master = ts.master + start;
+  using E = Elementwise<P, S, WD, AMSGRAD, UNSCALE, MASTER, SR_PARAM, SR_STATE>;
+  P* __restrict__ p = static_cast<P*>(t.buf[kParam]) + start;
+  P* __restrict__ g = static_cast<P*>(t.buf[kGrad]) + start;
+  S* __restrict__ m = static_cast<S*>(t.buf[kExpAvg]) + start;
+  S* __restrict__ v = static_cast<S*>(t.buf[kExpAvgSq]) + start;
+  S* __restrict__ vmax = AMSGRAD ? static_cast<S*>(t.buf[kMaxExpAvgSq]) + start : nullptr;
+  float* __restrict__ master = MASTER ? static_cast<float*>(t.buf[kMaster]) + start : nullptr;
+  FA_ASSUME_GLOBAL(p);
+  FA_ASSUME_GLOBAL(g);
+  FA_ASSUME_GLOBAL(m);
+  FA_ASSUME_GLOBAL(v);
+  if (AMSGRAD) FA_ASSUME_GLOBAL(vmax);
+  if (MASTER) FA_ASSUME_GLOBAL(master);
 
   // Stores element i's opmath values, each rounded once (scalar path and the vector path's tail).
   const auto store = [&](int i, O rp, O rg, O rm, O rv, O rvmax) {
@@ -391,157 +311,133 @@ __global__ void __launch_bounds__(kBlockThreads, (Layout<P, S, MASTER, SR>::kMin
   }
 }
 
-// Capturable steps: thread i increments the step of the launch's i-th `first` slot, unless found_inf is set.
-// Runs as its own kernel before the launch's update kernel (NOTE [launch plan]).
-__device__ __forceinline__ void increment_steps(const IncrementArgs& args, int thread) {
-  if (args.found_inf != nullptr && *args.found_inf != 0.0f) return;
-  if (thread < args.count) *args.step[thread] += 1.0f;
+__device__ __forceinline__ bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
+
+// kDevice: the last block of the launch to finish counts every tensor's step: every block has read its steps by
+// then (each thread's reads are done before the block's barrier; the fence orders the block's count after them).
+template <typename O>
+__device__ __forceinline__ void count_device_steps(const KernelArgs<O>& args) {
+  if (args.steps != StepSource::kDevice || (args.found_inf != nullptr && *args.found_inf != 0.0f)) return;
+  __shared__ bool last;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    last = atomicAdd(&args.header->blocks_done, 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (last) {
+    __threadfence();
+    for (int64_t i = threadIdx.x; i < args.num_tensors; i += kBlockThreads) *args.tensors[i].step += 1.0f;
+    if (threadIdx.x == 0) args.header->blocks_done = 0;  // the next launch (a graph replay too) counts from 0
+  }
 }
 
-// Host side, shared by the launcher and the CPU emulation test (tests/test_cuda_build.py): checks the raw
-// arguments, turns stochastic rounding off where it rounds nothing, picks the vector path per tensor and packs the
-// chunk table into launches.
-inline std::vector<PlannedLaunch> plan_step(const AdamTensor* tensors, int64_t num_tensors, DType param_dtype,
-                                            DType state_dtype, AdamStepOptions& o) {
-  if (num_tensors < 0) throw std::invalid_argument("adam_step_cuda: negative num_tensors");
-  if (o.chunk_size == 0) o.chunk_size = kDefaultChunkSize;
-  if (o.chunk_size <= 0 || o.chunk_size % 8 != 0 || o.chunk_size > (int64_t{1} << 30)) {
-    throw std::invalid_argument("adam_step_cuda: chunk_size must be a positive multiple of 8 up to 2^30, got " +
-                                std::to_string(o.chunk_size));
-  }
-  if (!o.capturable && o.lr_device != nullptr) {
-    throw std::invalid_argument("adam_step_cuda: lr_device needs capturable (else the host computes the scalars)");
-  }
-  if (!compiled_pair(param_dtype, state_dtype)) {
-    throw std::invalid_argument(std::string("adam_step_cuda: no kernel for ") + dtype_name(param_dtype) +
-                                " params with " + dtype_name(state_dtype) +
-                                " states (states take the param's dtype, or float32 params have bfloat16 states, or "
-                                "bfloat16/float16 params have float32 states)");
-  }
-  if (o.master_weights && param_dtype != DType::kBFloat16 && param_dtype != DType::kFloat16) {
-    throw std::invalid_argument(std::string("adam_step_cuda: master weights need bfloat16 or float16 params, got ") +
-                                dtype_name(param_dtype));
-  }
-  o.stochastic_rounding = o.stochastic_rounding && ((param_dtype == DType::kBFloat16 && !o.master_weights) ||
-                                                    state_dtype == DType::kBFloat16);
-  const auto aligned16 = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
-  std::vector<int64_t> numels(static_cast<size_t>(num_tensors));
-  std::vector<bool> vector_ok(static_cast<size_t>(num_tensors));
-  for (int64_t i = 0; i < num_tensors; ++i) {
-    const AdamTensor& t = tensors[i];
-    const std::string which = "adam_step_cuda: tensor " + std::to_string(i) + ": ";
-    if (t.numel < 0) throw std::invalid_argument(which + "negative numel " + std::to_string(t.numel));
-    if (o.capturable && t.step_device == nullptr) throw std::invalid_argument(which + "capturable needs step_device");
-    numels[i] = t.numel;
-    if (t.numel == 0) {
-      vector_ok[i] = true;
-      continue;
+// The step: block b steps chunks b, b + gridDim.x, ... of the chunk table (NOTE [device table]).
+template <typename P, typename S, WeightDecay WD, bool AMSGRAD, bool UNSCALE, bool MASTER, bool SR_PARAM, bool SR_STATE>
+__global__ void __launch_bounds__(kBlockThreads, (Layout<P, S, MASTER, SR_PARAM, SR_STATE>::kMinBlocks))
+    adam_step_kernel(const KernelArgs<opmath_t<P>> args) {
+  using L = Layout<P, S, MASTER, SR_PARAM, SR_STATE>;
+  using O = typename L::O;
+  static_assert(L::kValid, "no such layout (check_step)");
+  if (args.found_inf != nullptr && *args.found_inf != 0.0f) return;  // uniform over the grid: no step counted
+
+  const O scale = UNSCALE ? static_cast<O>(*args.grad_scale) : O(1);
+  O coef = args.clip_coef != nullptr ? static_cast<O>(*args.clip_coef) : O(1);
+  if (args.maximize) coef = -coef;
+  __shared__ StepScalars<O> shared_scalars;  // kDevice: thread 0 computes them from the tensor's device step
+  __shared__ float shared_step;
+
+  for (int64_t c = blockIdx.x; c < args.num_chunks; c += gridDim.x) {
+    const ChunkEntry chunk = args.chunks[c];
+    const TensorEntry& t = args.tensors[chunk.tensor];
+    const int64_t start = static_cast<int64_t>(chunk.chunk) * args.chunk_size;
+    const int64_t left = t.numel - start;
+    const int n = static_cast<int>(left < args.chunk_size ? left : args.chunk_size);
+
+    StepScalars<O> s = args.scalars;
+    uint64_t step = args.step;
+    if (args.steps == StepSource::kPerTensor) {
+      s.neg_step_size = static_cast<O>(t.neg_step_size);
+      s.bias_correction2_sqrt = static_cast<O>(t.bias_correction2_sqrt);
+      step = static_cast<uint64_t>(t.host_step);
+    } else if (args.steps == StepSource::kDevice) {
+      __syncthreads();  // every thread has read the previous chunk's values
+      if (FA_SHARED_WRITER) {
+        AdamHyper h = args.hyper;
+        if (args.lr != nullptr) h.lr = *args.lr;
+        const float next = *t.step + 1.0f;  // stored by the launch's last block, after every block has read it
+        shared_scalars = make_step_scalars<O>(h, static_cast<double>(next));
+        shared_step = next;
+      }
+      __syncthreads();
+      s = shared_scalars;
+      step = static_cast<uint64_t>(shared_step);
     }
-    if (!t.param || !t.grad || !t.exp_avg || !t.exp_avg_sq || (o.amsgrad && !t.max_exp_avg_sq) ||
-        (o.master_weights && !t.master)) {
-      throw std::invalid_argument(which + "null buffer pointer");
+    uint32_t salt[kNumStreams] = {0, 0, 0, 0};
+    if constexpr (L::kSr) {
+      for (int k = 0; k < kNumStreams; ++k) salt[k] = sr_salt(args.seed, step, t.tensor_id, static_cast<Stream>(k));
     }
-    vector_ok[i] = aligned16(t.param) && aligned16(t.grad) && aligned16(t.exp_avg) && aligned16(t.exp_avg_sq) &&
-                   (!o.amsgrad || aligned16(t.max_exp_avg_sq)) && (!o.master_weights || aligned16(t.master));
+
+    bool vector = aligned16(static_cast<P*>(t.buf[kParam]) + start) &&
+                  aligned16(static_cast<P*>(t.buf[kGrad]) + start) &&
+                  aligned16(static_cast<S*>(t.buf[kExpAvg]) + start) &&
+                  aligned16(static_cast<S*>(t.buf[kExpAvgSq]) + start);
+    if (AMSGRAD) vector = vector && aligned16(static_cast<S*>(t.buf[kMaxExpAvgSq]) + start);
+    if (MASTER) vector = vector && aligned16(static_cast<float*>(t.buf[kMaster]) + start);
+    if (vector) {
+      step_chunk<P, S, WD, AMSGRAD, UNSCALE, MASTER, SR_PARAM, SR_STATE, true>(t, start, n, s, salt, scale, coef);
+    } else {
+      step_chunk<P, S, WD, AMSGRAD, UNSCALE, MASTER, SR_PARAM, SR_STATE, false>(t, start, n, s, salt, scale, coef);
+    }
   }
-  const bool ext = o.master_weights || o.stochastic_rounding;
-  return plan_launches(numels, vector_ok, o.chunk_size, ext ? kMaxTensorsExt : kMaxTensors, kMaxBlocks);
+
+#if !defined(FA_EMULATION)
+  count_device_steps(args);
+#endif
 }
 
-// run_plan for one layout: fills the metadata of every planned launch and hands it over.
-template <typename P, typename S, bool MASTER, bool SR, typename Update, typename Increment>
-cudaError_t run_launches(const AdamTensor* tensors, const std::vector<PlannedLaunch>& plan, const AdamStepOptions& o,
-                         Update&& update, Increment&& increment) {
+// Host side, shared by the launcher and the CPU emulation test (tests/test_cuda_build.py): fills the kernel
+// parameters of a step and hands `launch(kernel, const KernelArgs<O>&)` the kernel instantiation of its options.
+template <typename P, typename S, typename Launch>
+cudaError_t run_step(const DeviceTableRef& table, const StepOptions& o, const HostSteps& host, Launch&& launch) {
   using O = opmath_t<P>;
-  using Args = LaunchArgs<O, MASTER || SR>;
-  static_assert(sizeof(Args) <= kParamBytes, "launch metadata must fit the 4 KB kernel parameter limit");
-  const WeightDecay wd = o.hyper.weight_decay == 0.0 ? WeightDecay::kNone
-                         : o.decoupled                ? WeightDecay::kDecoupled
-                                                      : WeightDecay::kL2;
-  Args args{};
+  const StepSource steps = o.capturable ? StepSource::kDevice : host.source;
+  KernelArgs<O> args{};
+  unsigned char* base = static_cast<unsigned char*>(table.base);
+  args.header = reinterpret_cast<TableHeader*>(base);
+  args.tensors = reinterpret_cast<const TensorEntry*>(base + table.tensors_offset);
+  args.chunks = reinterpret_cast<const ChunkEntry*>(base + table.chunks_offset);
+  args.num_tensors = table.num_tensors;
+  args.num_chunks = table.num_chunks;
+  args.chunk_size = table.chunk_size;
+  args.scalars = make_step_scalars<O>(o.hyper, steps == StepSource::kUniform ? host.step : 1.0);
+  if (!std::isnan(o.decay)) args.scalars.decay = static_cast<O>(o.decay);
   args.hyper = o.hyper;
   args.lr = o.lr_device;
   args.grad_scale = o.grad_scale;
   args.found_inf = o.found_inf;
   args.clip_coef = o.clip_coef;
-  args.chunk_size = o.chunk_size;
   args.seed = o.seed;
-  args.device_scalars = o.capturable;
+  args.step = static_cast<uint64_t>(host.step);
+  args.steps = steps;
   args.maximize = o.maximize;
-  args.scalars = make_step_scalars<O>(o.hyper, 1.0);  // step-independent fields; the others are per slot
-  if (!std::isnan(o.decay)) args.scalars.decay = static_cast<O>(o.decay);
-  for (const PlannedLaunch& launch : plan) {
-    if (launch.slots.size() > static_cast<size_t>(Args::kTensors)) {
-      throw std::logic_error("adam_step_cuda: a launch has more tensors than its metadata holds");
-    }
-    IncrementArgs inc{};
-    inc.found_inf = o.found_inf;
-    for (size_t i = 0; i < launch.slots.size(); ++i) {
-      const AdamTensor& t = tensors[launch.slots[i].tensor];
-      auto& ts = args.tensors[i];
-      ts.buf[kParam] = t.param;
-      ts.buf[kGrad] = t.grad;
-      ts.buf[kExpAvg] = t.exp_avg;
-      ts.buf[kExpAvgSq] = t.exp_avg_sq;
-      ts.buf[kMaxExpAvgSq] = o.amsgrad ? t.max_exp_avg_sq : nullptr;
-      ts.numel = t.numel;
-      if (o.capturable) {
-        ts.step = t.step_device;
-        if (launch.slots[i].first) inc.step[inc.count++] = t.step_device;
-      } else {
-        const StepScalars<O> s = make_step_scalars<O>(o.hyper, t.step);
-        ts.host.neg_step_size = s.neg_step_size;
-        ts.host.bias_correction2_sqrt = s.bias_correction2_sqrt;
-      }
-      if constexpr (MASTER || SR) {
-        ts.master = MASTER ? t.master : nullptr;
-        if (o.capturable) {
-          ts.tensor = t.tensor_id;
-        } else {
-          for (int k = 0; k < kNumStreams; ++k) {
-            ts.salt[k] = SR ? sr_salt(o.seed, static_cast<uint64_t>(t.step), t.tensor_id, static_cast<Stream>(k)) : 0u;
-          }
-        }
-      }
-    }
-    for (size_t b = 0; b < launch.blocks.size(); ++b) {
-      args.block_slot[b] = static_cast<uint8_t>(launch.blocks[b].slot);
-      args.block_chunk[b] = launch.blocks[b].chunk;
-    }
-    if (inc.count > 0) {
-      const cudaError_t err = increment(static_cast<const IncrementArgs&>(inc));
-      if (err != cudaSuccess) return err;
-    }
-    if (launch.blocks.empty()) continue;
-    const unsigned grid = static_cast<unsigned>(launch.blocks.size());
-    const cudaError_t err = FA_WEIGHT_DECAY_SWITCH(wd, kWD, [&] {
-      return FA_BOOL_SWITCH(o.amsgrad, kAmsgrad, [&] {
-        return FA_BOOL_SWITCH(o.grad_scale != nullptr, kUnscale, [&] {
-          return FA_BOOL_SWITCH(launch.vector, kVector, [&] {
-            return update(adam_step_kernel<P, S, kWD, kAmsgrad, kUnscale, MASTER, SR, kVector>, grid,
-                          static_cast<const Args&>(args));
+  if (table.num_chunks == 0 && steps != StepSource::kDevice) return cudaSuccess;  // nothing to do
+  return FA_BOOL_SWITCH(o.master, kMaster, [&] {
+    return FA_BOOL_SWITCH(o.sr_param, kSrParam, [&] {
+      return FA_BOOL_SWITCH(o.sr_state, kSrState, [&] {
+        if constexpr (Layout<P, S, kMaster, kSrParam, kSrState>::kValid) {
+          return FA_WEIGHT_DECAY_SWITCH(o.wd_mode, kWD, [&] {
+            return FA_BOOL_SWITCH(o.amsgrad, kAmsgrad, [&] {
+              return FA_BOOL_SWITCH(o.unscale(), kUnscale, [&] {
+                return launch(adam_step_kernel<P, S, kWD, kAmsgrad, kUnscale, kMaster, kSrParam, kSrState>,
+                              static_cast<const KernelArgs<O>&>(args));
+              });
+            });
           });
-        });
+        } else {
+          return cudaErrorInvalidValue;  // unreachable: check_step refuses what no layout has
+        }
       });
-    });
-    if (err != cudaSuccess) return err;
-  }
-  return cudaSuccess;
-}
-
-// Hands every planned launch (plan_step) to `increment(const IncrementArgs&)` for the capturable step increments of
-// the launch, then to `update(kernel, grid, const LaunchArgs<O, EXT>&)` with the kernel instantiation of the
-// options. Returns the first error either returns.
-template <typename P, typename S, typename Update, typename Increment>
-cudaError_t run_plan(const AdamTensor* tensors, const std::vector<PlannedLaunch>& plan, const AdamStepOptions& o,
-                     Update&& update, Increment&& increment) {
-  return FA_BOOL_SWITCH(o.master_weights, kMaster, [&] {
-    return FA_BOOL_SWITCH(o.stochastic_rounding, kSr, [&] {
-      if constexpr (Layout<P, S, kMaster, kSr>::kValid) {
-        return run_launches<P, S, kMaster, kSr>(tensors, plan, o, update, increment);
-      } else {
-        return cudaErrorInvalidValue;  // unreachable: plan_step refuses or turns off what a layout cannot have
-      }
     });
   });
 }
@@ -572,23 +468,40 @@ auto dispatch_pair(DType param, DType state, F&& f) -> decltype(f(TypeTag<float>
 }
 
 #if defined(__CUDACC__)
-__global__ void increment_steps_kernel(const IncrementArgs args);  // adam_cuda.cu
+// Resident blocks per SM of `kernel` on `device` (its registers and __launch_bounds__ decide), asked of the runtime
+// once per (kernel, device) and kept.
+template <typename Query>
+cudaError_t blocks_per_sm(const void* kernel, int device, int* out, Query&& query) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, int> known;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto it = known.find({kernel, device});
+  if (it != known.end()) {
+    *out = it->second;
+    return cudaSuccess;
+  }
+  const cudaError_t err = query(out);
+  if (err == cudaSuccess) known[{kernel, device}] = *out;
+  return err;
+}
 
-// Enqueues every planned launch of one (param, state) dtype pair on `stream`. Instantiated once per pair in
-// adam_cuda_<pair>.cu, so the pairs compile in parallel.
+// Enqueues the step of one (param, state) dtype pair on `stream`: one launch of as many blocks as fit on the device
+// at once. Instantiated once per pair in adam_cuda_<pair>.cu, so the pairs compile in parallel.
 template <typename P, typename S>
-cudaError_t launch_adam(const AdamTensor* tensors, const std::vector<PlannedLaunch>& plan, const AdamStepOptions& o,
+cudaError_t launch_adam(const DeviceTableRef& table, const StepOptions& o, const HostSteps& host, int sm_count,
                         cudaStream_t stream) {
-  return run_plan<P, S>(
-      tensors, plan, o,
-      [&](auto kernel, unsigned grid, const auto& args) {
-        kernel<<<grid, kBlockThreads, 0, stream>>>(args);
-        return cudaGetLastError();
-      },
-      [&](const IncrementArgs& inc) {
-        increment_steps_kernel<<<1, kMaxTensors, 0, stream>>>(inc);
-        return cudaGetLastError();
+  return run_step<P, S>(table, o, host, [&](auto kernel, const auto& args) {
+    int device = 0, per_sm = 0;
+    cudaError_t err = cudaGetDevice(&device);
+    if (err == cudaSuccess) {
+      err = blocks_per_sm(reinterpret_cast<const void*>(kernel), device, &per_sm, [&](int* out) {
+        return cudaOccupancyMaxActiveBlocksPerMultiprocessor(out, kernel, kBlockThreads, 0);
       });
+    }
+    if (err != cudaSuccess) return err;
+    kernel<<<grid_size(table.num_chunks, sm_count, per_sm), kBlockThreads, 0, stream>>>(args);
+    return cudaGetLastError();
+  });
 }
 #endif  // __CUDACC__
 

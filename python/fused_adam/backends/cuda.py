@@ -1,139 +1,105 @@
-"""CUDA backend: the multi-tensor-apply kernel of csrc/cuda (extension module fused_adam._C_cuda).
+"""CUDA backend: the multi-tensor kernel of csrc/cuda (extension module fused_adam._C_cuda).
 
-One launch per 320 chunks of 64K elements spanning all tensors of a partition, metadata in the kernel parameters,
-128-bit accesses where every buffer is 16-byte aligned; the per-element math is csrc/adam_math.h, shared with the
-CPU kernel. Non-capturable steps (CPU step tensors) get their bias corrections from the host; capturable steps read
-step and lr on the device, so step() can be captured in a CUDA graph.
+prepare() makes the partition's native object (_C_cuda.Partition): its tensor and chunk tables in device memory,
+built once and kept across steps (NOTE [device table] in csrc/cuda/device_table.h). A step checks the tensors in
+C++, patches the table entries whose buffers moved (a grad allocated anew) with one small stream-ordered copy, and
+runs one launch of persistent blocks over every chunk of the partition, 128-bit accesses wherever a chunk's buffers
+are aligned; the per-element math is csrc/adam_math.h, shared with the CPU kernel. Non-capturable steps (CPU step
+tensors) get their bias corrections from the host; capturable steps read step and lr on the device, so step() can
+be captured in a CUDA graph.
 
 All the optional features (backends/__init__.py): fp32 master weights, states in their own dtype (float32 params
-with bfloat16 states, bfloat16/float16 params with float32 states), stochastic rounding (per-tensor salts from the
-host, or from the device step when capturable), and clipping by a coefficient the kernel reads on the device.
+with bfloat16 states, bfloat16/float16 params with float32 states), stochastic rounding (salts from the step, on the
+device), and clipping by a coefficient the kernel reads on the device. Which dtype pairs and options have kernels is
+decided in C++ (csrc/cuda/adam_cuda.h, unsupported), asked through the binding.
 """
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from types import SimpleNamespace
+from . import Amp, Backend, Hyper, PartOptions
 
-from . import Amp, Backend, Hyper
-
-NAME = "cuda"
-FEATURES = ("master_weights", "state_dtype", "stochastic_rounding", "clip")
-
-_SUPPORTED = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-# state_dtype other than the param's: the (param, state) pairs compiled in csrc/cuda (adam_cuda_<pair>.cu).
-_STATE_PAIRS = {(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float16, torch.float32)}
-
-try:
-    from .. import _C_cuda  # type: ignore[attr-defined]
-
-    _IMPORT_ERROR: BaseException | None = None
-except Exception as e:  # not built here (no CUDA torch or no nvcc), or a broken build
-    _C_cuda = None
-    _IMPORT_ERROR = e
+_DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "bfloat16",
+                torch.float16: "float16"}
+_U64 = (1 << 64) - 1
 
 
-def unavailable() -> str | None:
-    if torch.version.cuda is None:
-        return f"torch {torch.__version__} is built without CUDA"
-    if _C_cuda is None:
-        return f"extension fused_adam._C_cuda is not built: {type(_IMPORT_ERROR).__name__}: {_IMPORT_ERROR}"
-    return None
+def _import_native() -> tuple[Any, BaseException | None]:
+    try:
+        from .. import _C_cuda  # type: ignore[attr-defined]
+    except Exception as e:  # not built here (no CUDA torch or no nvcc), or a broken build
+        return None, e
+    return _C_cuda, None
 
 
-def unsupported(device: torch.device, dtype: torch.dtype, hp: Hyper) -> str | None:
-    if device.type != "cuda":
-        return f"runs on CUDA devices only, got {device}"
-    return unsupported_options(dtype, hp)
+class CudaBackend(Backend):
+    """`native` is the binding (fused_adam._C_cuda): Partition(...) and unsupported(param, state, master). The CPU
+    emulation of tests/test_cuda_build.py passes its own, on `device_type` "cpu"."""
 
+    name = "cuda"
 
-def unsupported_options(dtype: torch.dtype, hp: Hyper) -> str | None:
-    """Why the kernels cannot run these dtypes and options on any device, or None."""
-    if dtype not in _SUPPORTED:
-        return f"dtype {dtype} is not supported (float32, float64, bfloat16, float16)"
-    if hp.differentiable:
-        return "differentiable=True needs autograd through the step (the reference backend does it)"
-    if hp.state_dtype is not None and hp.state_dtype != dtype and (dtype, hp.state_dtype) not in _STATE_PAIRS:
-        return (f"state_dtype {hp.state_dtype} with {dtype} params is not compiled (float32 params with bfloat16 "
-                "states, bfloat16/float16 params with float32 states)")
-    if hp.master_weights and dtype not in (torch.bfloat16, torch.float16):
-        return f"master_weights with {dtype} params (masters are for bfloat16/float16 params)"
-    return None
-
-
-def step(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    hp: Hyper,
-    grad_scale: Tensor | None,
-    found_inf: Tensor | None,
-    *,
-    master_params: list[Tensor] | None = None,
-    tensor_ids: list[int] | None = None,
-    clip_coef: Tensor | None = None,
-) -> None:
-    if not params:
-        return
-    device = params[0].device
-    lr, lr_tensor = hp.lr, None
-    if isinstance(lr, Tensor):
-        if hp.capturable and lr.device.type == "cuda":
-            lr_tensor = lr.to(device=device, dtype=torch.float64, non_blocking=True)  # read by the kernel
-            lr = 0.0
+    def __init__(self, native: Any = None, device_type: str = "cuda", chunk_size: int = 0):
+        if native is None:
+            native, self._import_error = _import_native()
         else:
-            lr = lr.item()  # a host read, as torch's fused Adam does for a CPU lr
-    # Betas are host scalars (torch's fused kernel takes them as doubles too): a Tensor beta is read here.
-    beta1 = hp.beta1.item() if isinstance(hp.beta1, Tensor) else hp.beta1
-    beta2 = hp.beta2.item() if isinstance(hp.beta2, Tensor) else hp.beta2
-    decay = None
-    if isinstance(hp.lr, Tensor) and hp.decoupled and hp.weight_decay != 0 and lr_tensor is None:
-        decay = (1 - hp.lr * hp.weight_decay).item()  # in lr's dtype, as torch.optim.AdamW computes it
-    _C_cuda.adam_step(
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
-        float(lr), lr_tensor, float(beta1), float(beta2), float(hp.eps), float(hp.weight_decay),
-        hp.amsgrad, hp.maximize, hp.decoupled, hp.capturable, grad_scale, found_inf, decay,
-        master_params=master_params or [], tensor_ids=tensor_ids or [],
-        stochastic_rounding=hp.stochastic_rounding, seed=hp.seed, clip_coef=clip_coef,
-    )
-
-
-def _legacy_hyper(part, hp: Hyper) -> SimpleNamespace:
-    """Interim: the old per-call options object this module's step() reads."""
-    o = part.options
-    return SimpleNamespace(lr=hp.lr, beta1=hp.beta1, beta2=hp.beta2, eps=hp.eps, weight_decay=hp.weight_decay,
-                           amsgrad=o.amsgrad, maximize=o.maximize, decoupled=o.decoupled, capturable=o.capturable,
-                           differentiable=o.differentiable, master_weights=o.master,
-                           state_dtype=None if o.state_dtype == o.param_dtype else o.state_dtype,
-                           stochastic_rounding=o.stochastic_rounding, seed=o.seed, clip=o.clip)
-
-
-class _Adapter(Backend):
-    name = 'cuda'
+            self._import_error = None
+        self.native, self.device_type, self.chunk_size = native, device_type, chunk_size
 
     def unavailable(self) -> str | None:
-        return unavailable()
+        if self.device_type == "cuda" and torch.version.cuda is None:
+            return f"torch {torch.__version__} is built without CUDA"
+        if self.native is None:
+            err = self._import_error
+            return f"extension fused_adam._C_cuda is not built: {type(err).__name__}: {err}"
+        return None
 
     def supports(self, part) -> str | None:
-        return unsupported(part.device, part.dtype, _legacy_hyper(part, Hyper(0.0, 0.0, 0.0, 0.0, 0.0)))
+        if part.device.type != self.device_type:
+            return f"runs on CUDA devices only, got {part.device}"
+        return self.unsupported_options(part.options)
 
-    def step(self, part, grads, hp: Hyper, amp: Amp) -> bool:
-        if grads is None:
-            grads = part.grads_from_params()
-            if grads is None:
-                return False
-        extra = {}
-        if part.options.master:
-            extra["master_params"] = part.master_params
-        if part.options.stochastic_rounding:
-            extra["tensor_ids"] = part.tensor_ids
-        step(part.params, grads, part.exp_avgs, part.exp_avg_sqs, part.max_exp_avg_sqs, part.state_steps,
-             _legacy_hyper(part, hp), amp.grad_scale, amp.found_inf, clip_coef=amp.clip_coef, **extra)
-        return True
+    def unsupported_options(self, o: PartOptions) -> str | None:
+        """Why the kernels cannot run these options on any device, or None."""
+        if o.differentiable:
+            return "differentiable=True needs autograd through the step (the reference backend does it)"
+        for what, dtype in (("dtype", o.param_dtype), ("state_dtype", o.state_dtype)):
+            if dtype not in _DTYPE_NAMES:
+                return f"{what} {dtype} is not supported (float32, float64, bfloat16, float16)"
+        return self.native.unsupported(_DTYPE_NAMES[o.param_dtype], _DTYPE_NAMES[o.state_dtype], o.master) or None
+
+    def prepare(self, part) -> None:
+        o = part.options
+        part.prepared = self.native.Partition(
+            part.params, part.exp_avgs, part.exp_avg_sqs, part.max_exp_avg_sqs, part.state_steps,
+            master_params=part.master_params, tensor_ids=part.tensor_ids if o.stochastic_rounding else [],
+            wd_mode=int(o.wd_mode), amsgrad=o.amsgrad, maximize=o.maximize, capturable=o.capturable,
+            sr_param=o.sr_param, sr_state=o.sr_state, seed=o.seed & _U64, chunk_size=self.chunk_size,
+        )
+
+    def step(self, part, grads: list[Tensor] | None, hp: Hyper, amp: Amp) -> bool:
+        if not part.params:
+            return True
+        o = part.options
+        lr, lr_tensor, decay = hp.lr, None, None
+        if isinstance(lr, Tensor):
+            if o.capturable and lr.device == part.device:
+                lr_tensor = lr.to(dtype=torch.float64)  # read by the kernel: no host sync, graph-capturable
+                lr = 0.0
+            else:
+                if o.decoupled and hp.weight_decay != 0:
+                    decay = (1 - lr * hp.weight_decay).item()  # in lr's dtype, as torch.optim.AdamW computes it
+                lr = lr.item()  # a host read, as torch's fused Adam does for a CPU lr
+        # Betas are host scalars (torch's fused kernel takes them as doubles too): a Tensor beta is read here.
+        beta1 = hp.beta1.item() if isinstance(hp.beta1, Tensor) else hp.beta1
+        beta2 = hp.beta2.item() if isinstance(hp.beta2, Tensor) else hp.beta2
+        return part.prepared.step_(
+            grads, lr=float(lr), lr_tensor=lr_tensor, beta1=float(beta1), beta2=float(beta2), eps=float(hp.eps),
+            weight_decay=float(hp.weight_decay), decay=decay, grad_scale=amp.grad_scale, found_inf=amp.found_inf,
+            clip_coef=amp.clip_coef,
+        )
 
 
-BACKEND = _Adapter()
+BACKEND = CudaBackend()
