@@ -53,7 +53,8 @@ SECONDS=0
 timeout_arg=()
 "$PY" -c "import pytest_timeout" 2>/dev/null && timeout_arg=(--timeout 200)
 timeout 240 "$PY" -m pytest -q -m '' -p no:cacheprovider "${xdist[@]}" "${timeout_arg[@]}" -rfEs --tb=short \
-    tests/test_cuda_backend.py tests/test_triton_backend.py tests/test_beyond_torch.py tests/test_native_link.py \
+    tests/test_cuda_backend.py tests/test_triton_backend.py tests/test_cuda_graph_recipe.py \
+    tests/test_beyond_torch.py tests/test_native_link.py \
     >"$OUT/tests.log" 2>&1
 trc=$?
 [ $trc = 0 ] || rc=1
