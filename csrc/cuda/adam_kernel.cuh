@@ -51,8 +51,9 @@ constexpr int kNumStreams = 4;  // csrc/rounding.h's Stream: param, exp_avg, exp
 constexpr int kBlockThreads = 512;
 // Element-wise path (unaligned chunks): elements in flight per thread per array. It shares its kernel with the
 // vector path, and the kernel's registers are the larger path's: 4 took the fp32 kernels from 64 to 102 registers
-// (one 512-thread block per SM instead of two), 2 keeps them at the vector path's 48-74.
-constexpr int kScalarILP = 2;
+// (one 512-thread block per SM instead of two), 2 keeps them at the vector path's 48-74. fp64 values take two
+// registers each: 1 (2 spilled 16 bytes in the fp64 AdamW amsgrad unscale kernel on sm_80 at 128 registers).
+template <typename O> constexpr int kScalarILP = sizeof(O) == 8 ? 1 : 2;
 
 template <typename T> struct OpMath { using type = float; };
 template <> struct OpMath<double> { using type = double; };
@@ -177,8 +178,8 @@ struct Elementwise {
 
 // One chunk: elements [start, start + n) of every buffer of `t`. VECTOR: every buffer is 16-byte aligned at `start`,
 // so each thread moves whole 16 B per buffer per access (Layout::kVec elements: 4 fp32, 8 bf16/fp16, 2 fp64, 8 when
-// any array is 16-bit); the tail that does not fill a vector runs element by element. Otherwise kScalarILP strided
-// elements per thread are loaded before any is computed. Indices inside a chunk are int (chunk_size <= 2^30);
+// any array is 16-bit); the tail that does not fill a vector runs element by element. Otherwise kScalarILP<O>
+// strided elements per thread are loaded before any is computed. Indices inside a chunk are int (chunk_size <= 2^30);
 // tensor offsets and the element index of stochastic rounding are int64.
 template <typename P, typename S, WeightDecay WD, bool AMSGRAD, bool UNSCALE, bool MASTER, bool SR_PARAM, bool SR_STATE,
           bool VECTOR>
@@ -279,10 +280,11 @@ __device__ __forceinline__ void step_chunk(const TensorEntry& t, int64_t start, 
       store(i, rp, rg, rm, rv, rvmax);
     }
   } else {
-    for (int base = 0; base < n; base += kBlockThreads * kScalarILP) {
-      O rp[kScalarILP], rg[kScalarILP], rm[kScalarILP], rv[kScalarILP], rvmax[kScalarILP];
+    constexpr int kILP = kScalarILP<O>;
+    for (int base = 0; base < n; base += kBlockThreads * kILP) {
+      O rp[kILP], rg[kILP], rm[kILP], rv[kILP], rvmax[kILP];
 #pragma unroll
-      for (int k = 0; k < kScalarILP; ++k) {
+      for (int k = 0; k < kILP; ++k) {
         const int i = base + k * kBlockThreads + static_cast<int>(threadIdx.x);
         if (i < n) {
           if constexpr (MASTER) {
@@ -297,13 +299,13 @@ __device__ __forceinline__ void step_chunk(const TensorEntry& t, int64_t start, 
         }
       }
 #pragma unroll
-      for (int k = 0; k < kScalarILP; ++k) {
+      for (int k = 0; k < kILP; ++k) {
         if (base + k * kBlockThreads + static_cast<int>(threadIdx.x) < n) {
           E::update(rp[k], rg[k], rm[k], rv[k], rvmax[k], s, scale, coef);
         }
       }
 #pragma unroll
-      for (int k = 0; k < kScalarILP; ++k) {
+      for (int k = 0; k < kILP; ++k) {
         const int i = base + k * kBlockThreads + static_cast<int>(threadIdx.x);
         if (i < n) store(i, rp[k], rg[k], rm[k], rv[k], rvmax[k]);
       }
