@@ -177,13 +177,14 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
-def train(backend: str, params0, steps: int = 3, cls=FusedAdamW, seed: int = 0, make=None, **kwargs):
-    """Copies of params0 (or make()'s params) after `steps` steps on seeded grads; returns (params, optimizer)."""
+def train(backend: str, params0, steps: int = 3, cls=FusedAdamW, grad_seed: int = 0, make=None, **kwargs):
+    """Copies of params0 (or make()'s params) after `steps` steps on grads seeded by grad_seed (an optimizer's
+    `seed=`, stochastic rounding's, passes through in kwargs); returns (params, optimizer)."""
     params = make() if make else [p.detach().clone() for p in params0]
     params = [p.requires_grad_() for p in params]
     opt = cls(params, backend=backend, **kwargs)
     for s in range(steps):
-        for p, g in zip(params, make_grads(params0, s, seed)):
+        for p, g in zip(params, make_grads(params0, s, grad_seed)):
             p.grad = g.to(p.dtype)
         opt.step()
     return params, opt

@@ -1,4 +1,4 @@
-"""Build checks of the CUDA backend that need no GPU (DESIGN.md, "Verifying GPU code without a GPU").
+"""Build checks of the CUDA backend that need no GPU (docs/design.md, "Verifying GPU code without a GPU").
 
 * every csrc/cuda/*.cu compiles for sm_80 and sm_90 with the flags setup.py uses, and ptxas reports no spill
   stores/loads and no stack frame for any function;

@@ -1,7 +1,7 @@
 // Host API of the CUDA Adam/AdamW step: raw device pointers, no torch. The torch binding (ops_cuda.cpp) keeps each
 // partition's device tables (NOTE [device table]) across steps, validates the tensors, patches the tables and calls
 // adam_step_cuda on the current stream; the .cu files include only the CUDA runtime and this header, so they compile
-// with a bare toolkit (see DESIGN.md, "Verifying GPU code without a GPU").
+// with a bare toolkit (see docs/design.md, "Verifying GPU code without a GPU").
 #pragma once
 
 #include <cuda_runtime.h>

@@ -2,7 +2,7 @@
 // device_table.h): a grid of persistent blocks strides the chunk list, a block steps one chunk at a time; per
 // element it runs fused_adam::adam_update from adam_math.h, the same code the CPU kernel runs, and reads/writes every
 // byte once (28 B/param for fp32, 14 B for bf16, 20 B for fp32 params with bf16 states, 28 B for bf16 params with an
-// fp32 master and fp32 states: DESIGN.md's cost model). Each chunk takes 128-bit accesses if every one of its
+// fp32 master and fp32 states: docs/design.md's cost model). Each chunk takes 128-bit accesses if every one of its
 // buffers is 16-byte aligned (decided per chunk, in the kernel), else element-wise accesses; a chunk's tail that
 // does not fill a vector runs element by element.
 // The options beyond torch (backends/__init__.py): states in their own dtype (a state type S beside the param type
