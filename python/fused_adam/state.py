@@ -8,7 +8,8 @@ write in one optimizer leaves the plans of every other one alone.
 
 NOTE [packed states]: the states a plan creates for small params (exp_avg, exp_avg_sq, max_exp_avg_sq, the fp32
 master; params of at most 64K elements) are 64-byte-aligned views into shared buffers of up to 1M elements per state
-kind, instead of one allocation per param, and their step counts are 0-dim views into one float32 buffer. The
+kind, instead of one allocation per param; the step counts of all the params a plan creates states for (whatever
+their size) are 0-dim views into one float32 buffer. The
 values, shapes, strides and state_dict are torch's; what changes is where they live: a step over many small tensors
 then walks long arrays instead of thousands of separate pages (bench/NOTES.md has the figures). The buffers are
 bounded because torch.save of one view writes its whole buffer (a checkpoint of the whole state_dict writes each
@@ -148,15 +149,19 @@ def kernel_view(t: Tensor) -> Tensor:
 
 @torch.no_grad()
 def packed_states(state: StateDict, opts: PartOptions, params: list[Tensor]) -> list[dict[str, Tensor]]:
-    """Zeroed states, step counts and master slots for the small params that have no state yet, as views into shared
-    buffers of at most PACK_BUFFER elements per state kind (NOTE [packed states]); per param, the views
-    param_state will use."""
-    fresh = [p for p in params if not state.get(p) and p.numel() <= PACK_MAX_NUMEL and p.is_contiguous()
-             and not needs_view(p)]
+    """Zeroed states and master slots for the small params that have no state yet, as views into shared buffers of at
+    most PACK_BUFFER elements per state kind, and the step counts of every param without state, as views into one
+    buffer (NOTE [packed states]); per param, the views param_state will use."""
     views: list[dict[str, Tensor]] = [{} for _ in params]
+    where = {id(p): i for i, p in enumerate(params)}
+    stateless = [p for p in params if not state.get(p)]
+    if len(stateless) > 1:  # every new param's step count, whatever its size: one buffer, read and bumped as one
+        steps = torch.zeros(len(stateless), dtype=torch.float32, device=stateless[0].device if opts.capturable else "cpu")
+        for j, q in enumerate(stateless):
+            views[where[id(q)]]["step"] = steps[j]
+    fresh = [p for p in stateless if p.numel() <= PACK_MAX_NUMEL and p.is_contiguous() and not needs_view(p)]
     if not fresh:
         return views
-    where = {id(p): i for i, p in enumerate(params)}
     kinds = {key: opts.state_dtype for key in STATE_KEYS if key != "max_exp_avg_sq" or opts.amsgrad}
     if opts.master:
         kinds["master_param"] = torch.float32
@@ -171,9 +176,6 @@ def packed_states(state: StateDict, opts: PartOptions, params: list[Tensor]) -> 
                     buffer = torch.zeros(sum(sizes), dtype=dtype, device=bucket[0].device)
                     for q, slot in zip(bucket, buffer.split(sizes)):
                         views[where[id(q)]][key] = slot[: q.numel()].view(q.shape)
-                steps = torch.zeros(len(bucket), dtype=torch.float32, device=bucket[0].device if opts.capturable else "cpu")
-                for j, q in enumerate(bucket):
-                    views[where[id(q)]]["step"] = steps[j]
             bucket, filled = [], 0
         if p is not None:
             bucket.append(p)

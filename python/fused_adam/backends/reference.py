@@ -86,10 +86,14 @@ def _fmix32(h):
     return h ^ (h >> 16)
 
 
+def sr_seed_part(seed: int) -> int:
+    """The part of csrc/rounding.h's sr_salt that depends on the seed alone (the triton kernel finishes the salt)."""
+    return _fmix32((seed & _M32) ^ _fmix32(((seed >> 32) + 0x9E3779B9) & _M32))
+
+
 def sr_salt(seed: int, step: int, tensor: int, stream: int) -> int:
     """csrc/rounding.h's sr_salt."""
-    h = _fmix32((seed & _M32) ^ _fmix32(((seed >> 32) + 0x9E3779B9) & _M32))
-    h = _fmix32(h ^ (step & _M32))
+    h = _fmix32(sr_seed_part(seed) ^ (step & _M32))
     return _fmix32(h ^ ((tensor * 4 + stream) & _M32))
 
 

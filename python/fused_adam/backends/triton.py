@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from . import Amp, Backend, Hyper
+from .reference import sr_seed_part
 
 try:
     import triton
@@ -623,15 +624,7 @@ def _host_scalars(lr: float, beta1: float, beta2: float, step: float) -> tuple[f
 
 def _sr_seed_key(seed: int) -> int:
     """sr_salt's seed part (csrc/rounding.h), as the int32 with its bits: the kernel finishes the salt."""
-
-    def fmix32(h: int) -> int:
-        h ^= h >> 16
-        h = (h * 0x85EBCA6B) & 0xFFFFFFFF
-        h ^= h >> 13
-        h = (h * 0xC2B2AE35) & 0xFFFFFFFF
-        return h ^ (h >> 16)
-
-    h = fmix32((seed & 0xFFFFFFFF) ^ fmix32(((seed >> 32) + 0x9E3779B9) & 0xFFFFFFFF))
+    h = sr_seed_part(seed)
     return h - (1 << 32) if h >= 1 << 31 else h  # always an i32 argument: one compile
 
 
