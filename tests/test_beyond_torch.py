@@ -6,7 +6,7 @@ import io
 import pytest
 import torch
 
-from fused_adam import FusedAdam, FusedAdamW, backends
+from fused_adam import FusedAdam, FusedAdamW
 from fused_adam.backends.reference import bf16_stochastic, sr_salt
 from parity import backends_here, make_grads, make_params
 

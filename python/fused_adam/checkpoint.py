@@ -29,7 +29,6 @@ import reprlib
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from copy import deepcopy
-from itertools import chain
 from typing import Any
 
 import torch

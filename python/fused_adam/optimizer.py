@@ -18,7 +18,7 @@ from . import backends, checkpoint, plan as plans
 from .args import EXTENSIONS, check_args, check_extensions, check_fused_param
 from .backends import Amp, Hyper
 from .plan import Dispatch, Partition, Plan
-from .state import Generation, StateDict, dtensor_type, kernel_view, packed_states, param_state, rebind
+from .state import Generation, dtensor_type, kernel_view, packed_states, param_state, rebind
 
 __all__ = ["FusedAdam", "FusedAdamW", "Dispatch"]
 
