@@ -214,6 +214,15 @@ def test_grads_appear_disappear_and_change_layout(backend):
     _run(ours, ref, backend, lambda opt: None, grads=_grads_changing)
 
 
+def _assert_step_raises_and_changes_nothing(opt, errors, match):
+    tensors = lambda: _params(opt) + [v for p in _params(opt) for v in opt.state[p].values()]  # noqa: E731
+    before = [t.clone() for t in tensors()]
+    with pytest.raises(errors, match=match):
+        opt.step()
+    for i, (a, b) in enumerate(zip(before, tensors())):
+        assert torch.equal(a, b), f"tensor {i} changed"
+
+
 @pytest.mark.parametrize("backend", backends_here())
 def test_param_data_of_another_shape_raises_and_changes_nothing(backend):
     """torch's for-loop raises on a param whose states have another shape; so do we, before writing anything."""
@@ -224,12 +233,7 @@ def test_param_data_of_another_shape_raises_and_changes_nothing(backend):
     p = ours.param_groups[0]["params"][0]
     p.data = torch.randn(8)
     _set_grads(ours, 2)
-    before = [t.clone() for t in _params(ours)] + [v.clone() for p_ in _params(ours) for v in ours.state[p_].values()]
-    with pytest.raises((RuntimeError, ValueError), match=r"shape|size"):
-        ours.step()
-    after = [t for t in _params(ours)] + [v for p_ in _params(ours) for v in ours.state[p_].values()]
-    for i, (a, b) in enumerate(zip(before, after)):
-        assert torch.equal(a, b), f"tensor {i} changed"
+    _assert_step_raises_and_changes_nothing(ours, (RuntimeError, ValueError), r"shape|size")
 
 
 @pytest.mark.parametrize("backend", backends_here())
@@ -241,12 +245,7 @@ def test_param_data_of_another_dtype_raises_and_changes_nothing(backend):
     p = ours.param_groups[0]["params"][2]
     p.data = p.data.double()
     _set_grads(ours, 1)
-    before = [t.clone() for t in _params(ours)] + [v.clone() for p_ in _params(ours) for v in ours.state[p_].values()]
-    with pytest.raises((RuntimeError, TypeError, ValueError), match=r"dtype|Double|Float"):
-        ours.step()
-    after = [t for t in _params(ours)] + [v for p_ in _params(ours) for v in ours.state[p_].values()]
-    for i, (a, b) in enumerate(zip(before, after)):
-        assert torch.equal(a, b), f"tensor {i} changed"
+    _assert_step_raises_and_changes_nothing(ours, (RuntimeError, TypeError, ValueError), r"dtype|Double|Float")
 
 
 @pytest.mark.parametrize("backend", backends_here())

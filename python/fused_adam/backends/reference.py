@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..plan import check_tensors
 from . import LOW_PRECISION, Amp, Backend, Hyper, PartOptions
 
 _M32 = 0xFFFFFFFF
@@ -24,8 +25,6 @@ class ReferenceBackend(Backend):
         return None  # any device, dtype and option
 
     def step(self, part, grads: list[Tensor] | None, hp: Hyper, amp: Amp) -> bool:
-        from ..plan import check_tensors
-
         if grads is None:
             grads = part.grads_from_params()
             if grads is None:
