@@ -67,7 +67,8 @@ void adam_step_op(at::TensorList params, at::TensorList grads, at::TensorList ex
   o.chunk_size = chunk_size;
   StepInputs in;
   set_amp(o, in, grad_scale, found_inf, clip_coef, at::kCPU, kWho);
-  cpu::adam_step_(lists, Grads{grads}, o);
+  PassCache cache;
+  cpu::adam_step_(lists, Grads{grads}, o, cache);
 }
 
 // The Meta (fake tensor) kernel: the op writes its arguments in place and returns nothing, so tracing it
@@ -77,10 +78,12 @@ void adam_step_meta(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
 }
 
 // A partition in C++: its lists (NOTE [cpu partition] in common/tensor_pass.h) and its options (PartOptions), both
-// converted once.
+// converted once, and what the per-tensor pass saw at its last step (NOTE [pass cache]).
 struct Partition {
   TensorLists lists;
   StepOptions options;
+  mutable PassCache cache;
+  mutable const int64_t* out_seen = nullptr;  // addresses(): the `out` last written in full
 
   Partition(std::vector<at::Tensor> params, std::vector<at::Tensor> exp_avgs, std::vector<at::Tensor> exp_avg_sqs,
             std::vector<at::Tensor> max_exp_avg_sqs, std::vector<at::Tensor> state_steps,
@@ -111,16 +114,19 @@ struct Partition {
     read_step(o, in, hp, amp, at::kCPU, kWho);
     std::optional<py::gil_scoped_release> no_gil;
     if (given.has_value()) no_gil.emplace();
+    // Declared after no_gil: unlocked before the GIL is taken back (a thread waiting for it may hold the GIL).
+    const std::lock_guard<std::mutex> lock(cache.mutex);
     std::vector<at::Tensor> read;
-    const Grads grads{given.has_value() ? at::TensorList(*given) : at::TensorList(),
+    const Grads grads{given.has_value() ? at::TensorList(*given) : at::TensorList(), !given.has_value(),
                       given.has_value() ? nullptr : &read};
-    return cpu::adam_step_(lists, grads, o, [&] {
+    return cpu::adam_step_(lists, grads, o, cache, [&] {
       if (!no_gil.has_value()) no_gil.emplace();
     });
   }
 
-  // The check pass of step() without the step: every array's data address into `out` (see the binding's doc).
-  int64_t addresses(const std::optional<std::vector<at::Tensor>>& given, const at::Tensor& out) const {
+  // The check pass of step() without the step, for a backend that launches its own kernel (see the binding's doc).
+  py::tuple addresses(const std::optional<std::vector<at::Tensor>>& given, const at::Tensor& out,
+                      const std::optional<at::Tensor>& counts) const {
     constexpr const char* who = "FusedAdam";
     const size_t n = lists.size();
     TORCH_CHECK_TYPE(out.scalar_type() == at::kLong, who, ": addresses: out has dtype ", out.scalar_type(),
@@ -129,39 +135,61 @@ struct Partition {
                           out.size(1) == static_cast<int64_t>(n) && out.is_contiguous(),
                       who, ": addresses: out must be a contiguous cpu tensor of shape (", static_cast<int>(kNumRows),
                       ", ", n, "), got shape ", out.sizes(), " on ", out.device());
+    if (counts.has_value()) {
+      TORCH_CHECK_VALUE(!options.capturable, who,
+                        ": addresses: counts is for step counts on the host (capturable=False)");
+      TORCH_CHECK_VALUE(counts->scalar_type() == at::kFloat && counts->device().is_cpu() && counts->dim() == 1 &&
+                            counts->size(0) == static_cast<int64_t>(n) && counts->is_contiguous(),
+                        who, ": addresses: counts must be a contiguous float32 cpu tensor of shape (", n, "), got ",
+                        counts->scalar_type(), " of shape ", counts->sizes(), " on ", counts->device());
+    }
     const at::TensorList given_list = given.has_value() ? at::TensorList(*given) : at::TensorList();
     check_lists(who, lists, given.has_value() ? &given_list : nullptr, options.amsgrad, options.stochastic_rounding());
     TORCH_CHECK_VALUE(options.master == lists.master(), who, ": ", lists.master_params.size(),
                       " master_params with master=", options.master ? "True" : "False");
-    constexpr int64_t kAligned = 1 << 6, kFlat = 1 << 7;
-    if (n == 0) return kAligned | kFlat;
+    constexpr int64_t kAligned = 1 << 6, kFlat = 1 << 7, kUniform = 1 << 8;
+    if (n == 0) return py::make_tuple(kAligned | kFlat, py::none());
     const at::Device device = lists.params[0].device();
     const Placement where{device, options.capturable ? device : at::Device(at::kCPU)};
-    std::vector<int64_t> addr(kNumRows * n, 0);
-    std::atomic<bool> flat{true};
-    std::vector<at::Tensor> read;
-    const Grads grads{given_list, given.has_value() ? nullptr : &read};
-    const bool complete = tensor_pass(who, lists, grads, where, [&](size_t i, const std::array<const at::Tensor*, kNumRows>& a) {
-      for (int r = 0; r < kNumRows; ++r) {
-        if (a[r] != nullptr) addr[r * n + i] = static_cast<int64_t>(reinterpret_cast<uintptr_t>(a[r]->data_ptr()));
-      }
-      if (!is_flat(a, /*row_major=*/false) && flat.load(std::memory_order_relaxed)) flat = false;
-    });
-    if (!read.empty()) release_read_grads(read);
-    if (!complete) return -1;
-    int64_t mask = flat.load() ? kFlat : 0;
+    const std::lock_guard<std::mutex> lock(cache.mutex);
+    const PassResult pass = checked_pass(who, lists, Grads{given_list, !given.has_value(), nullptr}, where,
+                                         /*row_major=*/false, cache);
+    if (!pass.complete) return py::make_tuple(-1, py::none());
     int64_t* o = out.data_ptr<int64_t>();
-    uint64_t any_bits = 0;
-    for (int r = 0; r < kNumRows; ++r) {
-      const int64_t* row = addr.data() + r * n;
-      if (std::memcmp(o + r * n, row, n * sizeof(int64_t)) != 0) {
-        mask |= int64_t{1} << r;
-        std::memcpy(o + r * n, row, n * sizeof(int64_t));
-      }
-      for (size_t i = 0; i < n; ++i) any_bits |= static_cast<uint64_t>(row[i]);
+    uint32_t rows = pass.moved_rows & ((1u << kNumRows) - 1);
+    if (o != out_seen) {
+      rows = (1u << kNumRows) - 1;
+      out_seen = o;
     }
-    if ((any_bits & 15u) == 0) mask |= kAligned;
-    return mask;
+    uint32_t changed = 0;  // of the rows that may have moved, those that differ from what out holds
+    for (int r = 0; r < kNumRows; ++r) {
+      if (!(rows & (1u << r))) continue;
+      int64_t* row = o + r * n;
+      for (size_t i = 0; i < n; ++i) {
+        const int64_t addr = cache.seen[i].addr[r];
+        if (row[i] != addr) {
+          row[i] = addr;
+          changed |= 1u << r;
+        }
+      }
+    }
+    int64_t mask = static_cast<int64_t>(changed) | (cache.aligned() ? kAligned : 0) | (cache.flat() ? kFlat : 0);
+    py::object before = py::none();
+    if (counts.has_value()) {  // NOTE [host steps]: read and bumped here, once every check has passed
+      float* c = counts->data_ptr<float>();
+      bool uniform = true;
+      for (size_t i = 0; i < n; ++i) {
+        float* step = cache.step(i);
+        c[i] = *step;
+        uniform = uniform && c[i] == c[0];
+        *step += 1.0f;
+      }
+      if (uniform) {
+        mask |= kUniform;
+        before = py::float_(c[0]);
+      }
+    }
+    return py::make_tuple(mask, before);
   }
 };
 
@@ -183,43 +211,84 @@ bool same_items(py::handle a, py::handle b) {
 
 // NOTE [flat slot check]: a flat run (python/fused_adam/flat.py) steps a buffer's range as one tensor, which is right
 // only while every param is still the view of its slot, its grad the view of its grad slot, and every state tensor
-// its view. This checks that in one prefetched pass over handles held since the run was bound: per tensor, its
-// data address, element count and contiguity (for `grads`, those of the tensor's .grad, read from its autograd
-// metadata and not held: a held reference would make autograd accumulate out of place). Memory-latency bound, as
-// NOTE [cpu per-tensor cost] describes, so the TensorImpls are prefetched ahead of the reads.
+// its view. This checks that in one pass over handles held since the run was bound: per tensor, that it is strided,
+// of its dtype, on its device, contiguous, with its element count, at its address (for `grads`, the same of the
+// tensor's .grad, read from its autograd metadata and not held: a held reference would make autograd accumulate out
+// of place). Memory-latency bound, as NOTE [cpu per-tensor cost] describes: every line it reads is prefetched
+// ahead, it reads the fields directly (no virtual calls), and it runs in both threads past a few thousand tensors.
 struct SlotCheck {
   std::vector<at::Tensor> tensors;
   std::vector<int64_t> ptrs, numels;
+  std::vector<uint32_t> kinds;  // dtype | device type << 8 | device index << 16, as each was at construction
   bool grads;
 
   SlotCheck(std::vector<at::Tensor> t, std::vector<int64_t> p, std::vector<int64_t> n, bool g)
       : tensors(std::move(t)), ptrs(std::move(p)), numels(std::move(n)), grads(g) {
     TORCH_CHECK_VALUE(ptrs.size() == tensors.size() && numels.size() == tensors.size(), "SlotCheck: ", tensors.size(),
                       " tensors with ", ptrs.size(), " addresses and ", numels.size(), " element counts");
+    kinds.reserve(tensors.size());
+    for (const at::Tensor& x : tensors) {
+      TORCH_CHECK_VALUE(x.defined(), "SlotCheck: a tensor is None");
+      kinds.push_back(kind(x.unsafeGetTensorImpl()));  // a grad has its param's dtype and device
+    }
+  }
+
+  static uint32_t kind(const c10::TensorImpl* t) {
+    const at::Device d = t->device();
+    return static_cast<uint32_t>(t->dtype().toScalarType()) |
+           static_cast<uint32_t>(static_cast<uint8_t>(d.type())) << 8 |
+           static_cast<uint32_t>(static_cast<uint8_t>(d.index())) << 16;
+  }
+
+  bool at_slot(size_t i) const {
+    const c10::TensorImpl* t = tensors[i].unsafeGetTensorImpl();
+    if (grads) {
+      const at::Tensor& grad = t->grad();  // the autograd metadata's handle: no reference taken
+      if (!grad.defined()) return false;
+      t = grad.unsafeGetTensorImpl();
+    }
+    const c10::StorageImpl* s = t->unsafe_storage().unsafeGetStorageImpl();
+    if (s == nullptr || t->key_set().has_any(c10::sparse_ks | c10::sparse_csr_ks | c10::mkldnn_ks) ||
+        t->key_set().has(c10::DispatchKey::Python) || t->numel() != numels[i] || kind(t) != kinds[i]) {
+      return false;
+    }
+    if (numels[i] == 0) return true;  // an empty slot has no address to compare
+    const auto* data = static_cast<const char*>(s->data_ptr().get()) + t->storage_offset() * t->dtype().itemsize();
+    return t->is_contiguous() && reinterpret_cast<int64_t>(data) == ptrs[i];
   }
 
   bool at_slots() const {
-    constexpr size_t kAhead = 16;
-    const size_t n = tensors.size();
-    auto impl = [&](size_t i) { return tensors[i].unsafeGetTensorImpl(); };
-    for (size_t i = 0; i < n; ++i) {
-      if (i + kAhead < n) __builtin_prefetch(impl(i + kAhead));
-      if (i + kAhead / 2 < n) {
-        const c10::TensorImpl* ahead = impl(i + kAhead / 2);
-        __builtin_prefetch(grads ? static_cast<const void*>(ahead->autograd_meta())
-                                 : static_cast<const void*>(ahead->unsafe_storage().unsafeGetStorageImpl()));
+    std::atomic<bool> ok{true};
+    over_tensor_ranges(tensors.size(), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end && ok.load(std::memory_order_relaxed); ++i) {
+        if (i + static_cast<int64_t>(kPrefetchAhead) < end) {  // the fields read: storage_ and offset..key_set
+          const auto* impl = reinterpret_cast<const char*>(tensors[i + kPrefetchAhead].unsafeGetTensorImpl());
+          __builtin_prefetch(impl + 0x10);
+          __builtin_prefetch(impl + 0x90);
+          __builtin_prefetch(impl + sizeof(c10::TensorImpl) - 1);
+        }
+        if (i + static_cast<int64_t>(kPrefetchAhead / 2) < end) {
+          const c10::TensorImpl* ahead = tensors[i + kPrefetchAhead / 2].unsafeGetTensorImpl();
+          if (grads) {
+            if (const auto* meta = reinterpret_cast<const char*>(ahead->autograd_meta())) {
+              __builtin_prefetch(meta);
+              __builtin_prefetch(meta + 63);
+            }
+          } else {
+            prefetch_storage_impl(ahead);
+          }
+        }
+        if (grads && i + static_cast<int64_t>(kPrefetchAhead / 4) < end) {
+          prefetch_impl(grad_impl(impl_at(tensors, i + kPrefetchAhead / 4)));
+        }
+        if (grads && i + static_cast<int64_t>(kPrefetchAhead / 8) < end) {
+          const char* g = grad_impl(impl_at(tensors, i + kPrefetchAhead / 8));
+          prefetch_storage_impl(reinterpret_cast<const c10::TensorImpl*>(g));
+        }
+        if (!at_slot(i)) ok = false;
       }
-      const c10::TensorImpl* t = impl(i);
-      if (grads) {
-        const at::Tensor& grad = t->grad();  // the autograd metadata's handle: no reference taken
-        if (!grad.defined()) return false;
-        t = grad.unsafeGetTensorImpl();
-      }
-      if (t->layout() != at::kStrided || !t->has_storage() || t->numel() != numels[i]) return false;
-      // An empty slot has no address to compare (data_ptr() of an empty tensor is 0 or anything).
-      if (numels[i] != 0 && (!t->is_contiguous() || reinterpret_cast<int64_t>(t->data()) != ptrs[i])) return false;
-    }
-    return true;
+    });
+    return ok.load();
   }
 };
 
@@ -246,13 +315,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("grads"), py::arg("hp"), py::arg("amp") = py::none(), py::kw_only(), py::arg("chunk_size") = 0)
       .def("addresses", &Partition::addresses,
            "The check pass of step_ without the step, for tensors on any device: reads the grads (each param's .grad "
-           "when grads is None), checks every tensor as step_ does (raising before anything is written), and writes "
-           "each array's data address into out, an int64 cpu tensor of shape (6, len): rows param, grad, exp_avg, "
-           "exp_avg_sq, max_exp_avg_sq (0 without amsgrad), master (0 without). Returns -1, writing nothing, if "
-           "grads is None and a param has no grad; else a mask: bit r (0..5) set when row r differs from what out "
-           "held, bit 6 when every address is 16-byte aligned, bit 7 when every tensor's grad, states and master "
-           "share its param's dense layout (clear: the caller stages copies).",
-           py::arg("grads"), py::arg("out"));
+           "when grads is None), checks every tensor that moved since the last call as step_ does (NOTE [pass "
+           "cache]; raising before anything is written), and writes each array's data address into out, an int64 "
+           "cpu tensor of shape (6, len): rows param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq (0 without amsgrad), "
+           "master (0 without). Only rows where something moved are compared and rewritten (every row when out is "
+           "not the tensor of the last call). With counts (a float32 cpu tensor of shape (len,); step counts on the "
+           "host), the step counts are written into it and then each incremented by one. Returns (mask, count): "
+           "mask -1, nothing written, if grads is None and a param has no grad; else bit r (0..5) set when row r "
+           "changed, bit 6 when every address is 16-byte aligned, bit 7 when every tensor's grad, states and "
+           "master share its param's dense layout (clear: the caller stages copies), bit 8 when the counts were all "
+           "equal; count: that count (before the increment), else None.",
+           py::arg("grads"), py::arg("out"), py::arg("counts") = py::none());
 
   py::class_<SlotCheck>(m, "SlotCheck",
                         "NOTE [flat slot check]: tensors (or, with grads=True, their .grad) still at these addresses, "

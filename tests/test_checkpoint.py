@@ -230,7 +230,7 @@ def _apply(sd: dict, where: str, index, key: str | None, value) -> str | None:
     else:
         try:
             state[key] = TENSOR_CORRUPTIONS[value](state[key])
-        except (RuntimeError, NotImplementedError, AttributeError):  # not for what an earlier corruption made
+        except (RuntimeError, NotImplementedError, AttributeError, TypeError):  # not for what an earlier corruption made
             return None
     return f"state[{index}][{key!r}]: {value!r}"
 

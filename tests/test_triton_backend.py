@@ -250,16 +250,17 @@ def test_check_pass_python_stand_in():
         out = torch.zeros(tb._ADDRESS_ROWS, 2, dtype=torch.int64)
         ps[0].grad = torch.randn(6)
         ps[1].grad = None
-        assert checker.addresses(None, out) == -1 and not out.any()
+        assert checker.addresses(None, out) == (-1, None) and not out.any()
         ps[1].grad = torch.randn(5, 4)
-        mask = checker.addresses(None, out)
+        mask, count = checker.addresses(None, out)
         assert mask & tb._ROW_BITS == 0b1111 and not mask & tb._LAYOUT_BIT  # transposed param, contiguous states
+        assert count is None and not mask & tb._UNIFORM_BIT  # no counts asked for
         assert out[tb._G].tolist() == [p.grad.data_ptr() for p in ps]
-        assert checker.addresses(None, out) & tb._ROW_BITS == 0
+        assert checker.addresses(None, out)[0] & tb._ROW_BITS == 0
         grads = [torch.randn(6), torch.randn(5, 4)]
-        assert checker.addresses(grads, out) & tb._ROW_BITS == 1 << tb._G
+        assert checker.addresses(grads, out)[0] & tb._ROW_BITS == 1 << tb._G
         odd = torch.randn(7)[1:]  # a 4-byte offset
-        assert not checker.addresses([odd, grads[1]], out) & tb._ALIGNED_BIT
+        assert not checker.addresses([odd, grads[1]], out)[0] & tb._ALIGNED_BIT
         with pytest.raises(RuntimeError, match=r"grads\[1\] has shape \[4, 5\], but params\[1\] has shape \[5, 4\]"):
             checker.addresses([grads[0], torch.randn(4, 5)], out)
         with pytest.raises(TypeError, match=r"grads\[0\] has dtype (torch\.float64|Double)"):
@@ -269,32 +270,49 @@ def test_check_pass_python_stand_in():
 
 
 @requires_triton
-def test_host_step_counts_views_and_separate_tensors():
-    """NOTE [host steps]: counts packed as views into buffers (two here, one run each, interleaved in the list)
-    are read with one cat and bumped with one foreach add; separate tensors are read with one stack. Either way the
-    counts before the step come back in list order (all equal: one float; else per tensor), each count goes up by
-    one, and elements of a buffer that are no one's count stay as they are."""
+@pytest.mark.parametrize("packed", [True, False], ids=["views", "separate"])
+def test_host_step_counts_read_and_bumped_by_the_check_pass(packed):
+    """NOTE [host steps]: with `counts`, the check pass (native, and the Python one) writes the counts before the
+    step into it, in list order, and bumps each by one: all equal comes back as one float (bit 8), else None with
+    the counts per tensor. Counts packed as views into a buffer leave the buffer's other elements as they are; a
+    failed check or a missing grad bumps nothing."""
     tb = _tb()
-    a, b = torch.full((24,), 5.0), torch.full((20,), 5.0)
-    a[1::2], b[0::2] = -1.0, -2.0  # no one's counts
-    steps = [t for pair in zip(a[0::2], b[1::2]) for t in pair]  # 10 of each buffer, interleaved, then 2 of a
-    steps += [a[20], a[22]]
-    counts = tb._HostSteps(steps)
-    assert counts.views is not None and len(counts.views) == 2 and counts.order is not None
-    assert counts.bump() == (5.0, None)
-    assert [float(s) for s in steps] == [6.0] * 22
-    assert (a[1::2] == -1.0).all() and (b[0::2] == -2.0).all()
-    b[3] = 9.0  # changed in place: read where it lives
-    uniform, before = counts.bump()
-    expected = [6.0] * 22
-    expected[3] = 9.0
-    assert uniform is None and before.tolist() == expected
-    assert [float(s) for s in steps] == [x + 1 for x in expected]
-    separate = [torch.tensor(float(i)) for i in range(3)]
-    counts = tb._HostSteps(separate)
-    assert counts.views is None
-    uniform, before = counts.bump()
-    assert uniform is None and before.tolist() == [0.0, 1.0, 2.0] and [float(s) for s in separate] == [1.0, 2.0, 3.0]
+    n = 5
+    ps = [torch.randn(3) for _ in range(n)]
+    for p in ps:
+        p.grad = torch.randn(3)
+    ms, vs = [torch.zeros(3) for _ in ps], [torch.zeros(3) for _ in ps]
+    buf = torch.full((2 * n,), -1.0)
+    steps = list(buf[0::2].unbind()) if packed else [torch.tensor(0.0) for _ in ps]
+    for s in steps:
+        s.fill_(5.0)
+    checkers = [tb._PyPartition(ps, ms, vs, [], steps)]
+    if tb._NATIVE_ADDRESSES:
+        checkers.append(tb._C.Partition(ps, ms, vs, [], steps))
+    expected = 5.0
+    for checker in checkers:
+        out = torch.zeros(tb._ADDRESS_ROWS, n, dtype=torch.int64)
+        counts = torch.empty(n)
+        mask, count = checker.addresses(None, out, counts)
+        assert mask & tb._UNIFORM_BIT and count == expected and counts.tolist() == [expected] * n
+        expected += 1
+        assert [float(s) for s in steps] == [expected] * n
+        if packed:
+            assert (buf[1::2] == -1.0).all()
+        steps[3].add_(2.0)  # changed in place: read where it lives
+        mask, count = checker.addresses(None, out, counts)
+        before = [expected] * n
+        before[3] += 2
+        assert not mask & tb._UNIFORM_BIT and count is None and counts.tolist() == before
+        assert [float(s) for s in steps] == [b + 1 for b in before]
+        for s in steps:
+            s.fill_(expected)
+        ps[1].grad = None
+        assert checker.addresses(None, out, counts) == (-1, None)
+        ps[1].grad = torch.randn(3)
+        with pytest.raises(RuntimeError, match=r"grads\[2\] has shape"):
+            checker.addresses([p.grad for p in ps[:2]] + [torch.randn(4)] + [p.grad for p in ps[3:]], out, counts)
+        assert [float(s) for s in steps] == [expected] * n
 
 
 @requires_triton_interpreter

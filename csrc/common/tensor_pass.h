@@ -9,8 +9,10 @@
 #include <ATen/Parallel.h>
 
 #include <array>
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <mutex>
 #include <optional>
 #include <vector>
 
@@ -111,10 +113,16 @@ inline void prefetch_impl(const char* impl) {  // sizeof(TensorImpl) is 176: thr
 
 // Reads the TensorImpl (prefetched earlier): its storage field, not the virtual has_storage(), so that no vtable
 // load is on the way (a tensor without storage has a null one, and a prefetch of null is a no-op).
+// The StorageImpl's data pointer, deleter and size span its first 0x3a bytes: two lines unless 64-byte aligned.
+inline void prefetch_storage_impl(const c10::TensorImpl* t) {
+  const auto* s = reinterpret_cast<const char*>(t->unsafe_storage().unsafeGetStorageImpl());
+  if (s == nullptr) return;
+  __builtin_prefetch(s);
+  __builtin_prefetch(s + 0x3f);
+}
+
 inline void prefetch_storage(at::TensorList list, size_t i) {
-  if (const char* impl = impl_at(list, i)) {
-    __builtin_prefetch(reinterpret_cast<const c10::TensorImpl*>(impl)->unsafe_storage().unsafeGetStorageImpl());
-  }
+  if (const char* impl = impl_at(list, i)) prefetch_storage_impl(reinterpret_cast<const c10::TensorImpl*>(impl));
 }
 
 // The TensorImpl of the grad of the param whose TensorImpl is `param` (UndefinedTensorImpl's when it has none).
@@ -128,10 +136,10 @@ constexpr int64_t kTensorsPerThread = 1024;
 
 // g(begin, end) over the tensors [0, n): in every thread's range when there are enough tensors, else in one call.
 template <typename G>
-void over_tensor_ranges(size_t n, const G& g) {
+void over_tensor_ranges(size_t n, const G& g, int64_t per_thread = kTensorsPerThread) {
   const int64_t count = static_cast<int64_t>(n);
-  if (count >= 2 * kTensorsPerThread && at::get_num_threads() > 1 && !at::in_parallel_region()) {
-    at::parallel_for(0, count, kTensorsPerThread, g);
+  if (count >= 2 * per_thread && at::get_num_threads() > 1 && !at::in_parallel_region()) {
+    at::parallel_for(0, count, per_thread, g);
   } else if (count > 0) {
     g(0, count);
   }
@@ -179,27 +187,43 @@ inline void check_array(const char* who, const at::Tensor& t, int row, size_t i,
               "] has shape ", param.sizes());
 }
 
-// Tensor i of every list, against params[i] and the first tensors. `arrays` are its six arrays (null: absent).
-inline void check_tensor(const char* who, const TensorLists& l, size_t i, const std::array<const at::Tensor*, kNumRows>& a,
-                         const Placement& where) {
+// Array `row` of tensor i against params[i] and the first tensors (row kNumRows: its step count).
+inline void check_row(const char* who, const TensorLists& l, size_t i, const std::array<const at::Tensor*, kNumRows>& a,
+                      int row, const Placement& where) {
   const at::Tensor& p = l.params[i];
-  TORCH_CHECK(p.defined(), who, ": params[", i, "] is None");
-  TORCH_CHECK(p.layout() == at::kStrided, who, ": params[", i, "] has layout ", p.layout(),
-              "; only strided (dense) tensors are supported");
-  TORCH_CHECK(p.device() == where.device, who, ": params[", i, "] is on ", p.device(), ", expected ", where.device);
-  TORCH_CHECK_TYPE(p.scalar_type() == l.params[0].scalar_type(), who, ": params[", i, "] has dtype ",
-                   p.scalar_type(), ", but params[0] has dtype ", l.params[0].scalar_type(),
-                   "; one call takes one dtype");
-  check_array(who, *a[kGradRow], kGradRow, i, p, &p, kParamRow, i, where);
-  for (int row : {kExpAvgRow, kExpAvgSqRow, kMaxExpAvgSqRow}) {
-    if (a[row] != nullptr) check_array(who, *a[row], row, i, p, &l.exp_avgs[0], kExpAvgRow, 0, where);
+  switch (row) {
+    case kParamRow:
+      TORCH_CHECK(p.defined(), who, ": params[", i, "] is None");
+      TORCH_CHECK(p.layout() == at::kStrided, who, ": params[", i, "] has layout ", p.layout(),
+                  "; only strided (dense) tensors are supported");
+      TORCH_CHECK(p.device() == where.device, who, ": params[", i, "] is on ", p.device(), ", expected ", where.device);
+      TORCH_CHECK_TYPE(p.scalar_type() == l.params[0].scalar_type(), who, ": params[", i, "] has dtype ",
+                       p.scalar_type(), ", but params[0] has dtype ", l.params[0].scalar_type(),
+                       "; one call takes one dtype");
+      return;
+    case kGradRow:
+      return check_array(who, *a[kGradRow], kGradRow, i, p, &p, kParamRow, i, where);
+    case kMasterRow:
+      if (a[kMasterRow] != nullptr) check_array(who, *a[kMasterRow], kMasterRow, i, p, nullptr, 0, 0, where);
+      return;
+    case kNumRows: {  // the step count
+      const at::Tensor& step = l.state_steps[i];
+      TORCH_CHECK(step.defined(), who, ": state_steps[", i, "] is None");
+      TORCH_CHECK(step.device() == where.steps && step.scalar_type() == at::kFloat && step.numel() == 1, who,
+                  ": state_steps[", i, "] must be a one-element float32 tensor on ", where.steps, ", got ",
+                  step.scalar_type(), " of shape ", step.sizes(), " on ", step.device());
+      return;
+    }
+    default:  // the moments
+      if (a[row] != nullptr) check_array(who, *a[row], row, i, p, &l.exp_avgs[0], kExpAvgRow, 0, where);
   }
-  if (a[kMasterRow] != nullptr) check_array(who, *a[kMasterRow], kMasterRow, i, p, nullptr, 0, 0, where);
-  const at::Tensor& step = l.state_steps[i];
-  TORCH_CHECK(step.defined(), who, ": state_steps[", i, "] is None");
-  TORCH_CHECK(step.device() == where.steps && step.scalar_type() == at::kFloat && step.numel() == 1, who,
-              ": state_steps[", i, "] must be a one-element float32 tensor on ", where.steps, ", got ",
-              step.scalar_type(), " of shape ", step.sizes(), " on ", step.device());
+}
+
+// Tensor i of every list, against params[i] and the first tensors. `a` are its six arrays (null: absent).
+inline void check_tensor(const char* who, const TensorLists& l, size_t i,
+                         const std::array<const at::Tensor*, kNumRows>& a,
+                         const Placement& where) {
+  for (int row = 0; row <= kNumRows; ++row) check_row(who, l, i, a, row, where);
 }
 
 // Same element -> memory offset map as `like` (strides of size-1 dims do not matter).
@@ -226,68 +250,293 @@ inline bool is_flat(const std::array<const at::Tensor*, kNumRows>& a, bool row_m
   return true;
 }
 
-// The grads a pass sees: given (a list the caller keeps alive), or read from each param's .grad into `read`.
+// The grads a pass sees: given (a list the caller keeps alive), or read from each param's .grad (NOTE [grads read in
+// C++]) and, where `hold` is given, held there for the rest of the step (a caller that releases the GIL).
 struct Grads {
   at::TensorList given;
-  std::vector<at::Tensor>* read = nullptr;  // NOTE [grads read in C++]
-
-  at::TensorList list() const { return read != nullptr ? at::TensorList(*read) : given; }
+  bool from_params = false;
+  std::vector<at::Tensor>* hold = nullptr;
 };
 
 // The arrays of tensor i (null: absent), in Row order.
 inline std::array<const at::Tensor*, kNumRows> arrays_of(const TensorLists& l, at::TensorList grads, size_t i) {
-  return {&l.params[i], &grads[i], &l.exp_avgs[i], &l.exp_avg_sqs[i],
+  return {&l.params[i], i < grads.size() ? &grads[i] : nullptr, &l.exp_avgs[i], &l.exp_avg_sqs[i],
           l.amsgrad() ? &l.max_exp_avg_sqs[i] : nullptr, l.master() ? &l.master_params[i] : nullptr};
 }
 
-// The pass: checks every tensor (holding nothing but references), reads the grads where asked, and calls
-// on_tensor(i, arrays) for each tensor that passed its checks, from up to every thread (so it writes only its own
-// tensor's slots). Returns false, having called on_tensor on none that matter, if a grad is read and missing: the
-// caller then writes nothing. Throws the first bad tensor's error.
-template <typename F>
-bool tensor_pass(const char* who, const TensorLists& l, const Grads& grads, const Placement& where, F&& on_tensor) {
+// Tensor i's memory holds its elements: a storage resized under it (`untyped_storage().resize_(0)`, as FSDP does
+// to free a param) would otherwise be read and written out of bounds.
+inline void check_fits(const char* who, const at::Tensor& t, const char* list, size_t i) {
+  if (t.numel() == 0 || t.is_meta()) return;  // (meta tensors have no memory to read)
+  int64_t last = t.storage_offset();
+  const c10::IntArrayRef sizes = t.sizes(), strides = t.strides();
+  for (size_t d = 0; d < sizes.size(); ++d) last += (sizes[d] - 1) * strides[d];
+  const uint64_t need = static_cast<uint64_t>(last + 1) * t.element_size();
+  const c10::Storage& storage = t.unsafeGetTensorImpl()->unsafe_storage();
+  const uint64_t have = storage.nbytes();
+  TORCH_CHECK(storage.data() != nullptr && need <= have, who, ": ", list, "[", i, "] needs ", need,
+              " bytes of storage for its ", t.numel(), " elements, but its storage holds ", have,
+              " (was the storage resized or freed under it?)");
+}
+
+// ---- the pass, incremental ---------------------------------------------------------------------------------------
+
+// NOTE [pass cache]: the per-tensor pass runs every step over every tensor of a partition; what it finds rarely
+// changes. So a partition keeps, per array, what the last pass saw: the data address and a digest of everything
+// else a check reads (the storage's size and deleter, offset, shape, strides, dtype, device, dispatch keys). A step
+// compares each array against it (a few loads from the TensorImpl and StorageImpl, which the pass reads anyway, and
+// no calls) and runs the full checks, which word the errors, only for the tensors where something moved: a `.data`
+// replaced, a grad set to a new tensor, a storage resized or made copy-on-write, a shape or stride changed in place.
+// The first pass of a partition checks everything. The step counts are a seventh row (their float's address).
+constexpr int kStepRow = kNumRows;
+// The compare touches ~24 cache lines a tensor (seven TensorImpls, their StorageImpls, the autograd metadata) and
+// writes nothing: a second thread pays off from a few hundred tensors.
+constexpr int64_t kScanTensorsPerThread = 128;
+constexpr int kCacheRows = kNumRows + 1;
+
+struct Probe {
+  uint64_t digest;  // 0: not checkable this way (no storage, a Python subclass): take the full checks
+  int64_t addr;     // the first element's address (0 when empty)
+};
+
+// One field's term of a digest: a 64x64->128-bit product folded, keyed by the field's position. The terms are
+// independent (summed, not chained), so a probe's multiplies overlap instead of queueing behind each other.
+inline uint64_t term(uint64_t v, uint64_t position) {
+  const uint64_t key = 0x9E3779B97F4A7C15ull * (2 * position + 1);
+  const __uint128_t m = static_cast<__uint128_t>(v ^ key) * 0xD6E8FEB86659FD93ull;
+  return static_cast<uint64_t>(m) ^ static_cast<uint64_t>(m >> 64);
+}
+
+inline Probe probe(const c10::TensorImpl* t) {
+  const c10::StorageImpl* s = t->unsafe_storage().unsafeGetStorageImpl();
+  const c10::DispatchKeySet keys = t->key_set();
+  if (s == nullptr || keys.has(c10::DispatchKey::Python)) return {0, 0};
+  const at::Device device = t->device();
+  const caffe2::TypeMeta dtype = t->dtype();
+  const int64_t numel = t->numel(), offset = t->storage_offset();
+  const c10::IntArrayRef sizes = t->sizes(), strides = t->strides();
+  const auto* data = static_cast<const char*>(s->data_ptr().get());
+  uint64_t h = term(keys.raw_repr(), 0) +
+               term(static_cast<uint64_t>(dtype.toScalarType()) |
+                        static_cast<uint64_t>(static_cast<uint8_t>(device.type())) << 8 |
+                        static_cast<uint64_t>(static_cast<uint8_t>(device.index())) << 16 |
+                        static_cast<uint64_t>(sizes.size()) << 24, 1) +
+               term(s->nbytes(), 2) +
+               term(reinterpret_cast<uintptr_t>(s->data_ptr().get_deleter()), 3) +  // (copy-on-write swaps it)
+               term(static_cast<uint64_t>(offset), 4) + term(static_cast<uint64_t>(numel), 5);
+  for (size_t d = 0; d < sizes.size(); ++d) {
+    h += term(static_cast<uint64_t>(sizes[d]), 6 + 2 * d) + term(static_cast<uint64_t>(strides[d]), 7 + 2 * d);
+  }
+  return {h | 1, numel == 0 ? 0 : reinterpret_cast<int64_t>(data + offset * static_cast<int64_t>(dtype.itemsize()))};
+}
+
+// A partition's NOTE [pass cache], kept with its lists. One pass at a time (`mutex`): the CPU step releases the GIL.
+struct PassCache {
+  struct Seen {  // one tensor's arrays as last checked: two cache lines, read in order by the pass
+    uint64_t digest[kCacheRows];  // 0: not checked yet, or absent
+    int64_t addr[kCacheRows];     // data addresses (kStepRow: the step count's)
+  };
+  size_t n = 0;
+  std::vector<Seen> seen;        // n
+  std::vector<int64_t> numel;    // n
+  std::vector<uint8_t> not_flat; // n: the arrays do not share the param's flat layout (NOTE [flat layout])
+  int64_t not_flat_count = 0;
+  int64_t misaligned = 0;        // addresses in rows 0..5 that are not 16-byte aligned
+  // What every tensor was checked against: the first tensors' dtypes and the placement. When one of them changes
+  // (`params[0].data = <other dtype>`), every tensor is checked again.
+  std::optional<std::array<int64_t, 4>> context;
+  std::mutex mutex;
+
+  void reset(size_t count) {
+    n = count;
+    context.reset();
+    seen.assign(n, Seen{});
+    numel.assign(n, 0);
+    not_flat.assign(n, 0);
+    not_flat_count = misaligned = 0;
+  }
+  bool flat() const { return not_flat_count == 0; }
+  bool aligned() const { return misaligned == 0; }
+  void* data(size_t i, int row) const { return reinterpret_cast<void*>(seen[i].addr[row]); }
+  float* step(size_t i) const { return static_cast<float*>(data(i, kStepRow)); }
+};
+
+struct PassResult {
+  bool complete;       // false: a grad was read and a param has none (nothing checked, nothing cached)
+  uint32_t moved_rows; // bit r: an address in row r changed (bit kStepRow: a step count's)
+};
+
+// The pass: every tensor compared against the cache, the moved arrays checked in full (throwing the first bad
+// tensor's error, before the caller writes anything) and cached again. `row_major`: stochastic rounding's layout
+// rule (NOTE [flat layout]). Afterwards `c` holds every tensor's addresses, numel and flatness.
+inline PassResult checked_pass(const char* who, const TensorLists& l, const Grads& grads, const Placement& where,
+                               bool row_major, PassCache& c) {
   const size_t n = l.size();
-  if (grads.read != nullptr) grads.read->assign(n, at::Tensor());
-  const at::TensorList gl = grads.list();
+  if (c.n != n) c.reset(n);
+  if (grads.hold != nullptr) grads.hold->assign(n, at::Tensor());
+  constexpr uint64_t kAllRows = (1u << kCacheRows) - 1;
+  constexpr int kLight = 8;
   std::atomic<bool> missing_grad{false};
-  for_each_tensor(n, [&](size_t i) {
-    // (Grads being read are not in the list yet, and another thread may be writing them: they take the chain below.)
-    const at::TensorList given = grads.read == nullptr ? grads.given : at::TensorList();
-    for (at::TensorList list : {at::TensorList(l.params), given, at::TensorList(l.exp_avgs),
-                                at::TensorList(l.exp_avg_sqs), at::TensorList(l.max_exp_avg_sqs),
-                                at::TensorList(l.state_steps), at::TensorList(l.master_params)}) {
-      prefetch_impl(impl_at(list, i + kPrefetchAhead));
-      prefetch_storage(list, i + kPrefetchAhead / 2);
-    }
-    if (grads.read != nullptr) {  // the chain param -> autograd metadata -> grad, in stages
-      if (const char* p = impl_at(l.params, i + kPrefetchAhead / 2)) {
-        const auto* meta = reinterpret_cast<const char*>(reinterpret_cast<const c10::TensorImpl*>(p)->autograd_meta());
-        if (meta != nullptr) {
-          __builtin_prefetch(meta);
-          __builtin_prefetch(meta + 63);  // the grad's handle (offset 40 in torch 2.13's AutogradMeta)
+  // Moved tensors as (i << 16 | light << 8 | rows): bit r of rows, array r differs from what was cached beyond its
+  // address and is checked in full (a param that did takes every row); bit r of light, only its address moved.
+  std::vector<std::vector<uint64_t>> moved_by_range;
+  std::mutex moved_lock;
+  over_tensor_ranges(n, [&](int64_t begin, int64_t end) {
+    std::vector<uint64_t> moved;
+    for (size_t i = begin; i < static_cast<size_t>(end); ++i) {
+      // (Prefetches: NOTE [cpu per-tensor cost]. The grads, where read, take the chain below.)
+      for (at::TensorList list : {at::TensorList(l.params), grads.given, at::TensorList(l.exp_avgs),
+                                  at::TensorList(l.exp_avg_sqs), at::TensorList(l.max_exp_avg_sqs),
+                                  at::TensorList(l.state_steps), at::TensorList(l.master_params)}) {
+        prefetch_impl(impl_at(list, i + kPrefetchAhead));
+        prefetch_storage(list, i + kPrefetchAhead / 2);
+      }
+      if (grads.from_params) {  // param -> autograd metadata -> grad -> its storage, in stages
+        if (const char* p = impl_at(l.params, i + kPrefetchAhead / 2)) {
+          const auto* meta = reinterpret_cast<const char*>(reinterpret_cast<const c10::TensorImpl*>(p)->autograd_meta());
+          if (meta != nullptr) {
+            __builtin_prefetch(meta);
+            __builtin_prefetch(meta + 63);  // the grad's handle (offset 40 in torch 2.13's AutogradMeta)
+          }
+        }
+        if (const char* p = impl_at(l.params, i + kPrefetchAhead / 4)) {
+          const char* g = grad_impl(p);
+          if (grads.hold != nullptr) __builtin_prefetch(g, 1);  // the refcount, which the hold increments
+          prefetch_impl(g);
+        }
+        if (const char* p = impl_at(l.params, i + kPrefetchAhead / 8)) {
+          prefetch_storage_impl(reinterpret_cast<const c10::TensorImpl*>(grad_impl(p)));
         }
       }
-      if (const char* p = impl_at(l.params, i + kPrefetchAhead / 4)) {
-        const char* g = grad_impl(p);
-        __builtin_prefetch(g, 1);  // the refcount, which the read below increments (a locked, serializing add)
-        prefetch_impl(g);
-      }
-      if (l.params[i].defined()) {  // else check_tensor names it
-        (*grads.read)[i] = l.params[i].unsafeGetTensorImpl()->grad();
-        if (!(*grads.read)[i].defined()) {
+      // Every array present must still be what was cached (an undefined one takes the full checks, which name it).
+      uint64_t rows = kAllRows;
+      if (l.params[i].defined()) {
+        const c10::TensorImpl* param = l.params[i].unsafeGetTensorImpl();
+        const at::Tensor& g = grads.from_params ? param->grad() : grads.given[i];
+        if (grads.from_params && !g.defined()) {
           missing_grad = true;
           return;
         }
+        if (grads.hold != nullptr) (*grads.hold)[i] = g;
+        const at::Tensor* arrays[kCacheRows] = {&l.params[i], &g, &l.exp_avgs[i], &l.exp_avg_sqs[i],
+                                                l.amsgrad() ? &l.max_exp_avg_sqs[i] : nullptr,
+                                                l.master() ? &l.master_params[i] : nullptr, &l.state_steps[i]};
+        const PassCache::Seen& seen = c.seen[i];
+        rows = 0;
+        for (int r = 0; r < kCacheRows; ++r) {
+          if (arrays[r] == nullptr) continue;
+          if (!arrays[r]->defined()) {
+            rows |= kAllRows;
+            continue;
+          }
+          const Probe pr = probe(arrays[r]->unsafeGetTensorImpl());
+          if (pr.digest != 0 && pr.digest == seen.digest[r]) {
+            // Only the address moved (a new grad like the last, a `.data` of the same kind): it passes the same
+            // checks, and the address is taken once every check has passed.
+            if (pr.addr != seen.addr[r]) rows |= uint64_t{1} << (r + kLight);
+          } else {
+            rows |= r == kParamRow ? kAllRows : uint64_t{1} << r;
+          }
+        }
       }
+      if (rows != 0) moved.push_back(static_cast<uint64_t>(i) << 16 | rows);
     }
-    const std::array<const at::Tensor*, kNumRows> arrays = arrays_of(l, gl, i);
-    check_tensor(who, l, i, arrays, where);
-    on_tensor(i, arrays);
+    std::lock_guard<std::mutex> lock(moved_lock);
+    moved_by_range.push_back(std::move(moved));
+  }, kScanTensorsPerThread);
+  if (missing_grad) {
+    if (grads.hold != nullptr) grads.hold->clear();
+    return {false, 0};
+  }
+  std::vector<uint64_t> moved;
+  for (const auto& m : moved_by_range) moved.insert(moved.end(), m.begin(), m.end());
+  if (moved.empty()) return {true, 0};
+  std::sort(moved.begin(), moved.end());  // the first bad tensor's error, whichever thread saw it
+  // Every tensor was checked against the first tensors' dtypes and the placement: if those moved, check them all.
+  const std::array<int64_t, 4> context{
+      l.params[0].defined() ? static_cast<int64_t>(l.params[0].scalar_type()) : -1,
+      l.exp_avgs[0].defined() ? static_cast<int64_t>(l.exp_avgs[0].scalar_type()) : -1,
+      static_cast<int64_t>(where.device.type()) << 8 | static_cast<uint8_t>(where.device.index()),
+      static_cast<int64_t>(where.steps.type()) << 8 | static_cast<uint8_t>(where.steps.index())};
+  if (c.context != context) {
+    moved.resize(n);
+    for (size_t i = 0; i < n; ++i) moved[i] = static_cast<uint64_t>(i) << 16 | kAllRows;
+  }
+
+  // The arrays of tensor i, its grad where the scan found it (read and not held: the handle in the param's autograd
+  // metadata, which stays put while the GIL is held).
+  auto arrays = [&](size_t i) {
+    const at::TensorList read = grads.hold != nullptr ? at::TensorList(*grads.hold) : grads.given;
+    std::array<const at::Tensor*, kNumRows> a = arrays_of(l, read, i);
+    if (grads.from_params && grads.hold == nullptr) a[kGradRow] = &l.params[i].unsafeGetTensorImpl()->grad();
+    return a;
+  };
+  for_each_tensor(moved.size(), [&](size_t k) {
+    const size_t i = moved[k] >> 16;
+    const auto a = arrays(i);
+    for (int r = 0; r < kCacheRows; ++r) {
+      if (!(moved[k] & (uint64_t{1} << r))) continue;
+      check_row(who, l, i, a, r, where);
+      if (r < kNumRows && a[r] != nullptr) check_fits(who, *a[r], kRowList[r], i);
+    }
   });
-  return !missing_grad;
+
+  // Everything passed: cache the moved arrays (materializing copy-on-write storages, as a write would).
+  std::atomic<uint32_t> moved_rows{0};
+  std::atomic<int64_t> d_not_flat{0}, d_misaligned{0};
+  over_tensor_ranges(moved.size(), [&](int64_t begin, int64_t end) {
+    uint32_t changed = 0;
+    int64_t not_flat = 0, misaligned = 0;
+    for (int64_t k = begin; k < end; ++k) {
+      const size_t i = moved[k] >> 16;
+      const auto a = arrays(i);
+      for (int r = 0; r < kCacheRows; ++r) {
+        const at::Tensor* t = r == kStepRow ? &l.state_steps[i] : a[r];
+        if (!(moved[k] & (uint64_t{1} << r))) {
+          if (moved[k] & (uint64_t{1} << (r + kLight))) {
+            int64_t& addr = c.seen[i].addr[r];
+            const int64_t now = probe(t->unsafeGetTensorImpl()).addr;
+            if (r < kNumRows) {
+              misaligned += static_cast<int64_t>((now & 15) != 0) - static_cast<int64_t>((addr & 15) != 0);
+            }
+            addr = now;
+            changed |= 1u << r;
+          }
+          continue;
+        }
+        uint64_t& digest = c.seen[i].digest[r];
+        int64_t& addr = c.seen[i].addr[r];
+        const int64_t before = addr;
+        if (r < kNumRows && (before & 15) != 0) --misaligned;
+        if (t == nullptr) {
+          digest = 0;
+          addr = 0;
+        } else {
+          if (t->numel() != 0 && !t->is_meta()) t->mutable_data_ptr();
+          const Probe pr = probe(t->unsafeGetTensorImpl());
+          digest = pr.digest;
+          addr = pr.addr;
+          if (r < kNumRows && (addr & 15) != 0) ++misaligned;
+        }
+        if (addr != before) changed |= 1u << r;
+      }
+      if (!(moved[k] & kAllRows)) continue;  // only addresses moved: the same shapes and strides
+      c.numel[i] = a[kParamRow]->numel();
+      const uint8_t nf = c.numel[i] != 0 && !is_flat(a, row_major);
+      not_flat += static_cast<int64_t>(nf) - c.not_flat[i];
+      c.not_flat[i] = nf;
+    }
+    moved_rows |= changed;
+    d_not_flat += not_flat;
+    d_misaligned += misaligned;
+  });
+  c.not_flat_count += d_not_flat;
+  c.misaligned += d_misaligned;
+  c.context = context;
+  return {true, moved_rows.load()};
 }
 
-// Drops the references a pass took to the grads it read, where their TensorImpls are cold again (the data pass
+// Drops the references a pass held to the grads it read, where their TensorImpls are cold again (the data pass
 // evicted them): a prefetched loop in every thread, not the vector's serial destructor.
 inline void release_read_grads(std::vector<at::Tensor>& read) {
   over_tensor_ranges(read.size(), [&](int64_t begin, int64_t end) {

@@ -157,39 +157,33 @@ void run_chunks(const std::vector<TensorPtrs>& tensors, const std::vector<int64_
 
 // ---- the step ------------------------------------------------------------------------------------------------
 
-// The step on lists that passed check_lists, in opmath T. The per-tensor pass (csrc/common/tensor_pass.h, NOTE [cpu
-// per-tensor cost]) checks every tensor, reads the grads where asked and takes the pointers, writing nothing.
+// The step on lists that passed check_lists, in opmath T. The per-tensor pass (csrc/common/tensor_pass.h, NOTE [pass
+// cache]) checks every tensor that moved since the last step of these lists, reads the grads where asked, and leaves
+// every tensor's addresses in `cache`, writing nothing.
 template <typename T>
 bool step_with_opmath(const TensorLists& l, const Grads& grads, const StepOptions& o, const Mode& mode,
-                      const StepArgs& args, int64_t chunk_size, const std::function<void()>& checked) {
+                      const StepArgs& args, int64_t chunk_size, PassCache& cache,
+                      const std::function<void()>& checked) {
   const size_t n = l.size();
-  std::vector<TensorPtrs> ptrs(n);
-  std::vector<int64_t> numels(n);
-  std::vector<float*> steps(n);
-  std::vector<char> not_flat(n, 0);
   const bool row_major = mode.sr_param || mode.sr_state;
-  const Placement where{at::kCPU, at::kCPU};
-  const bool complete = tensor_pass(kWho, l, grads, where, [&](size_t i, const std::array<const at::Tensor*, kNumRows>& a) {
-    steps[i] = l.state_steps[i].data_ptr<float>();
-    numels[i] = a[kParamRow]->numel();
-    ptrs[i] = {};
-    if (numels[i] == 0) return;
-    if (!is_flat(a, row_major)) {
-      not_flat[i] = 1;  // staged below, outside the threads
-      return;
-    }
-    void* data[kNumRows] = {};
-    for (int r = 0; r < kNumRows; ++r) data[r] = a[r] != nullptr ? a[r]->data_ptr() : nullptr;
-    ptrs[i] = {data[0], data[1], data[2], data[3], data[4], static_cast<float*>(data[5]), {}};
-  });
-  if (!complete) return false;
+  if (!checked_pass(kWho, l, grads, Placement{at::kCPU, at::kCPU}, row_major, cache).complete) return false;
   if (checked) checked();
+  std::vector<TensorPtrs> ptrs(n);
+  over_tensor_ranges(n, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      if (cache.numel[i] == 0 || cache.not_flat[i]) continue;  // empty; or staged below, outside the threads
+      auto data = [&](int r) { return cache.data(i, r); };
+      ptrs[i] = {data(0), data(1), data(2), data(3), data(4), static_cast<float*>(data(5)), {}};
+    }
+  });
   std::vector<Staged> staged;
-  const at::TensorList grad_list = grads.list();
-  for (size_t i = 0; i < n; ++i) {
-    if (!not_flat[i]) continue;
-    const Staged& st = staged.emplace_back(arrays_of(l, grad_list, i), row_major);
-    ptrs[i] = {st.data(0), st.data(1), st.data(2), st.data(3), st.data(4), static_cast<float*>(st.data(5)), {}};
+  if (!cache.flat()) {
+    const at::TensorList grad_list = grads.hold != nullptr ? at::TensorList(*grads.hold) : grads.given;
+    for (size_t i = 0; i < n; ++i) {
+      if (cache.numel[i] == 0 || !cache.not_flat[i]) continue;
+      const Staged& st = staged.emplace_back(arrays_of(l, grad_list, i), row_major);
+      ptrs[i] = {st.data(0), st.data(1), st.data(2), st.data(3), st.data(4), static_cast<float*>(st.data(5)), {}};
+    }
   }
 
   // Every step moves on by one; each tensor's scalars come from its own count (they usually agree, so the
@@ -199,8 +193,8 @@ bool step_with_opmath(const TensorLists& l, const Grads& grads, const StepOption
   auto count_steps = [&](int64_t begin, int64_t end) {
     float last_step = -1.0f;
     for (int64_t i = begin; i < end; ++i) {
-      if (i + static_cast<int64_t>(kPrefetchAhead) < end) __builtin_prefetch(steps[i + kPrefetchAhead], 1);
-      float* step = steps[i];
+      if (i + static_cast<int64_t>(kPrefetchAhead) < end) __builtin_prefetch(cache.step(i + kPrefetchAhead), 1);
+      float* step = cache.step(i);
       *step += 1.0f;
       if (i == begin || *step != last_step) {
         scalars[i] = make_step_scalars<T>(o.hyper, static_cast<double>(*step));
@@ -220,11 +214,11 @@ bool step_with_opmath(const TensorLists& l, const Grads& grads, const StepOption
   };
   over_tensor_ranges(n, count_steps);
 
-  run_chunks(ptrs, numels, adam_chunk_fn(mode), reinterpret_cast<const char*>(scalars.data()),
+  run_chunks(ptrs, cache.numel, adam_chunk_fn(mode), reinterpret_cast<const char*>(scalars.data()),
              sizeof(StepScalars<T>), args, chunk_size);
 
   for (Staged& st : staged) st.copy_back(/*grad_written=*/mode.unscale);
-  if (grads.read != nullptr) release_read_grads(*grads.read);
+  if (grads.hold != nullptr) release_read_grads(*grads.hold);
   return true;
 }
 
@@ -266,10 +260,11 @@ std::optional<std::string> unsupported_combination(DType pk, DType sk, bool mast
          feature_kinds_text() + "; each also with stochastic rounding where a bfloat16 store is the only copy)";
 }
 
-bool adam_step_(const TensorLists& l, const Grads& grads, const StepOptions& o, const std::function<void()>& checked) {
+bool adam_step_(const TensorLists& l, const Grads& grads, const StepOptions& o, PassCache& cache,
+                const std::function<void()>& checked) {
   const int64_t chunk_size = o.chunk_size == 0 ? kDefaultChunkSize : o.chunk_size;
   TORCH_CHECK_VALUE(chunk_size > 0, kWho, ": chunk_size must be positive, got ", chunk_size);
-  check_lists(kWho, l, grads.read == nullptr ? &grads.given : nullptr, o.amsgrad, o.stochastic_rounding());
+  check_lists(kWho, l, grads.from_params ? nullptr : &grads.given, o.amsgrad, o.stochastic_rounding());
   TORCH_CHECK_VALUE(o.master == l.master(), kWho, ": ", l.master_params.size(), " master_params with master=",
                     o.master ? "True" : "False");
   TORCH_CHECK_VALUE(o.lr_device == nullptr, kWho, ": lr on a device is for capturable CUDA steps");
@@ -285,8 +280,8 @@ bool adam_step_(const TensorLists& l, const Grads& grads, const StepOptions& o, 
   const Mode mode{kind, state_kind, o.wd_mode, o.amsgrad, o.maximize, o.unscale(), o.master, o.sr_param, o.sr_state,
                   o.clip()};
   const StepArgs args{scale, (o.maximize ? -1.0 : 1.0) * clip};
-  if (kind == DType::kFloat64) return step_with_opmath<double>(l, grads, o, mode, args, chunk_size, checked);
-  return step_with_opmath<float>(l, grads, o, mode, args, chunk_size, checked);
+  if (kind == DType::kFloat64) return step_with_opmath<double>(l, grads, o, mode, args, chunk_size, cache, checked);
+  return step_with_opmath<float>(l, grads, o, mode, args, chunk_size, cache, checked);
 }
 
 void roofline_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,

@@ -33,10 +33,11 @@ constexpr int64_t kDefaultChunkSize = 1 << 16;
 //     sr_bits(sr_salt(seed, step, tensor_ids[i], stream), element index);
 //   * clip_coef: the unscaled grad is multiplied by it for the update, read once per call.
 // grads: given, or read from each param's .grad in the per-tensor pass (NOTE [grads read in C++] in ops.cpp).
+// `cache`: what the pass saw at the last step of these lists (NOTE [pass cache]; a fresh one checks everything).
 // Returns false, having changed nothing, when a grad is read and a param has none; true otherwise. `checked`, when
 // given, is called once every tensor has passed the checks, before anything is written (the binding releases the
 // GIL there).
-bool adam_step_(const TensorLists& lists, const Grads& grads, const StepOptions& options,
+bool adam_step_(const TensorLists& lists, const Grads& grads, const StepOptions& options, PassCache& cache,
                 const std::function<void()>& checked = {});
 
 // Why adam_step_ would refuse params of `param_dtype` with states of `state_dtype` with these options, or nullopt:

@@ -65,7 +65,7 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _P, _G, _M, _V, _X, _W, _STEP, _NUMEL, _TID = range(9)  # table rows, NOTE [triton table]
 _ROWS = 9  # then chunk -> tensor, chunk -> first element
 _ADDRESS_ROWS = 6  # rows 0..5: what the check pass writes
-_LAYOUT_BIT, _ALIGNED_BIT = 1 << 7, 1 << 6  # the check pass's mask (NOTE [triton host path])
+_LAYOUT_BIT, _ALIGNED_BIT, _UNIFORM_BIT = 1 << 7, 1 << 6, 1 << 8  # the check pass's mask (NOTE [triton host path])
 _ROW_BITS = (1 << _ADDRESS_ROWS) - 1
 _GROUP_SLOTS = 8  # scal[0:8]: group scalars and the uniform step's pair; per-tensor pairs follow
 
@@ -425,12 +425,13 @@ if tl is not None:
 # ---- the check pass: native, or the same in Python ------------------------------------------------------------
 
 # NOTE [triton host path]: a step's host work is O(1) Python: one native pass over the partition
-# (_C.Partition.addresses: reads each param's .grad, checks every tensor, writes the six address rows of NOTE
-# [triton table] into `out` and says which rows changed, whether every address is 16-byte aligned and whether every
-# tensor's arrays share one dense layout), one host-to-device copy of the rows that changed (usually the grad row,
-# or nothing), one read-and-bump of the step counts (_HostSteps), the launch. A `.data` replaced with a tensor of
-# the same shape is stepped where it now lives; another shape is an error of the check pass, before anything is
-# written. Unusual layouts (bit 7 clear) take the staging path, which is per tensor.
+# (_C.Partition.addresses: reads each param's .grad, checks every tensor that moved since the last step (NOTE [pass
+# cache]), writes the six address rows of NOTE [triton table] into `out` and says which rows changed, whether every
+# address is 16-byte aligned and whether every tensor's arrays share one dense layout, and reads and bumps the step
+# counts, NOTE [host steps]), one host-to-device copy of the rows that changed (usually the grad row, or nothing),
+# the launch. A `.data` replaced with a tensor of the same shape is stepped where it now lives; another shape is an
+# error of the check pass, before anything is written. Unusual layouts (bit 7 clear) take the staging path, which
+# is per tensor.
 _NATIVE_ADDRESSES = _C is not None and hasattr(getattr(_C, "Partition", None), "addresses")
 _WHO = "FusedAdam (triton backend)"
 
@@ -457,14 +458,16 @@ class _PyPartition:
     def __init__(self, params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, master_params=(),
                  tensor_ids=(), options=None):
         self.lists = (params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params)
+        self.steps = state_steps
 
-    def addresses(self, grads: list[Tensor] | None, out: Tensor) -> int:
+    def addresses(self, grads: list[Tensor] | None, out: Tensor,
+                  counts: Tensor | None = None) -> tuple[int, float | None]:
         params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters = self.lists
         n = len(params)
         if grads is None:
             grads = [p.grad for p in params]
             if not all(map(operator.is_not, grads, itertools.repeat(None))):
-                return -1
+                return -1, None
         elif len(grads) != n:
             raise ValueError(f"{_WHO}: grads has {len(grads)} tensors, expected {n} (one per param)")
         named = [("params", params), ("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs),
@@ -495,7 +498,15 @@ class _PyPartition:
         if layout:
             mask |= _LAYOUT_BIT
         out.copy_(new)
-        return mask
+        before = None
+        if counts is not None and n:  # NOTE [host steps]
+            counts.copy_(torch.stack(self.steps).reshape(-1))
+            torch._foreach_add_(self.steps, _ONE)
+            lo, hi = torch.aminmax(counts)
+            if lo.item() == hi.item():  # (NaN counts are not)
+                mask |= _UNIFORM_BIT
+                before = lo.item()
+        return mask, before
 
     @staticmethod
     def _raise_first(named, device, dtype, state_dtype) -> None:
@@ -531,81 +542,11 @@ def _partition_checker(part):
     return cls(part.params, part.exp_avgs, part.exp_avg_sqs, part.max_exp_avg_sqs, part.state_steps, **lists)
 
 
-# ---- step counts on the host -----------------------------------------------------------------------------------
-
+# NOTE [host steps]: without capturable, the step counts are 0-dim float32 CPU tensors, one per param (views into
+# one buffer, NOTE [packed states] in state.py). The check pass reads them through the addresses it checked and
+# bumps them (Partition.addresses' `counts`): the counts before the step, all equal in the usual case (one pair of
+# scalars for the launch), else one pair per tensor.
 _ONE = torch.ones(())
-
-
-# NOTE [host steps]: without capturable, the step counts are 0-dim float32 CPU tensors, one per param, which the
-# optimizer packs as views into one buffer per bucket of small params (NOTE [packed states] in state.py). Read and
-# incremented one tensor at a time they cost ~0.45 us each; here each buffer's run of counts is found once as one
-# strided view, and a step reads them all with one cat and one min/max and bumps them with one foreach add. Counts
-# that are not such runs (separate tensors) are read with one stack instead. The same fp32 addition either way.
-# A count whose `.data` is replaced leaves its buffer: each buffer's storage use count (one per tensor that views
-# it) is compared every step, a few ns a buffer, and any change rescans the counts.
-_use_count = getattr(torch._C, "_storage_Use_Count", None)
-
-
-class _HostSteps:
-    def __init__(self, steps: list[Tensor]):
-        self.steps = steps
-        self._scan()
-
-    def _scan(self) -> None:
-        steps = self.steps
-        self.views: list[Tensor] | None = None  # runs of counts, each a strided view of one buffer
-        self.order: Tensor | None = None  # list positions of the views' elements when not 0..T-1 in order
-        self.storages: list[torch.UntypedStorage] = []
-        self.guard: list[int] | None = None  # the storages' use counts, taken at the first bump after a scan
-        if _use_count is None or any(s.dtype != torch.float32 or s.device.type != "cpu" or s.numel() != 1
-                                     for s in steps):
-            return
-        runs: dict[int, tuple[torch.UntypedStorage, list[int]]] = {}
-        for j, s in enumerate(steps):
-            storage = s.untyped_storage()
-            runs.setdefault(storage.data_ptr(), (storage, []))[1].append(j)
-        if 8 * len(runs) > len(steps):  # mostly separate tensors: one stack reads them
-            return
-        views, order = [], []
-        for start, (storage, positions) in runs.items():
-            offsets = [steps[j].data_ptr() - start for j in positions]
-            stride = offsets[1] - offsets[0] if len(offsets) > 1 else 4
-            if offsets[0] % 4 or stride <= 0 or stride % 4 or any(o != offsets[0] + k * stride for k, o in enumerate(offsets)):
-                return
-            base = torch.empty(0, dtype=torch.float32).set_(storage, 0, (storage.nbytes() // 4,), (1,))
-            views.append(base.as_strided((len(offsets),), (stride // 4,), offsets[0] // 4))
-            order.extend(positions)
-        self.views = views
-        self.storages = [storage for storage, _ in runs.values()]
-        if order != list(range(len(steps))):
-            self.order = torch.tensor(order)
-
-    def _moved(self) -> bool:
-        counts = [_use_count(s._cdata) for s in self.storages]
-        if self.guard is None:
-            self.guard = counts
-        return counts != self.guard
-
-    def bump(self) -> tuple[float | None, Tensor | None]:
-        """Increments every count; returns (the count before, None) when all were equal, else (None, the counts
-        before, as a float32 tensor in list order)."""
-        if self.views is not None and self._moved():
-            self._scan()
-        views = self.views
-        if views is None:
-            before = torch.stack(self.steps).reshape(-1)
-        else:
-            before = views[0] if len(views) == 1 else torch.cat(views)
-        lo, hi = torch.aminmax(before)
-        lo, hi = lo.item(), hi.item()
-        uniform = lo == hi  # (NaN counts take the per-tensor path)
-        if not uniform:
-            if views is not None and len(views) == 1:
-                before = before.clone()
-            if self.order is not None:
-                before = torch.empty_like(before).index_copy_(0, self.order, before)
-        torch._foreach_add_(self.steps if views is None else views, _ONE)
-        return (lo, None) if uniform else (None, before)
 
 
 # ---- host side -------------------------------------------------------------------------------------------------
@@ -684,7 +625,7 @@ class _Prepared:
     math: torch.dtype
     constexprs: dict  # the launch's structure, fixed for the partition
     options: dict  # ALIGNED -> compile options (_compile_options)
-    steps: _HostSteps | None  # None when capturable (the steps live on the device)
+    counts: Tensor | None  # the step counts before the step (NOTE [host steps]); None when capturable
     scal: Tensor | None = None  # capturable: written by _capturable_step_kernel
     hyper_key: tuple | None = None  # capturable: values in hyper_dev
     hyper_dev: Tensor | None = None
@@ -740,7 +681,7 @@ class TritonBackend(Backend):
         prep = _Prepared(
             checker=_partition_checker(part), out=torch.zeros(_ADDRESS_ROWS, n, dtype=torch.int64),
             table=_to_device(host, device), n_chunks=n_chunks, numels=numels, grid=_grid(device, n_chunks), math=math,
-            constexprs=constexprs, steps=None if o.capturable else _HostSteps(part.state_steps),
+            constexprs=constexprs, counts=None if o.capturable else torch.empty(n, dtype=torch.float32),
             options={a: _compile_options(device, o.master, o.stochastic_rounding, a) for a in (False, True)},
         )
         if o.capturable:
@@ -820,7 +761,11 @@ def _step(part, prep: _Prepared, grads: list[Tensor] | None, hp: Hyper, amp: Amp
         return True
     o = part.options
     device = part.device
-    mask = prep.checker.addresses(grads, prep.out)
+    found_inf, grad_scale = amp.found_inf, amp.grad_scale
+    # found_inf skips the step: the counts stay (on the host, reading it there is the only way); the checks still run
+    skip = not o.capturable and found_inf is not None and bool(found_inf.item())
+    counts = None if o.capturable or skip else prep.counts
+    mask, count = prep.checker.addresses(grads, prep.out, counts)
     if mask < 0:
         return False  # a param without a grad: nothing changed, the plan is rebuilt
     rows = mask & _ROW_BITS
@@ -828,6 +773,8 @@ def _step(part, prep: _Prepared, grads: list[Tensor] | None, hp: Hyper, amp: Amp
         # A param (and its states: the check pass compared their shapes) now has another size: the chunk table
         # follows it, as torch's for-loop steps the new tensors.
         _check_not_capturing(device, "a param's size")
+        if counts is not None:  # bumped by the pass: the step below bumps them again
+            torch._foreach_copy_(part.state_steps, list(counts.unbind()))
         BACKEND.prepare(part)
         return _step(part, part.prepared, grads, hp, amp)
     aligned = bool(mask & _ALIGNED_BIT)
@@ -841,9 +788,8 @@ def _step(part, prep: _Prepared, grads: list[Tensor] | None, hp: Hyper, amp: Amp
             aligned = bool((prep.out % 16 == 0).all())
     if rows:
         _upload_rows(prep, rows, device)
-    found_inf, grad_scale = amp.found_inf, amp.grad_scale
-    if not o.capturable and found_inf is not None and bool(found_inf.item()):
-        return True  # the steps live on the host: reading found_inf there is the only way to leave them unchanged
+    if skip:
+        return True
 
     table = prep.table
     sr_step = 0.0
@@ -857,9 +803,8 @@ def _step(part, prep: _Prepared, grads: list[Tensor] | None, hp: Hyper, amp: Amp
         # torch.optim.AdamW computes 1 - lr * wd in lr's dtype when lr is a Tensor (csrc/adam_math.h's decay)
         decay = (1 - hp.lr * wd).item() if isinstance(hp.lr, Tensor) and o.decoupled else 1.0 - lr * wd
         group = [1.0 - beta1, beta2, 1.0 - beta2, decay, float(hp.eps), wd]
-        uniform, counts = prep.steps.bump()
-        if uniform is not None:
-            sr_step = uniform + 1.0
+        if count is not None:
+            sr_step = count + 1.0
             pair = _host_scalars(lr, beta1, beta2, sr_step)
             if prep.math == torch.float32:
                 scal, scalars = table, 0
@@ -867,7 +812,7 @@ def _step(part, prep: _Prepared, grads: list[Tensor] | None, hp: Hyper, amp: Amp
             else:  # fp64 scalars do not fit a kernel argument
                 scal, scalars = _to_device(torch.tensor(group + list(pair), dtype=prep.math), device), 1
         else:
-            after_counts = counts + _ONE
+            after_counts = prep.counts + _ONE
             uniq, inv = torch.unique(after_counts, return_inverse=True)
             pairs = torch.tensor([_host_scalars(lr, beta1, beta2, s) for s in uniq.tolist()], dtype=torch.float64)
             host = torch.cat([torch.tensor(group + [0.0, 0.0], dtype=torch.float64), pairs[inv].reshape(-1),
