@@ -350,7 +350,7 @@ class FusedAdam(Optimizer):
                 # A backend may read the grads itself (grads=None); it declines, having changed nothing, if a param
                 # has no grad, and the path below handles that.
                 # Flat runs (NOTE [flat run wiring]) read no grad list either, where the plan covers every param.
-                if (valid and not clipping and all(plan.has_grad) and all(part.flat is not None for part in plan.parts)
+                if (valid and not clipping and plan.all_grads and plan.all_flat
                         and all([part.flat.valid() for part in plan.parts])):
                     for part in plan.parts:
                         part.backend.step(part.flat_part, [part.flat.grad], hp,

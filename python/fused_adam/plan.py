@@ -114,6 +114,12 @@ class Plan:
     key: tuple
     generation: int
     parts: list[Partition]
+    all_grads: bool = False  # every param had a grad when built (has_grad, decided once, not per step)
+    all_flat: bool = False  # every partition is a flat run (NOTE [flat run wiring])
+
+    def __post_init__(self):
+        self.all_grads = all(self.has_grad)
+        self.all_flat = all(part.flat is not None for part in self.parts)
 
     def valid(self, params: list[Tensor], key: tuple, generation: int) -> bool:
         return (self.params is params and self.generation == generation and self.key == key
