@@ -73,9 +73,12 @@ if grep -q "Segmentation fault\|crashed while running" "$OUT/tests.log" && [ -n 
     timeout 90 "$debugger" -batch -ex run -ex bt -ex "info sharedlibrary" --args "$PY" -c "
 import torch
 from fused_adam import _C_cuda
+from fused_adam.backends import Hyper, PartOptions
+g = dict(lr=1e-3, weight_decay=0.0, decoupled_weight_decay=False, amsgrad=False, maximize=False, capturable=False,
+         differentiable=False)
 p = [torch.zeros(4, device='cuda')]
-_C_cuda.Partition(p, p, p, [], [torch.zeros((), device='cuda')], wd_mode=0, amsgrad=False, maximize=False,
-                  capturable=False).step_(p, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+_C_cuda.Partition(p, p, p, [], [torch.zeros((), device='cuda')], options=PartOptions.of(g, torch.float32, False)
+                  ).step_(p, Hyper(1e-3, 0.9, 0.999, 1e-8, 0.0))
 " >"$OUT/crash.txt" 2>&1
     grep -E -A25 "SIG[A-Z]+|RuntimeError" "$OUT/crash.txt" | head -40
 fi

@@ -13,7 +13,7 @@ from conftest import requires_cuda
 from types import SimpleNamespace
 
 from fused_adam import FusedAdam, FusedAdamW, backends
-from fused_adam.backends import PartOptions
+from fused_adam.backends import Hyper, PartOptions
 from parity import (DTYPES, FEATURE_CASES, K_LOW_PRECISION, LOW_PRECISION, OPTIM_INPUTS, _adjust, bits, feature_id,
                     make_grads, make_params)
 
@@ -318,25 +318,27 @@ def test_binding_errors_name_the_argument():
     m = [torch.zeros(4, device=DEVICE), torch.zeros(6, device=DEVICE)]
     v = [torch.zeros(4, device=DEVICE), torch.zeros(5, device=DEVICE)]
     steps = [torch.zeros(()), torch.zeros(())]
-    hyper = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+    hyper = Hyper(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+    group = dict(lr=1e-3, weight_decay=0.0, decoupled_weight_decay=False, amsgrad=False, maximize=False,
+                 capturable=False, differentiable=False)
 
     def part(m, steps):
-        return _C_cuda.Partition(p, m, v, [], steps, wd_mode=0, amsgrad=False, maximize=False, capturable=False)
+        return _C_cuda.Partition(p, m, v, [], steps, options=PartOptions.of(group, torch.float32, clip=False))
 
-    with pytest.raises(RuntimeError, match=r"exp_avg of param 1 has shape \[6\], expected \[5\]"):
-        part(m, steps).step_(g, **hyper)
+    with pytest.raises(RuntimeError, match=r"exp_avgs\[1\] has shape \[6\], but params\[1\] has shape \[5\]"):
+        part(m, steps).step_(g, hyper)
     m[1] = torch.zeros(5, device=DEVICE, dtype=torch.float64)
-    with pytest.raises(RuntimeError, match="exp_avg of param 1 has dtype Double"):
-        part(m, steps).step_(g, **hyper)
+    with pytest.raises(TypeError, match=r"exp_avgs\[1\] has dtype Double, but exp_avgs\[0\] has dtype Float"):
+        part(m, steps).step_(g, hyper)
     m[1] = torch.zeros(5, device=DEVICE)
-    with pytest.raises(RuntimeError, match="step of param 0 is on cuda"):
-        part(m, [steps[0].to(DEVICE), steps[1]]).step_(g, **hyper)
+    with pytest.raises(RuntimeError, match=r"state_steps\[0\] must be a one-element float32 tensor on cpu"):
+        part(m, [steps[0].to(DEVICE), steps[1]]).step_(g, hyper)
     assert float(steps[0]) == 0.0  # nothing changed on a refused call
     with pytest.raises(RuntimeError, match="no kernel for float32 params with float16 states"):
         part([t.half() for t in m], steps)
     ok = part(m, steps)
-    assert ok.step_(None, **hyper) is False  # grads read from the params: none yet
-    assert ok.step_(g, **hyper) is True and float(steps[0]) == 1.0
+    assert ok.step_(None, hyper) is False  # grads read from the params: none yet
+    assert ok.step_(g, hyper) is True and float(steps[0]) == 1.0
 
 
 @requires_cuda

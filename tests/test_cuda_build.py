@@ -585,14 +585,15 @@ class EmulatedPartition:
     (fa_emu_step: DeviceTable, make_entry, run_step, the kernel)."""
 
     def __init__(self, native, params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, master_params,
-                 tensor_ids, wd_mode, amsgrad, maximize, capturable, sr_param, sr_state, seed, chunk_size):
+                 tensor_ids, options, chunk_size):
         self.native, self.lib = native, native.lib
         self.params, self.exp_avgs, self.exp_avg_sqs = list(params), list(exp_avgs), list(exp_avg_sqs)
         self.max_exp_avg_sqs, self.state_steps = list(max_exp_avg_sqs), list(state_steps)
         self.master_params, self.tensor_ids = list(master_params), list(tensor_ids)
-        self.wd_mode, self.amsgrad, self.maximize, self.capturable = wd_mode, amsgrad, maximize, capturable
-        self.sr_param, self.sr_state, self.seed = sr_param, sr_state, seed
-        self.sr = sr_param or sr_state
+        o = options  # PartOptions, read as csrc/common/py_options.h's partition_options does
+        self.wd_mode, self.amsgrad, self.maximize, self.capturable = int(o.wd_mode), o.amsgrad, o.maximize, o.capturable
+        self.sr_param, self.sr_state, self.seed = o.sr_param, o.sr_state, o.seed & ((1 << 64) - 1)
+        self.sr = o.sr_param or o.sr_state
         n = len(self.params)
         err = ctypes.create_string_buffer(512)
         self.handle = self.lib.fa_emu_partition((ctypes.c_int64 * n)(*(p.numel() for p in self.params)), n,
@@ -603,8 +604,19 @@ class EmulatedPartition:
         if getattr(self, "handle", None):
             self.lib.fa_emu_free(self.handle)
 
-    def step_(self, grads, *, lr, lr_tensor, beta1, beta2, eps, weight_decay, decay, grad_scale, found_inf, clip_coef):
+    def step_(self, grads, hp, amp=None):
         params, n = self.params, len(self.params)
+        # read_step (csrc/common/py_options.h), with this emulation's "device" memory the CPU's: a capturable step
+        # reads a Tensor lr on the device; every other Tensor hyperparameter is read on the host.
+        lr, lr_tensor, decay = hp.lr, None, None
+        if isinstance(lr, torch.Tensor) and self.capturable:
+            lr_tensor, lr = lr, 0.0
+        elif isinstance(lr, torch.Tensor):
+            if self.wd_mode == 2:
+                decay = (1 - lr * hp.weight_decay).item()  # in lr's dtype, as torch.optim.AdamW computes it
+            lr = lr.item()
+        beta1, beta2, eps, weight_decay = (float(x) for x in (hp.beta1, hp.beta2, hp.eps, hp.weight_decay))
+        grad_scale, found_inf, clip_coef = (None, None, None) if amp is None else amp
         if grads is None:
             grads = [p.grad for p in params]
             if any(g is None for g in grads):

@@ -16,7 +16,8 @@ namespace fused_adam {
 // The tensors a StepOptions' pointers point into (converted to float32 where they were not), alive for the step.
 struct StepInputs {
   at::Tensor grad_scale, found_inf, clip_coef;
-  at::Tensor lr;  // Hyper.lr when it is a Tensor (a capturable CUDA step may read it on the device)
+  at::Tensor lr;         // Hyper.lr when it is a Tensor read on the host
+  at::Tensor lr_device;  // Hyper.lr as float64 on the device, read there by a capturable step
 };
 
 // The partition's options (PartOptions: wd_mode, amsgrad, maximize, capturable, master, sr_param, sr_state, seed).
@@ -75,10 +76,22 @@ inline std::optional<at::Tensor> optional_tensor(pybind11::handle obj) {
 }
 
 // This step's Hyper (lr, beta1, beta2, eps, weight_decay: numbers or one-element Tensors, read on the host) and Amp
-// (None, or grad_scale / found_inf / clip_coef: None or Tensors on `device`) into `o`.
+// (None, or grad_scale / found_inf / clip_coef: None or Tensors on `device`) into `o`. A capturable step on a GPU
+// reads a Tensor lr that lives there on the device (StepOptions::lr_device): no host sync, and a CUDA graph replays
+// whatever a scheduler wrote into it.
 inline void read_step(StepOptions& o, StepInputs& in, pybind11::handle hp, pybind11::handle amp,
                       const at::Device& device, const char* who) {
-  o.hyper.lr = host_number(hp.attr("lr"), "lr", &in.lr);
+  const pybind11::handle lr = hp.attr("lr");
+  if (o.capturable && !device.is_cpu() && THPVariable_Check(lr.ptr()) &&
+      THPVariable_Unpack(lr.ptr()).device() == device) {
+    const at::Tensor t = THPVariable_Unpack(lr.ptr());
+    TORCH_CHECK_VALUE(t.numel() == 1, who, ": lr must have one element, got shape ", t.sizes());
+    in.lr_device = t.to(at::kDouble).contiguous();
+    o.lr_device = in.lr_device.data_ptr<double>();
+    o.hyper.lr = 0.0;
+  } else {
+    o.hyper.lr = host_number(lr, "lr", &in.lr);
+  }
   o.hyper.beta1 = host_number(hp.attr("beta1"), "beta1");
   o.hyper.beta2 = host_number(hp.attr("beta2"), "beta2");
   o.hyper.eps = host_number(hp.attr("eps"), "eps");

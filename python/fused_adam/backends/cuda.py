@@ -24,7 +24,6 @@ from . import Amp, Backend, Hyper, PartOptions
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "bfloat16",
                 torch.float16: "float16"}
-_U64 = (1 << 64) - 1
 
 
 def _import_native() -> tuple[Any, BaseException | None]:
@@ -71,35 +70,16 @@ class CudaBackend(Backend):
         return self.native.unsupported(_DTYPE_NAMES[o.param_dtype], _DTYPE_NAMES[o.state_dtype], o.master) or None
 
     def prepare(self, part) -> None:
-        o = part.options
         part.prepared = self.native.Partition(
             part.params, part.exp_avgs, part.exp_avg_sqs, part.max_exp_avg_sqs, part.state_steps,
-            master_params=part.master_params, tensor_ids=part.tensor_ids if o.stochastic_rounding else [],
-            wd_mode=int(o.wd_mode), amsgrad=o.amsgrad, maximize=o.maximize, capturable=o.capturable,
-            sr_param=o.sr_param, sr_state=o.sr_state, seed=o.seed & _U64, chunk_size=self.chunk_size,
+            master_params=part.master_params, tensor_ids=part.tensor_ids, options=part.options,
+            chunk_size=self.chunk_size,
         )
 
     def step(self, part, grads: list[Tensor] | None, hp: Hyper, amp: Amp) -> bool:
-        if not part.params:
-            return True
-        o = part.options
-        lr, lr_tensor, decay = hp.lr, None, None
-        if isinstance(lr, Tensor):
-            if o.capturable and lr.device == part.device:
-                lr_tensor = lr.to(dtype=torch.float64)  # read by the kernel: no host sync, graph-capturable
-                lr = 0.0
-            else:
-                if o.decoupled and hp.weight_decay != 0:
-                    decay = (1 - lr * hp.weight_decay).item()  # in lr's dtype, as torch.optim.AdamW computes it
-                lr = lr.item()  # a host read, as torch's fused Adam does for a CPU lr
-        # Betas are host scalars (torch's fused kernel takes them as doubles too): a Tensor beta is read here.
-        beta1 = hp.beta1.item() if isinstance(hp.beta1, Tensor) else hp.beta1
-        beta2 = hp.beta2.item() if isinstance(hp.beta2, Tensor) else hp.beta2
-        return part.prepared.step_(
-            grads, lr=float(lr), lr_tensor=lr_tensor, beta1=float(beta1), beta2=float(beta2), eps=float(hp.eps),
-            weight_decay=float(hp.weight_decay), decay=decay, grad_scale=amp.grad_scale, found_inf=amp.found_inf,
-            clip_coef=amp.clip_coef,
-        )
+        # The binding reads hp and amp (csrc/common/py_options.h, read_step): Tensor hyperparameters on the host,
+        # except a capturable step's lr on the params' device, which the kernel reads there.
+        return part.prepared.step_(grads, hp, amp)
 
 
 BACKEND = CudaBackend()
