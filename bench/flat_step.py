@@ -6,7 +6,8 @@
 Contenders, timed interleaved in one process (bench/harness.py), each a whole step over the same 10,000 params of
 1,000 elements (grads assigned once):
   * "flat range + check": the step the plan runs for a flattened partition (fused_adam.flat, NOTE [flat buffers]):
-    FlatRun.valid() (the per-step check, in Python), one cpu-backend call over the range, FlatRun.stepped();
+    FlatRun.valid() (the per-step check: _C.SlotCheck where the extension is built, else Python), one cpu-backend
+    call over the range, FlatRun.stepped();
   * "flat range": the same without the check: what a native check costing ~nothing leaves;
   * "FusedAdamW flattened": FusedAdamW over the flattened params, whatever path the optimizer takes today;
   * "fused_adam cpu" (drop-in, unflattened) and "torch fused" (the baseline);
@@ -33,7 +34,7 @@ except ImportError:  # run from a checkout without PYTHONPATH=python
 
 from fused_adam import FusedAdamW, backends  # noqa: E402
 from fused_adam.backends import Amp, Hyper, PartOptions  # noqa: E402
-from fused_adam.flat import find_run, flatten_parameters  # noqa: E402
+from fused_adam.flat import _native_slot_check, find_run, flatten_parameters  # noqa: E402
 from fused_adam.plan import Partition  # noqa: E402
 from fused_adam.state import Generation, StateDict, param_state  # noqa: E402
 
@@ -181,13 +182,14 @@ def main(argv=None) -> int:
     print()
     print(harness.format_table(rows))
     print()
-    print(f"per-step check (FlatRun.valid, Python) at {N} params: {check['warm_ms']:.3f} ms warm "
+    where = "native _C.SlotCheck" if _native_slot_check() is not None else "Python"
+    print(f"per-step check (FlatRun.valid, {where}) at {N} params: {check['warm_ms']:.3f} ms warm "
           f"({check['warm_cpu_ms']:.3f} ms of CPU), {check['cold_ms']:.3f} ms after a 280 MB pass "
           f"({check['cold_cpu_ms']:.3f} ms of CPU)")
     by = {r.contender: r for r in rows}
     r = by.get("flat range + check")
     if r is not None and r.roof_frac is not None:
-        print(f"target: flattened >= 0.95 of the roofline: {r.roof_frac:.3f} with the Python check, "
+        print(f"target: flattened >= 0.95 of the roofline: {r.roof_frac:.3f} with the {where} check, "
               f"{by['flat range'].roof_frac:.3f} without it "
               f"({'pass' if r.roof_frac >= 0.95 else 'miss'} with the check as it is today)")
     print(f"wrote {paths['json']}, {paths['csv']}")

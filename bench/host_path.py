@@ -73,6 +73,10 @@ def contenders(sizes: list[int]) -> dict[str, object]:
         opt = FusedAdamW(ps, backend="triton")
         opt.step()
         fns["triton host, static grads"] = opt.step
+        ps, grads = _params(sizes, seed=1)  # tensors of its own: the static contender's grads stay put
+        _assign(ps, grads[0])
+        opt = FusedAdamW(ps, backend="triton")
+        opt.step()
         flip = [0]
 
         def new_grads_step(ps=ps, grads=grads, opt=opt):
