@@ -438,6 +438,32 @@ def test_fused_adamw_trains_a_flattened_model(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("victim", ["params", "grads"])
+@pytest.mark.filterwarnings("ignore:fused_adam. the grads of")  # (the grads are not their views: said, as it should)
+def test_flat_buffer_freed_raises_and_changes_nothing(backend, victim):
+    """A flat buffer's storage freed under the views (`untyped_storage().resize_(0)`, as FSDP frees params): the
+    range is not stepped, the per-tensor pass names the first view whose elements are gone, nothing is written."""
+    model = make_model()
+    (flat,) = flatten_parameters(model)
+    opt = FusedAdamW(model.parameters(), lr=LR, weight_decay=WD, backend=backend)
+    for step in range(2):
+        backward(model, step)
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+    backward(model, 2)
+    params = list(model.parameters())
+    buffer = params[0] if victim == "params" else params[0].grad
+    freed = buffer.untyped_storage().data_ptr()
+    kept = [t for p in params for t in (p, p.grad, *opt.state[p].values()) if t.untyped_storage().data_ptr() != freed]
+    before = [t.clone() for t in kept]
+    buffer.untyped_storage().resize_(0)
+    with pytest.raises(RuntimeError, match=rf"{victim}\[0\].* needs \d+ bytes of storage .* holds 0"):
+        opt.step()
+    for i, (a, b) in enumerate(zip(before, kept)):
+        assert torch.equal(a, b), f"tensor {i} changed"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kw", [dict(master_weights=True), dict(state_dtype=torch.float32, amsgrad=True)],
                          ids=["master", "fp32-states"])
 def test_flat_run_low_precision(backend, kw):

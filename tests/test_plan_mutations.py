@@ -249,6 +249,29 @@ def test_param_data_of_another_dtype_raises_and_changes_nothing(backend):
 
 
 @pytest.mark.parametrize("backend", backends_here())
+@pytest.mark.parametrize("victim", ["params", "grads", "exp_avgs"])
+def test_storage_freed_under_a_tensor_raises_and_changes_nothing(backend, victim):
+    """`untyped_storage().resize_(0)` (how FSDP frees a param) leaves a tensor whose elements are nowhere: the step
+    names the list and index and writes nothing, where torch's kernels would read and write out of bounds."""
+    ours, _ = _pair(backend)
+    for s in range(2):
+        _set_grads(ours, s)
+        ours.step()
+    _set_grads(ours, 2)
+    p = ours.param_groups[0]["params"][1]
+    victim_tensor = {"params": p, "grads": p.grad, "exp_avgs": ours.state[p]["exp_avg"]}[victim]
+    freed = victim_tensor.untyped_storage().data_ptr()  # (the states are views of one packed buffer: all go)
+    others = [t for q in _params(ours) for t in (q, *ours.state[q].values()) if t.untyped_storage().data_ptr() != freed]
+    before = [t.clone() for t in others]
+    victim_tensor.untyped_storage().resize_(0)
+    index = 1 if victim != "exp_avgs" else r"\d+"
+    with pytest.raises(RuntimeError, match=rf"{victim}\[{index}\].* needs \d+ bytes of storage .* holds 0"):
+        ours.step()
+    for i, (a, b) in enumerate(zip(before, others)):
+        assert torch.equal(a, b), f"tensor {i} changed"
+
+
+@pytest.mark.parametrize("backend", backends_here())
 def test_deepcopy_stepped_beside_the_original(backend):
     ours, ref = _pair(backend)
     for s in range(2):

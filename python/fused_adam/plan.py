@@ -212,3 +212,18 @@ def check_tensors(part: Partition, grads: list[Tensor]) -> None:
         if s.numel() != 1:
             raise RuntimeError(f"{who}: state_steps[{pos}] (param {part.param_index(pos)} of group "
                                f"{part.group_index}) has {s.numel()} elements; expected a 0-dim step count")
+        for name, t in [("params", p), *((name, tensors[pos]) for name, tensors in arrays), ("state_steps", s)]:
+            _check_fits(who, name, pos, where, t)
+
+
+def _check_fits(who: str, name: str, pos: int, where: str, t: Tensor) -> None:
+    """The tensor's storage holds its elements: torch's kernels do not check (a storage resized under a tensor,
+    as FSDP frees params with `untyped_storage().resize_(0)`, is read out of bounds), nor does the native pass's
+    twin of this check (tensor_pass.h's check_fits) run here."""
+    if t.numel() == 0 or t.is_meta:
+        return
+    last = t.storage_offset() + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+    need, have = (last + 1) * t.element_size(), t.untyped_storage().nbytes()
+    if need > have:
+        raise RuntimeError(f"{who}: {name}[{pos}] {where} needs {need} bytes of storage for its {t.numel()} "
+                           f"elements, but its storage holds {have} (was the storage resized or freed under it?)")
