@@ -126,7 +126,7 @@ struct Partition {
 
   // The check pass of step() without the step, for a backend that launches its own kernel (see the binding's doc).
   py::tuple addresses(const std::optional<std::vector<at::Tensor>>& given, const at::Tensor& out,
-                      const std::optional<at::Tensor>& counts) const {
+                      const std::optional<at::Tensor>& counts, bool grads_written) const {
     constexpr const char* who = "FusedAdam";
     const size_t n = lists.size();
     TORCH_CHECK_TYPE(out.scalar_type() == at::kLong, who, ": addresses: out has dtype ", out.scalar_type(),
@@ -152,9 +152,10 @@ struct Partition {
     const at::Device device = lists.params[0].device();
     const Placement where{device, options.capturable ? device : at::Device(at::kCPU)};
     const std::lock_guard<std::mutex> lock(cache.mutex);
-    const PassResult pass = checked_pass(who, lists, Grads{given_list, !given.has_value(), nullptr}, where,
-                                         /*row_major=*/false, cache);
+    const Grads grads{given_list, !given.has_value(), nullptr};
+    const PassResult pass = checked_pass(who, lists, grads, where, /*row_major=*/false, cache);
     if (!pass.complete) return py::make_tuple(-1, py::none());
+    if (grads_written) check_written_grads(who, lists, grads, cache);
     int64_t* o = out.data_ptr<int64_t>();
     uint32_t rows = pass.moved_rows & ((1u << kNumRows) - 1);
     if (o != out_seen) {
@@ -324,8 +325,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            "mask -1, nothing written, if grads is None and a param has no grad; else bit r (0..5) set when row r "
            "changed, bit 6 when every address is 16-byte aligned, bit 7 when every tensor's grad, states and "
            "master share its param's dense layout (clear: the caller stages copies), bit 8 when the counts were all "
-           "equal; count: that count (before the increment), else None.",
-           py::arg("grads"), py::arg("out"), py::arg("counts") = py::none());
+           "equal; count: that count (before the increment), else None. grads_written: the caller's kernel writes the "
+           "grads back (unscaled), so none may have two elements at one address.",
+           py::arg("grads"), py::arg("out"), py::arg("counts") = py::none(), py::kw_only(),
+           py::arg("grads_written") = false);
 
   py::class_<SlotCheck>(m, "SlotCheck",
                         "NOTE [flat slot check]: tensors (or, with grads=True, their .grad) still at these addresses, "

@@ -272,6 +272,56 @@ def test_storage_freed_under_a_tensor_raises_and_changes_nothing(backend, victim
 
 
 @pytest.mark.parametrize("backend", backends_here())
+@pytest.mark.parametrize("victim", ["params", "exp_avgs", "grads"])
+def test_written_array_with_shared_elements_raises_and_changes_nothing(backend, victim):
+    """An array the step writes with two elements at one address (an expanded tensor) would be written twice per
+    address, and torch's in-place ops refuse it only once other arrays are written: the step names it first. A grad
+    is written only when unscaled (grad_scale); without it an expanded grad is read like any other, as by torch."""
+    ours, ref = _pair(backend)
+    for s in range(2):
+        for opt in (ours, ref):
+            _set_grads(opt, s)
+            opt.step()
+    row, column = torch.randn(1, 3), torch.randn(2, 1) * 1e-2
+    for opt in (ours, ref):
+        _set_grads(opt, 2)
+        p = opt.param_groups[0]["params"][3]  # (2, 3)
+        if victim == "params":
+            p.data = row.clone().expand(2, 3)
+        elif victim == "exp_avgs":
+            opt.state[p]["exp_avg"] = torch.zeros(1, 3).expand(2, 3)
+        else:
+            p.grad = column.clone().expand(2, 3)
+    if victim == "grads":  # read only: steps as torch's for-loop does
+        ours.step()
+        ref.step()
+        _assert_same(ours, ref, backend)
+        ours.grad_scale, ours.found_inf = torch.tensor(2.0), torch.tensor(0.0)  # (as GradScaler sets them)
+    _assert_step_raises_and_changes_nothing(ours, RuntimeError, rf"{victim}\[3\].* share memory")
+
+
+@pytest.mark.parametrize("backend", backends_here())
+@pytest.mark.parametrize("key, value, error", [
+    ("step", torch.tensor([1.0, 2.0]), ValueError), ("step", "x", ValueError), ("exp_avg", 5, TypeError)],
+    ids=["step-two-elements", "step-str", "exp_avg-int"])
+def test_state_entry_of_the_wrong_kind_raises_and_changes_nothing(backend, key, value, error):
+    """A state entry that is no step count or no tensor: an error naming the entry, before anything is written."""
+    ours, _ = _pair(backend)
+    _set_grads(ours, 0)
+    ours.step()
+    _set_grads(ours, 1)
+    p = ours.param_groups[0]["params"][2]
+    ours.state[p][key] = value
+    def tensors():
+        return [t for q in _params(ours) for t in (q, *ours.state[q].values()) if torch.is_tensor(t)]
+
+    before = [t.clone() for t in tensors()]
+    with pytest.raises(error, match=rf"state\['{key}'\] of the param of shape \(4,\)"):
+        ours.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, tensors()))
+
+
+@pytest.mark.parametrize("backend", backends_here())
 def test_deepcopy_stepped_beside_the_original(backend):
     ours, ref = _pair(backend)
     for s in range(2):

@@ -267,6 +267,14 @@ def test_check_pass_python_stand_in():
             checker.addresses([grads[0].double(), grads[1]], out)
         with pytest.raises(RuntimeError, match=r"grads\[0\] has layout (torch\.sparse_coo|Sparse)"):
             checker.addresses([grads[0].to_sparse(), grads[1]], out)
+        expanded = torch.randn(1).expand(6)  # read-only: fine, unless the kernel writes the grads back
+        assert checker.addresses([expanded, grads[1]], out)[0] & tb._ROW_BITS == 1 << tb._G
+        with pytest.raises(RuntimeError, match=r"grads\[0\] has elements that share memory"):
+            checker.addresses([expanded, grads[1]], out, grads_written=True)
+        freed = torch.randn(6)
+        freed.untyped_storage().resize_(0)
+        with pytest.raises(RuntimeError, match=r"grads\[0\] needs 24 bytes of storage .* holds 0"):
+            checker.addresses([freed, grads[1]], out)
 
 
 @requires_triton

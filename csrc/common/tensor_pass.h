@@ -6,6 +6,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 
 #include <array>
@@ -219,13 +220,6 @@ inline void check_row(const char* who, const TensorLists& l, size_t i, const std
   }
 }
 
-// Tensor i of every list, against params[i] and the first tensors. `a` are its six arrays (null: absent).
-inline void check_tensor(const char* who, const TensorLists& l, size_t i,
-                         const std::array<const at::Tensor*, kNumRows>& a,
-                         const Placement& where) {
-  for (int row = 0; row <= kNumRows; ++row) check_row(who, l, i, a, row, where);
-}
-
 // Same element -> memory offset map as `like` (strides of size-1 dims do not matter).
 inline bool same_layout(const at::Tensor& t, const at::Tensor& like) {
   const c10::IntArrayRef sizes = t.sizes(), strides = t.strides(), like_strides = like.strides();
@@ -264,10 +258,13 @@ inline std::array<const at::Tensor*, kNumRows> arrays_of(const TensorLists& l, a
           l.amsgrad() ? &l.max_exp_avg_sqs[i] : nullptr, l.master() ? &l.master_params[i] : nullptr};
 }
 
-// Tensor i's memory holds its elements: a storage resized under it (`untyped_storage().resize_(0)`, as FSDP does
-// to free a param) would otherwise be read and written out of bounds.
-inline void check_fits(const char* who, const at::Tensor& t, const char* list, size_t i) {
+// Tensor i's memory: its storage holds its elements (a storage resized under it, `untyped_storage().resize_(0)` as
+// FSDP does to free a param, would otherwise be read and written out of bounds), and, for an array the step writes
+// (all but the grad), no two elements share an address (an expanded tensor: torch's in-place ops refuse it, and a
+// step would find out only after writing other arrays).
+inline void check_memory(const char* who, const at::Tensor& t, int row, size_t i) {
   if (t.numel() == 0 || t.is_meta()) return;  // (meta tensors have no memory to read)
+  const char* list = kRowList[row];
   int64_t last = t.storage_offset();
   const c10::IntArrayRef sizes = t.sizes(), strides = t.strides();
   for (size_t d = 0; d < sizes.size(); ++d) last += (sizes[d] - 1) * strides[d];
@@ -277,6 +274,9 @@ inline void check_fits(const char* who, const at::Tensor& t, const char* list, s
   TORCH_CHECK(storage.data() != nullptr && need <= have, who, ": ", list, "[", i, "] needs ", need,
               " bytes of storage for its ", t.numel(), " elements, but its storage holds ", have,
               " (was the storage resized or freed under it?)");
+  TORCH_CHECK(row == kGradRow || at::has_internal_overlap(t) != at::MemOverlap::Yes, who, ": ", list, "[", i,
+              "] has elements that share memory (shape ", sizes, ", strides ", strides,
+              "): the step writes it, so each element needs its own");
 }
 
 // ---- the pass, incremental ---------------------------------------------------------------------------------------
@@ -477,7 +477,7 @@ inline PassResult checked_pass(const char* who, const TensorLists& l, const Grad
     for (int r = 0; r < kCacheRows; ++r) {
       if (!(moved[k] & (uint64_t{1} << r))) continue;
       check_row(who, l, i, a, r, where);
-      if (r < kNumRows && a[r] != nullptr) check_fits(who, *a[r], kRowList[r], i);
+      if (r < kNumRows && a[r] != nullptr) check_memory(who, *a[r], r, i);
     }
   });
 
@@ -534,6 +534,23 @@ inline PassResult checked_pass(const char* who, const TensorLists& l, const Grad
   c.misaligned += d_misaligned;
   c.context = context;
   return {true, moved_rows.load()};
+}
+
+// After checked_pass, for a step that writes the grads back (unscaled by grad_scale): no grad has two elements at
+// one address (check_memory spares grads, which a step only reads otherwise). Such a grad never has its param's
+// layout, so only the tensors that are not flat are looked at, at every step that unscales: the pass cache does
+// not know whether the last step did.
+inline void check_written_grads(const char* who, const TensorLists& l, const Grads& grads, const PassCache& c) {
+  if (c.flat()) return;
+  for (size_t i = 0; i < c.n; ++i) {
+    if (!c.not_flat[i]) continue;
+    const at::Tensor& g = grads.hold != nullptr ? (*grads.hold)[i]
+                          : grads.from_params ? l.params[i].unsafeGetTensorImpl()->grad()
+                                              : grads.given[i];
+    TORCH_CHECK(at::has_internal_overlap(g) != at::MemOverlap::Yes, who, ": grads[", i,
+                "] has elements that share memory (shape ", g.sizes(), ", strides ", g.strides(),
+                "): with grad_scale the step writes the unscaled grad back, so each element needs its own");
+  }
 }
 
 // Drops the references a pass held to the grads it read, where their TensorImpls are cold again (the data pass

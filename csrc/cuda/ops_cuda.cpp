@@ -109,6 +109,7 @@ class Partition {
     StepOptions o = o_;
     StepInputs in;
     read_step(o, in, hp, amp, device_, kWho);
+    if (o.unscale()) check_written_grads(kWho, l_, grads, cache_);
     if (!o.capturable && o.found_inf != nullptr) {
       // The steps live on the CPU and must not change when found_inf is set: one host read, as torch's
       // non-fused GradScaler path does.

@@ -181,7 +181,7 @@ def build(group_index: int, group: dict[str, Any], has_grad: list[bool], key: tu
     return Plan(params, list(params), has_grad, key, generation, parts)
 
 
-def check_tensors(part: Partition, grads: list[Tensor]) -> None:
+def check_tensors(part: Partition, grads: list[Tensor], grads_written: bool = False) -> None:
     """The per-tensor checks, in Python, for backends that have no native check pass (the reference backend): every
     grad and state of the param's shape, on its device, grads not sparse; raised before anything is written."""
     who = f"FusedAdam ({part.backend.name if part.backend else '?'} backend)"
@@ -213,17 +213,21 @@ def check_tensors(part: Partition, grads: list[Tensor]) -> None:
             raise RuntimeError(f"{who}: state_steps[{pos}] (param {part.param_index(pos)} of group "
                                f"{part.group_index}) has {s.numel()} elements; expected a 0-dim step count")
         for name, t in [("params", p), *((name, tensors[pos]) for name, tensors in arrays), ("state_steps", s)]:
-            _check_fits(who, name, pos, where, t)
+            check_memory(who, name, pos, t, where, grads_written)
 
 
-def _check_fits(who: str, name: str, pos: int, where: str, t: Tensor) -> None:
-    """The tensor's storage holds its elements: torch's kernels do not check (a storage resized under a tensor,
-    as FSDP frees params with `untyped_storage().resize_(0)`, is read out of bounds), nor does the native pass's
-    twin of this check (tensor_pass.h's check_fits) run here."""
+def check_memory(who: str, name: str, pos: int, t: Tensor, where: str = "", grads_written: bool = False) -> None:
+    """tensor_pass.h's check_memory: the storage holds the tensor's elements (torch's kernels do not check: a storage
+    resized under a tensor, as FSDP frees params with `untyped_storage().resize_(0)`, is read out of bounds), and an
+    array the step writes (all but the grad, unless grads_written) has no two elements at one address."""
     if t.numel() == 0 or t.is_meta:
         return
+    where = f" {where}" if where else ""
     last = t.storage_offset() + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
     need, have = (last + 1) * t.element_size(), t.untyped_storage().nbytes()
     if need > have:
-        raise RuntimeError(f"{who}: {name}[{pos}] {where} needs {need} bytes of storage for its {t.numel()} "
+        raise RuntimeError(f"{who}: {name}[{pos}]{where} needs {need} bytes of storage for its {t.numel()} "
                            f"elements, but its storage holds {have} (was the storage resized or freed under it?)")
+    if (name != "grads" or grads_written) and torch._debug_has_internal_overlap(t) == 1:  # (1: MemOverlap::Yes)
+        raise RuntimeError(f"{who}: {name}[{pos}]{where} has elements that share memory (shape {tuple(t.shape)}, "
+                           f"strides {t.stride()}): the step writes it, so each element needs its own")

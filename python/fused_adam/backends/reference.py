@@ -31,7 +31,7 @@ class ReferenceBackend(Backend):
                 return False
         if not part.params:
             return True
-        check_tensors(part, grads)  # before anything is written
+        check_tensors(part, grads, grads_written=amp.grad_scale is not None)  # before anything is written
         if amp.found_inf is not None and bool(amp.found_inf.item()):
             return True
         _step(part.params, grads, part.exp_avgs, part.exp_avg_sqs, part.max_exp_avg_sqs, part.state_steps,

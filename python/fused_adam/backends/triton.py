@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from . import Amp, Backend, Hyper
+from ..plan import check_memory
 from .reference import sr_seed_part
 
 try:
@@ -453,15 +454,16 @@ _shape, _stride, _dtype, _device, _layout = (operator.attrgetter(k) for k in ("s
 
 class _PyPartition:
     """_C.Partition's check pass (`addresses`) in Python, same semantics, where the extension lacks it: each check
-    runs as one C-level map over a list; the per-tensor loop that words the error runs only when one fails."""
+    but the memory ones (check_memory, per tensor) runs as one C-level map over a list; the per-tensor loop that
+    words the error runs only when one fails."""
 
     def __init__(self, params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, master_params=(),
                  tensor_ids=(), options=None):
         self.lists = (params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params)
         self.steps = state_steps
 
-    def addresses(self, grads: list[Tensor] | None, out: Tensor,
-                  counts: Tensor | None = None) -> tuple[int, float | None]:
+    def addresses(self, grads: list[Tensor] | None, out: Tensor, counts: Tensor | None = None, *,
+                  grads_written: bool = False) -> tuple[int, float | None]:
         params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters = self.lists
         n = len(params)
         if grads is None:
@@ -484,6 +486,9 @@ class _PyPartition:
             ok = False
         if not ok:
             self._raise_first(named, device, dtype, state_dtype)
+        for name, lst in [*named, ("state_steps", self.steps)]:
+            for i, t in enumerate(lst):
+                check_memory(_WHO, name, i, t, grads_written=grads_written)
         strides = list(map(_stride, params))
         layout = (all(list(map(_stride, lst)) == strides for _, lst in named[1:])
                   and all(_dense(p) for p, contiguous in zip(params, map(Tensor.is_contiguous, params))
@@ -765,7 +770,7 @@ def _step(part, prep: _Prepared, grads: list[Tensor] | None, hp: Hyper, amp: Amp
     # found_inf skips the step: the counts stay (on the host, reading it there is the only way); the checks still run
     skip = not o.capturable and found_inf is not None and bool(found_inf.item())
     counts = None if o.capturable or skip else prep.counts
-    mask, count = prep.checker.addresses(grads, prep.out, counts)
+    mask, count = prep.checker.addresses(grads, prep.out, counts, grads_written=grad_scale is not None)
     if mask < 0:
         return False  # a param without a grad: nothing changed, the plan is rebuilt
     rows = mask & _ROW_BITS
