@@ -37,6 +37,7 @@ from conftest import requires_nvcc
 from fused_adam import FusedAdam, FusedAdamW, backends
 from fused_adam.backends import PartOptions
 from fused_adam.backends.cuda import CudaBackend
+from fused_adam.plan import dense
 from parity import DTYPES, FEATURE_CASES, OPTIM_INPUTS, assert_parity, bits, feature_id, make_grads, make_params, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -565,16 +566,6 @@ _DTYPE_BY_NAME = {str(d).replace("torch.", ""): code for d, code in _DTYPE_CODES
 NUM_BUFS = 6  # csrc/cuda/device_table.h's Buf: param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master
 
 
-def _dense(t) -> bool:
-    """at::Tensor::is_non_overlapping_and_dense: some order of the dims makes the strides contiguous ones."""
-    expected = 1
-    for size, stride in sorted(((sz, st) for sz, st in zip(t.shape, t.stride()) if sz != 1), key=lambda x: x[1]):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
 def _same_layout(t, like) -> bool:
     return all(size == 1 or a == b for size, a, b in zip(t.shape, t.stride(), like.stride()))
 
@@ -638,7 +629,7 @@ class EmulatedPartition:
         for i in range(n):
             p = params[i]
             # Stochastic rounding's bits follow the row-major element index: the contiguous order.
-            ok = p.is_contiguous() if self.sr else _dense(p)
+            ok = p.is_contiguous() if self.sr else dense(p)
             layout = p if ok else p.contiguous()
             if layout is not p:
                 write_backs.append((layout, p))

@@ -322,6 +322,57 @@ def test_state_entry_of_the_wrong_kind_raises_and_changes_nothing(backend, key, 
 
 
 @pytest.mark.parametrize("backend", backends_here())
+@pytest.mark.parametrize("case", ["state-is-another-state", "grad-is-its-param", "grad-is-its-param-later"])
+def test_arrays_sharing_memory_raise_and_change_nothing(backend, case):
+    """Two arrays of one param in the same memory (a state loaded as the same tensor as another, a grad set to its
+    param): the step reads and writes element by element where torch's for-loop writes whole arrays in turn, so
+    neither is an Adam step. An error naming both, before anything is written; also when only the grad's address
+    moved since the last step (the pass's cheap path)."""
+    ours, _ = _pair(backend)
+    _set_grads(ours, 0)
+    ours.step()
+    _set_grads(ours, 1)
+    p = ours.param_groups[0]["params"][4]
+    if case == "state-is-another-state":
+        ours.state[p]["exp_avg_sq"] = ours.state[p]["exp_avg"]
+        match = r"exp_avgs\[4\] and exp_avg_sqs\[4\].* share memory"
+    else:
+        if case == "grad-is-its-param-later":
+            ours.step()
+            _set_grads(ours, 2)
+        p.grad = p.detach()
+        match = r"params\[4\] and grads\[4\].* share memory"
+    _assert_step_raises_and_changes_nothing(ours, RuntimeError, match)
+
+
+BAD_HYPERPARAMETERS = [("lr", "0.1", r"\['lr'\] is '0.1'"), ("lr", float("nan"), r"\['lr'\] is nan"),
+                       ("lr", -1.0, r"\['lr'\] is -1.0"), ("lr", torch.tensor([0.1, 0.2]), r"\['lr'\] is tensor"),
+                       ("betas", (0.9,), r"\['betas'\] is \(0.9,\)"),
+                       ("betas", (0.9, 1.0), r"\['betas'\]\[1\] is 1.0"),
+                       ("betas", (None, 0.9), r"\['betas'\]\[0\] is None"),
+                       ("eps", None, r"\['eps'\] is None"), ("eps", -1e-8, r"\['eps'\] is -1e-08"),
+                       ("weight_decay", float("nan"), r"\['weight_decay'\] is nan")]
+
+
+@pytest.mark.parametrize("backend", backends_here())
+@pytest.mark.parametrize("key, value, match", BAD_HYPERPARAMETERS,
+                         ids=[f"{k}={v!r}" for k, v, _ in BAD_HYPERPARAMETERS])
+def test_bad_hyperparameter_set_after_construction_raises_and_changes_nothing(backend, key, value, match):
+    """param_groups entries change after construction (schedulers, by hand): a step checks them as the constructor
+    does, for every group before stepping any, and names the group and the entry. torch's for-loop would step the
+    first group and then fail in the middle of the second, or write NaNs."""
+    ours, _ = _pair(backend)
+    params = ours.param_groups[0]["params"]
+    ours.param_groups[0]["params"] = params[:3]
+    ours.add_param_group({"params": params[3:]})
+    _set_grads(ours, 0)
+    ours.step()
+    _set_grads(ours, 1)
+    ours.param_groups[1][key] = value
+    _assert_step_raises_and_changes_nothing(ours, ValueError, r"param_groups\[1\]" + match)
+
+
+@pytest.mark.parametrize("backend", backends_here())
 def test_deepcopy_stepped_beside_the_original(backend):
     ours, ref = _pair(backend)
     for s in range(2):

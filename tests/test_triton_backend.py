@@ -271,6 +271,8 @@ def test_check_pass_python_stand_in():
         assert checker.addresses([expanded, grads[1]], out)[0] & tb._ROW_BITS == 1 << tb._G
         with pytest.raises(RuntimeError, match=r"grads\[0\] has elements that share memory"):
             checker.addresses([expanded, grads[1]], out, grads_written=True)
+        with pytest.raises(RuntimeError, match=r"params\[0\] and grads\[0\] share memory"):
+            checker.addresses([ps[0].detach(), grads[1]], out)
         freed = torch.randn(6)
         freed.untyped_storage().resize_(0)
         with pytest.raises(RuntimeError, match=r"grads\[0\] needs 24 bytes of storage .* holds 0"):

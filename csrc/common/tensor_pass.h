@@ -279,6 +279,19 @@ inline void check_memory(const char* who, const at::Tensor& t, int row, size_t i
               "): the step writes it, so each element needs its own");
 }
 
+// Array `row` of tensor i shares no memory with its other arrays (a state loaded as the same tensor as another, a
+// grad set to its param): the step reads and writes them element by element, where torch's for-loop writes one
+// whole array before it reads the next, so the two would disagree, and neither would be an Adam step.
+inline void check_apart(const char* who, const std::array<const at::Tensor*, kNumRows>& a, int row, size_t i) {
+  for (int other = 0; other < kNumRows; ++other) {
+    if (other == row || a[other] == nullptr || a[other]->numel() == 0 || a[row]->numel() == 0) continue;
+    const at::MemOverlapStatus status = at::get_overlap_status(*a[row], *a[other]);
+    const int lo = std::min(row, other), hi = std::max(row, other);
+    TORCH_CHECK(status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial, who, ": ",
+                kRowList[lo], "[", i, "] and ", kRowList[hi], "[", i, "] share memory; each needs its own");
+  }
+}
+
 // ---- the pass, incremental ---------------------------------------------------------------------------------------
 
 // NOTE [pass cache]: the per-tensor pass runs every step over every tensor of a partition; what it finds rarely
@@ -295,8 +308,9 @@ constexpr int64_t kScanTensorsPerThread = 128;
 constexpr int kCacheRows = kNumRows + 1;
 
 struct Probe {
-  uint64_t digest;  // 0: not checkable this way (no storage, a Python subclass): take the full checks
-  int64_t addr;     // the first element's address (0 when empty)
+  uint64_t digest;      // 0: not checkable this way (no storage, a Python subclass): take the full checks
+  int64_t addr;         // the first element's address (0 when empty)
+  const void* storage;  // the StorageImpl
 };
 
 // One field's term of a digest: a 64x64->128-bit product folded, keyed by the field's position. The terms are
@@ -310,7 +324,7 @@ inline uint64_t term(uint64_t v, uint64_t position) {
 inline Probe probe(const c10::TensorImpl* t) {
   const c10::StorageImpl* s = t->unsafe_storage().unsafeGetStorageImpl();
   const c10::DispatchKeySet keys = t->key_set();
-  if (s == nullptr || keys.has(c10::DispatchKey::Python)) return {0, 0};
+  if (s == nullptr || keys.has(c10::DispatchKey::Python)) return {0, 0, nullptr};
   const at::Device device = t->device();
   const caffe2::TypeMeta dtype = t->dtype();
   const int64_t numel = t->numel(), offset = t->storage_offset();
@@ -327,7 +341,7 @@ inline Probe probe(const c10::TensorImpl* t) {
   for (size_t d = 0; d < sizes.size(); ++d) {
     h += term(static_cast<uint64_t>(sizes[d]), 6 + 2 * d) + term(static_cast<uint64_t>(strides[d]), 7 + 2 * d);
   }
-  return {h | 1, numel == 0 ? 0 : reinterpret_cast<int64_t>(data + offset * static_cast<int64_t>(dtype.itemsize()))};
+  return {h | 1, numel == 0 ? 0 : reinterpret_cast<int64_t>(data + offset * static_cast<int64_t>(dtype.itemsize())), s};
 }
 
 // A partition's NOTE [pass cache], kept with its lists. One pass at a time (`mutex`): the CPU step releases the GIL.
@@ -422,6 +436,7 @@ inline PassResult checked_pass(const char* who, const TensorLists& l, const Grad
                                                 l.amsgrad() ? &l.max_exp_avg_sqs[i] : nullptr,
                                                 l.master() ? &l.master_params[i] : nullptr, &l.state_steps[i]};
         const PassCache::Seen& seen = c.seen[i];
+        const void* param_storage = nullptr;
         rows = 0;
         for (int r = 0; r < kCacheRows; ++r) {
           if (arrays[r] == nullptr) continue;
@@ -430,7 +445,9 @@ inline PassResult checked_pass(const char* who, const TensorLists& l, const Grad
             continue;
           }
           const Probe pr = probe(arrays[r]->unsafeGetTensorImpl());
-          if (pr.digest != 0 && pr.digest == seen.digest[r]) {
+          if (r == kParamRow) param_storage = pr.storage;
+          // (A grad in its param's storage is never legitimate: the full checks say whether they overlap.)
+          if (pr.digest != 0 && pr.digest == seen.digest[r] && !(r == kGradRow && pr.storage == param_storage)) {
             // Only the address moved (a new grad like the last, a `.data` of the same kind): it passes the same
             // checks, and the address is taken once every check has passed.
             if (pr.addr != seen.addr[r]) rows |= uint64_t{1} << (r + kLight);
@@ -477,7 +494,10 @@ inline PassResult checked_pass(const char* who, const TensorLists& l, const Grad
     for (int r = 0; r < kCacheRows; ++r) {
       if (!(moved[k] & (uint64_t{1} << r))) continue;
       check_row(who, l, i, a, r, where);
-      if (r < kNumRows && a[r] != nullptr) check_memory(who, *a[r], r, i);
+      if (r < kNumRows && a[r] != nullptr) {
+        check_memory(who, *a[r], r, i);
+        check_apart(who, a, r, i);
+      }
     }
   });
 

@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import backends, checkpoint, plan as plans
-from .args import EXTENSIONS, check_args, check_extensions, check_fused_param
+from .args import EXTENSIONS, check_args, check_extensions, check_fused_param, check_hyper
 from .backends import Amp, Hyper
 from .plan import Dispatch, Partition, Plan
 from .state import Generation, dtensor_type, kernel_view, packed_states, param_state, rebind
@@ -270,9 +270,10 @@ class FusedAdam(Optimizer):
         return torch.clamp(self.max_grad_norm / (total.float() + 1e-6), max=1.0)
 
     @staticmethod
-    def _hyper(group: dict[str, Any]) -> Hyper:
-        beta1, beta2 = group["betas"]
-        return Hyper(_scalar(group["lr"]), _scalar(beta1), _scalar(beta2), group["eps"], group["weight_decay"])
+    def _hyper(group_index: int, group: dict[str, Any]) -> Hyper:
+        lr, betas, eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        check_hyper(group_index, lr, betas, eps, weight_decay)
+        return Hyper(_scalar(lr), _scalar(betas[0]), _scalar(betas[1]), eps, weight_decay)
 
     @staticmethod
     def _part_grads(part: Partition, grads: list[Tensor]) -> list[Tensor]:
@@ -336,6 +337,7 @@ class FusedAdam(Optimizer):
             return moved[key]
 
         with torch.set_grad_enabled(self.defaults["differentiable"]):
+            hypers = [self._hyper(gi, group) for gi, group in enumerate(self.param_groups)]  # all checked first
             clipping = self.max_grad_norm is not None
             group_grads = [[p.grad for p in group["params"]] for group in self.param_groups] if clipping else None
             clip_coef = self._clip_coef(group_grads, grad_scale) if clipping else None
@@ -343,7 +345,7 @@ class FusedAdam(Optimizer):
             built = False
             for gi, group in enumerate(self.param_groups):
                 params = group["params"]
-                hp = self._hyper(group)
+                hp = hypers[gi]
                 key = self._plan_key(group)
                 plan = self._plans.get(gi)
                 valid = plan is not None and plan.valid(params, key, generation)

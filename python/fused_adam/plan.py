@@ -214,6 +214,7 @@ def check_tensors(part: Partition, grads: list[Tensor], grads_written: bool = Fa
                                f"{part.group_index}) has {s.numel()} elements; expected a 0-dim step count")
         for name, t in [("params", p), *((name, tensors[pos]) for name, tensors in arrays), ("state_steps", s)]:
             check_memory(who, name, pos, t, where, grads_written)
+        check_apart(who, [("params", p), *((name, tensors[pos]) for name, tensors in arrays)], pos, where)
 
 
 def check_memory(who: str, name: str, pos: int, t: Tensor, where: str = "", grads_written: bool = False) -> None:
@@ -231,3 +232,34 @@ def check_memory(who: str, name: str, pos: int, t: Tensor, where: str = "", grad
     if (name != "grads" or grads_written) and torch._debug_has_internal_overlap(t) == 1:  # (1: MemOverlap::Yes)
         raise RuntimeError(f"{who}: {name}[{pos}]{where} has elements that share memory (shape {tuple(t.shape)}, "
                            f"strides {t.stride()}): the step writes it, so each element needs its own")
+
+
+def dense(t: Tensor) -> bool:
+    """Non-overlapping and dense: the elements fill [data_ptr, data_ptr + numel*itemsize) in some dim order."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def check_apart(who: str, named: list[tuple[str, Tensor]], pos: int, where: str = "") -> None:
+    """tensor_pass.h's check_apart: a param's arrays share no memory (at::get_overlap_status's rule: the same
+    tensor, or two dense tensors whose byte ranges in one storage intersect). The step reads and writes them element
+    by element, where torch's for-loop writes one whole array before reading the next: both would be wrong."""
+    spans = []
+    for name, t in named:
+        if t.numel() == 0:
+            continue
+        start = t.data_ptr()
+        span = (t.untyped_storage().data_ptr(), start, start + t.numel() * t.element_size()) if dense(t) else None
+        for other_name, other, other_span in spans:
+            if other is t or (span is not None and other_span is not None and span[0] == other_span[0]
+                              and span[1] < other_span[2] and other_span[1] < span[2]):
+                where_ = f" {where}" if where else ""
+                raise RuntimeError(f"{who}: {other_name}[{pos}] and {name}[{pos}]{where_} share memory; "
+                                   "each needs its own")
+        spans.append((name, t, span))

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from . import Amp, Backend, Hyper
-from ..plan import check_memory
+from ..plan import check_apart, check_memory, dense
 from .reference import sr_seed_part
 
 try:
@@ -437,18 +437,6 @@ _NATIVE_ADDRESSES = _C is not None and hasattr(getattr(_C, "Partition", None), "
 _WHO = "FusedAdam (triton backend)"
 
 
-def _dense(t: Tensor) -> bool:
-    """Non-overlapping and dense: the elements fill [data_ptr, data_ptr + numel*itemsize) in some dim order."""
-    if t.is_contiguous():
-        return True
-    expected = 1
-    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
 _shape, _stride, _dtype, _device, _layout = (operator.attrgetter(k) for k in ("shape", "stride", "dtype", "device", "layout"))
 
 
@@ -489,9 +477,11 @@ class _PyPartition:
         for name, lst in [*named, ("state_steps", self.steps)]:
             for i, t in enumerate(lst):
                 check_memory(_WHO, name, i, t, grads_written=grads_written)
+        for i in range(n):
+            check_apart(_WHO, [(name, lst[i]) for name, lst in named], i)
         strides = list(map(_stride, params))
         layout = (all(list(map(_stride, lst)) == strides for _, lst in named[1:])
-                  and all(_dense(p) for p, contiguous in zip(params, map(Tensor.is_contiguous, params))
+                  and all(dense(p) for p, contiguous in zip(params, map(Tensor.is_contiguous, params))
                           if not contiguous))
         rows = [list(map(Tensor.data_ptr, lst)) if lst else [0] * n
                 for lst in (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters)]
@@ -717,7 +707,7 @@ def _stage(part, prep: _Prepared, grads: list[Tensor] | None) -> tuple[list[tupl
         arrays.append(part.max_exp_avg_sqs[i] if o.amsgrad else None)
         arrays.append(part.master_params[i] if o.master else None)
         fixed = [a for k, a in enumerate(arrays) if a is not None and k != _G]
-        layout_ok = p.is_contiguous() if o.stochastic_rounding else _dense(p)
+        layout_ok = p.is_contiguous() if o.stochastic_rounding else dense(p)
         if layout_ok and all(a.stride() == p.stride() for a in fixed):
             g = gs[i]
             if g.stride() != p.stride() and g.numel() > 1:
