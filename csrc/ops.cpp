@@ -177,6 +177,7 @@ struct Partition {
     int64_t mask = static_cast<int64_t>(changed) | (cache.aligned() ? kAligned : 0) | (cache.flat() ? kFlat : 0);
     py::object before = py::none();
     if (counts.has_value()) {  // NOTE [host steps]: read and bumped here, once every check has passed
+      check_counts(who, cache);
       float* c = counts->data_ptr<float>();
       bool uniform = true;
       for (size_t i = 0; i < n; ++i) {

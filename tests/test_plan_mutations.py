@@ -345,6 +345,27 @@ def test_arrays_sharing_memory_raise_and_change_nothing(backend, case):
     _assert_step_raises_and_changes_nothing(ours, RuntimeError, match)
 
 
+@pytest.mark.parametrize("backend", backends_here())
+@pytest.mark.parametrize("count", [-1.0, -5.0, float("nan")], ids=["minus-one", "minus-five", "nan"])
+def test_step_count_below_zero_raises_and_changes_nothing(backend, count):
+    """A step count set in place to -1 makes both bias corrections 0 (torch's for-loop: ZeroDivisionError halfway
+    through the params), NaN makes the param NaN: an error naming the count, before anything is written."""
+    ours, _ = _pair(backend)
+    _set_grads(ours, 0)
+    ours.step()
+    _set_grads(ours, 1)
+    p = ours.param_groups[0]["params"][2]
+    ours.state[p]["step"].fill_(count)
+
+    def tensors():
+        return [t for q in _params(ours) for t in (q, *ours.state[q].values())]
+
+    before = [t.clone() for t in tensors()]
+    with pytest.raises(ValueError, match=r"state_steps\[2\].* is (-1|-5|nan).*; a step count is a number >= 0"):
+        ours.step()
+    assert all(torch.equal(a, b) or a.isnan().all() and b.isnan().all() for a, b in zip(before, tensors()))
+
+
 BAD_HYPERPARAMETERS = [("lr", "0.1", r"\['lr'\] is '0.1'"), ("lr", float("nan"), r"\['lr'\] is nan"),
                        ("lr", -1.0, r"\['lr'\] is -1.0"), ("lr", torch.tensor([0.1, 0.2]), r"\['lr'\] is tensor"),
                        ("betas", (0.9,), r"\['betas'\] is \(0.9,\)"),

@@ -556,6 +556,16 @@ inline PassResult checked_pass(const char* who, const TensorLists& l, const Grad
   return {true, moved_rows.load()};
 }
 
+// After checked_pass, for step counts on the host: each a number >= 0, read where it lives before anything is
+// written (a count of -1 makes both bias corrections 0, and the step divide by zero; NaN makes every element NaN;
+// torch's for-loop raises ZeroDivisionError halfway or writes the NaNs).
+inline void check_counts(const char* who, const PassCache& c) {
+  for (size_t i = 0; i < c.n; ++i) {
+    const float count = *c.step(i);
+    TORCH_CHECK_VALUE(count >= 0.0f, who, ": state_steps[", i, "] is ", count, "; a step count is a number >= 0");
+  }
+}
+
 // After checked_pass, for a step that writes the grads back (unscaled by grad_scale): no grad has two elements at
 // one address (check_memory spares grads, which a step only reads otherwise). Such a grad never has its param's
 // layout, so only the tensors that are not flat are looked at, at every step that unscales: the pass cache does

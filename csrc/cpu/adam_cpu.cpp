@@ -168,6 +168,7 @@ bool step_with_opmath(const TensorLists& l, const Grads& grads, const StepOption
   const bool row_major = mode.sr_param || mode.sr_state;
   if (!checked_pass(kWho, l, grads, Placement{at::kCPU, at::kCPU}, row_major, cache).complete) return false;
   if (o.unscale()) check_written_grads(kWho, l, grads, cache);
+  check_counts(kWho, cache);
   if (checked) checked();
   std::vector<TensorPtrs> ptrs(n);
   over_tensor_ranges(n, [&](int64_t begin, int64_t end) {

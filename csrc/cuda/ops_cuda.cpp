@@ -122,6 +122,7 @@ class Partition {
     if (o.capturable) {
       host.source = fc::StepSource::kDevice;
     } else {
+      check_counts(kWho, cache_);
       new_steps.resize(n);
       for (size_t i = 0; i < n; ++i) new_steps[i] = static_cast<double>(*cache_.step(i) + 1.0f);
       host = fc::host_steps(new_steps);

@@ -496,6 +496,9 @@ class _PyPartition:
         before = None
         if counts is not None and n:  # NOTE [host steps]
             counts.copy_(torch.stack(self.steps).reshape(-1))
+            if not bool((counts >= 0).all()):  # tensor_pass.h's check_counts
+                i = int((~(counts >= 0)).nonzero()[0])
+                raise ValueError(f"{_WHO}: state_steps[{i}] is {counts[i].item()}; a step count is a number >= 0")
             torch._foreach_add_(self.steps, _ONE)
             lo, hi = torch.aminmax(counts)
             if lo.item() == hi.item():  # (NaN counts are not)
