@@ -68,7 +68,6 @@ def check_args(lr, betas, eps, weight_decay, foreach, capturable, fused, differe
 
 
 _NUMBERS = frozenset((float, int))
-_PAIRS = frozenset((tuple, list))
 
 
 def _in_range(value, lo: float, hi: float | None) -> bool:
@@ -81,32 +80,31 @@ def _in_range(value, lo: float, hi: float | None) -> bool:
     return lo <= value if hi is None else lo <= value < hi
 
 
-def check_hyper(group_index: int, lr, betas, eps, weight_decay) -> None:
+def check_hyper(group_index: int, lr, betas, eps, weight_decay) -> tuple:
     """A group's hyperparameters as a step reads them: the constructor's ranges (torch's), because param_groups
     entries may be changed after construction (a scheduler, or by hand) and a step on a string, a NaN or a beta of
-    1.5 would fail halfway or write NaNs. ValueError naming the entry and its value, before any group is stepped."""
-    # (The common case, floats or a Tensor lr, in exact type tests: this runs every step, for every group.)
-    if type(betas) in _PAIRS and len(betas) == 2 and type(eps) in _NUMBERS and type(weight_decay) in _NUMBERS:
-        b1, b2 = betas
-        if (0.0 <= eps and 0.0 <= weight_decay
-                and (0.0 <= lr if type(lr) in _NUMBERS else _in_range(lr, 0.0, None))
-                and (0.0 <= b1 < 1.0 if type(b1) in _NUMBERS else _in_range(b1, 0.0, 1.0))
-                and (0.0 <= b2 < 1.0 if type(b2) in _NUMBERS else _in_range(b2, 0.0, 1.0))):
-            return
-    elif (type(betas) in _PAIRS and len(betas) == 2 and _in_range(lr, 0.0, None) and _in_range(betas[0], 0.0, 1.0)
-          and _in_range(betas[1], 0.0, 1.0) and _in_range(eps, 0.0, None) and not isinstance(eps, Tensor)
-          and _in_range(weight_decay, 0.0, None) and not isinstance(weight_decay, Tensor)):
-        return
+    1.5 would fail halfway or write NaNs. ValueError naming the entry and its value, before any group is stepped.
+    Returns the two betas (`betas` is whatever unpacks into two, as torch's step takes it)."""
     where = f"FusedAdam: param_groups[{group_index}]"
-    if not (type(betas) in _PAIRS and len(betas) == 2):
-        raise ValueError(f"{where}['betas'] is {betas!r}; expected two numbers in [0, 1) or two one-element tensors")
-    for name, value, hi in (("['lr']", lr, None), ("['betas'][0]", betas[0], 1.0), ("['betas'][1]", betas[1], 1.0)):
+    try:
+        b1, b2 = betas
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}['betas'] is {betas!r}; expected two numbers in [0, 1) or two one-element "
+                         "tensors") from None
+    # (The common case, floats or a Tensor lr, in exact type tests first: this runs every step, for every group.)
+    if (type(eps) in _NUMBERS and type(weight_decay) in _NUMBERS and 0.0 <= eps and 0.0 <= weight_decay
+            and (0.0 <= lr if type(lr) in _NUMBERS else _in_range(lr, 0.0, None))
+            and (0.0 <= b1 < 1.0 if type(b1) in _NUMBERS else _in_range(b1, 0.0, 1.0))
+            and (0.0 <= b2 < 1.0 if type(b2) in _NUMBERS else _in_range(b2, 0.0, 1.0))):
+        return b1, b2
+    for name, value, hi in (("['lr']", lr, None), ("['betas'][0]", b1, 1.0), ("['betas'][1]", b2, 1.0)):
         if not _in_range(value, 0.0, hi):
             want = "a number >= 0" if hi is None else "a number in [0, 1)"
             raise ValueError(f"{where}{name} is {value!r}; expected {want} or a one-element tensor")
     for name, value in (("['eps']", eps), ("['weight_decay']", weight_decay)):
         if isinstance(value, Tensor) or not _in_range(value, 0.0, None):
             raise ValueError(f"{where}{name} is {value!r}; expected a number >= 0")
+    return b1, b2
 
 
 def check_fused_param(p: Tensor) -> None:

@@ -271,9 +271,9 @@ class FusedAdam(Optimizer):
 
     @staticmethod
     def _hyper(group_index: int, group: dict[str, Any]) -> Hyper:
-        lr, betas, eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        check_hyper(group_index, lr, betas, eps, weight_decay)
-        return Hyper(_scalar(lr), _scalar(betas[0]), _scalar(betas[1]), eps, weight_decay)
+        lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
+        beta1, beta2 = check_hyper(group_index, lr, group["betas"], eps, weight_decay)
+        return Hyper(_scalar(lr), _scalar(beta1), _scalar(beta2), eps, weight_decay)
 
     @staticmethod
     def _part_grads(part: Partition, grads: list[Tensor]) -> list[Tensor]:
