@@ -376,6 +376,20 @@ BAD_HYPERPARAMETERS = [("lr", "0.1", r"\['lr'\] is '0.1'"), ("lr", float("nan"),
 
 
 @pytest.mark.parametrize("backend", backends_here())
+def test_hyperparameters_the_constructor_accepts_step_as_torch(backend):
+    """What the step's check accepts includes what torch's constructor does: betas as one 2-element tensor,
+    numpy numbers, ints."""
+    import numpy as np
+
+    ours, ref = _pair(backend, betas=torch.tensor([0.9, 0.99]))
+
+    def mutate(opt):
+        opt.param_groups[0].update(lr=np.float32(0.02), eps=0, weight_decay=np.float64(0.05))
+
+    _run(ours, ref, backend, mutate)
+
+
+@pytest.mark.parametrize("backend", backends_here())
 @pytest.mark.parametrize("key, value, match", BAD_HYPERPARAMETERS,
                          ids=[f"{k}={v!r}" for k, v, _ in BAD_HYPERPARAMETERS])
 def test_bad_hyperparameter_set_after_construction_raises_and_changes_nothing(backend, key, value, match):
