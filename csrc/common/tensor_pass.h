@@ -252,10 +252,24 @@ struct Grads {
   std::vector<at::Tensor>* hold = nullptr;
 };
 
+// Tensor i's grad as a pass sees it: held, read from the param's autograd metadata (the handle there, which stays
+// put while the GIL is held), or given.
+inline const at::Tensor& grad_of(const TensorLists& l, const Grads& grads, size_t i) {
+  if (grads.hold != nullptr) return (*grads.hold)[i];
+  return grads.from_params ? l.params[i].unsafeGetTensorImpl()->grad() : grads.given[i];
+}
+
 // The arrays of tensor i (null: absent), in Row order.
 inline std::array<const at::Tensor*, kNumRows> arrays_of(const TensorLists& l, at::TensorList grads, size_t i) {
   return {&l.params[i], i < grads.size() ? &grads[i] : nullptr, &l.exp_avgs[i], &l.exp_avg_sqs[i],
           l.amsgrad() ? &l.max_exp_avg_sqs[i] : nullptr, l.master() ? &l.master_params[i] : nullptr};
+}
+
+// Array `row` of tensor i, which the step writes, has no two elements at one address.
+inline void check_distinct_elements(const char* who, const at::Tensor& t, int row, size_t i) {
+  TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, who, ": ", kRowList[row], "[", i,
+              "] has elements that share memory (shape ", t.sizes(), ", strides ", t.strides(),
+              "): the step writes it, so each element needs its own");
 }
 
 // Tensor i's memory: its storage holds its elements (a storage resized under it, `untyped_storage().resize_(0)` as
@@ -274,9 +288,7 @@ inline void check_memory(const char* who, const at::Tensor& t, int row, size_t i
   TORCH_CHECK(storage.data() != nullptr && need <= have, who, ": ", list, "[", i, "] needs ", need,
               " bytes of storage for its ", t.numel(), " elements, but its storage holds ", have,
               " (was the storage resized or freed under it?)");
-  TORCH_CHECK(row == kGradRow || at::has_internal_overlap(t) != at::MemOverlap::Yes, who, ": ", list, "[", i,
-              "] has elements that share memory (shape ", sizes, ", strides ", strides,
-              "): the step writes it, so each element needs its own");
+  if (row != kGradRow) check_distinct_elements(who, t, row, i);
 }
 
 // Array `row` of tensor i shares no memory with its other arrays (a state loaded as the same tensor as another, a
@@ -480,12 +492,10 @@ inline PassResult checked_pass(const char* who, const TensorLists& l, const Grad
     for (size_t i = 0; i < n; ++i) moved[i] = static_cast<uint64_t>(i) << 16 | kAllRows;
   }
 
-  // The arrays of tensor i, its grad where the scan found it (read and not held: the handle in the param's autograd
-  // metadata, which stays put while the GIL is held).
+  // The arrays of tensor i, its grad where the scan found it (grad_of).
   auto arrays = [&](size_t i) {
-    const at::TensorList read = grads.hold != nullptr ? at::TensorList(*grads.hold) : grads.given;
-    std::array<const at::Tensor*, kNumRows> a = arrays_of(l, read, i);
-    if (grads.from_params && grads.hold == nullptr) a[kGradRow] = &l.params[i].unsafeGetTensorImpl()->grad();
+    std::array<const at::Tensor*, kNumRows> a = arrays_of(l, at::TensorList(), i);
+    a[kGradRow] = &grad_of(l, grads, i);
     return a;
   };
   for_each_tensor(moved.size(), [&](size_t k) {
@@ -573,13 +583,7 @@ inline void check_counts(const char* who, const PassCache& c) {
 inline void check_written_grads(const char* who, const TensorLists& l, const Grads& grads, const PassCache& c) {
   if (c.flat()) return;
   for (size_t i = 0; i < c.n; ++i) {
-    if (!c.not_flat[i]) continue;
-    const at::Tensor& g = grads.hold != nullptr ? (*grads.hold)[i]
-                          : grads.from_params ? l.params[i].unsafeGetTensorImpl()->grad()
-                                              : grads.given[i];
-    TORCH_CHECK(at::has_internal_overlap(g) != at::MemOverlap::Yes, who, ": grads[", i,
-                "] has elements that share memory (shape ", g.sizes(), ", strides ", g.strides(),
-                "): with grad_scale the step writes the unscaled grad back, so each element needs its own");
+    if (c.not_flat[i]) check_distinct_elements(who, grad_of(l, grads, i), kGradRow, i);
   }
 }
 

@@ -3,6 +3,7 @@ working) and those of the options beyond torch. The constructor and load_state_d
 from __future__ import annotations
 
 import numbers
+import reprlib
 
 import torch
 from torch import Tensor
@@ -65,6 +66,17 @@ def check_args(lr, betas, eps, weight_decay, foreach, capturable, fused, differe
             raise RuntimeError("`fused` does not support `differentiable`")
         if foreach:
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+
+
+short = reprlib.Repr()  # values in error messages: cut to a line
+short.maxstring = short.maxother = 40
+
+
+def describe(value) -> str:
+    """A value as an error message names what it found."""
+    if isinstance(value, Tensor):
+        return f"a Tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+    return f"{short.repr(value)} ({type(value).__name__})"
 
 
 _NUMBERS = frozenset((float, int))

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import reprlib
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from copy import deepcopy
@@ -35,7 +34,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .args import EXTENSIONS, check_args, check_extensions
+from .args import EXTENSIONS, check_args, check_extensions, describe, short
 from .backends import PartOptions
 
 # Group keys torch.optim.Adam's __setstate__ fills in for checkpoints written before they existed.
@@ -52,8 +51,6 @@ MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 _SQUARES = ("exp_avg_sq", "max_exp_avg_sq")
 _FLAGS = ("amsgrad", "maximize", "capturable", "differentiable", "decoupled_weight_decay", "master_weights",
           "stochastic_rounding")
-_repr = reprlib.Repr()
-_repr.maxstring = _repr.maxother = 40
 
 
 def fill_group_defaults(param_groups: list[dict[str, Any]]) -> None:
@@ -70,12 +67,6 @@ def state_dict(optimizer: Optimizer) -> dict[str, Any]:
     sd = Optimizer.state_dict(optimizer)
     sd["state"] = {k: dict(v) if isinstance(v, Mapping) else v for k, v in sd["state"].items()}
     return sd
-
-
-def _found(value: Any) -> str:
-    if isinstance(value, Tensor):
-        return f"a Tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
-    return f"{_repr.repr(value)} ({type(value).__name__})"
 
 
 def _is_number(value: Any) -> bool:
@@ -107,41 +98,41 @@ def _check_group(gi: int, group: dict[str, Any], max_grad_norm: Any) -> None:
     lr = group["lr"]
     if isinstance(lr, Tensor):
         if lr.numel() != 1 or not lr.is_floating_point():
-            raise TypeError(f"{where}: 'lr' is {_found(lr)}; expected a number or a 1-element floating Tensor")
+            raise TypeError(f"{where}: 'lr' is {describe(lr)}; expected a number or a 1-element floating Tensor")
     elif not _is_number(lr):
-        raise TypeError(f"{where}: 'lr' is {_found(lr)}; expected a number or a 1-element floating Tensor")
+        raise TypeError(f"{where}: 'lr' is {describe(lr)}; expected a number or a 1-element floating Tensor")
     if _readable_value(lr) and not 0.0 <= float(lr) < math.inf:
-        raise ValueError(f"{where}: 'lr' is {_repr.repr(lr)}; expected a finite number >= 0")
+        raise ValueError(f"{where}: 'lr' is {short.repr(lr)}; expected a finite number >= 0")
     betas = group["betas"]
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise TypeError(f"{where}: 'betas' is {_found(betas)}; expected a pair (beta1, beta2)")
+        raise TypeError(f"{where}: 'betas' is {describe(betas)}; expected a pair (beta1, beta2)")
     for i, beta in enumerate(betas):
         if isinstance(beta, Tensor):
             if beta.numel() != 1 or not beta.is_floating_point():
-                raise TypeError(f"{where}: 'betas'[{i}] is {_found(beta)}; expected a float or a 1-element floating "
+                raise TypeError(f"{where}: 'betas'[{i}] is {describe(beta)}; expected a float or a 1-element floating "
                                 "Tensor")
         elif not isinstance(beta, float):  # torch's constructor: both floats or both Tensors, no ints
-            raise TypeError(f"{where}: 'betas'[{i}] is {_found(beta)}; expected a float in [0, 1) (or a Tensor)")
+            raise TypeError(f"{where}: 'betas'[{i}] is {describe(beta)}; expected a float in [0, 1) (or a Tensor)")
         if _readable_value(beta) and not 0.0 <= float(beta) < 1.0:
-            raise ValueError(f"{where}: 'betas'[{i}] is {_repr.repr(beta)}; expected a value in [0, 1)")
+            raise ValueError(f"{where}: 'betas'[{i}] is {short.repr(beta)}; expected a value in [0, 1)")
     for key in ("eps", "weight_decay"):
         value = group[key]
         if not _is_number(value):
-            raise TypeError(f"{where}: '{key}' is {_found(value)}; expected a finite number >= 0")
+            raise TypeError(f"{where}: '{key}' is {describe(value)}; expected a finite number >= 0")
         if not 0.0 <= value < math.inf:
             raise ValueError(f"{where}: '{key}' is {value}; expected a finite number >= 0")
     for key in _FLAGS:
         if key in group and not isinstance(group[key], bool):
-            raise TypeError(f"{where}: '{key}' is {_found(group[key])}; expected True or False")
+            raise TypeError(f"{where}: '{key}' is {describe(group[key])}; expected True or False")
     for key in ("foreach", "fused"):
         if group[key] is not None and not isinstance(group[key], bool):
-            raise TypeError(f"{where}: '{key}' is {_found(group[key])}; expected None, True or False")
+            raise TypeError(f"{where}: '{key}' is {describe(group[key])}; expected None, True or False")
     state_dtype = group.get("state_dtype", EXTENSIONS["state_dtype"])
     if state_dtype is not None and not isinstance(state_dtype, torch.dtype):
-        raise TypeError(f"{where}: 'state_dtype' is {_found(state_dtype)}; expected None or a torch.dtype")
+        raise TypeError(f"{where}: 'state_dtype' is {describe(state_dtype)}; expected None or a torch.dtype")
     seed = group.get("seed", EXTENSIONS["seed"])
     if not isinstance(seed, int) or isinstance(seed, bool):
-        raise TypeError(f"{where}: 'seed' is {_found(seed)}; expected an int in [0, 2**64)")
+        raise TypeError(f"{where}: 'seed' is {describe(seed)}; expected an int in [0, 2**64)")
     try:  # the constructor's checks (ranges and combinations), worded as torch's
         check_args(lr, betas, group["eps"], group["weight_decay"], group["foreach"], group["capturable"],
                    group["fused"], group["differentiable"])
@@ -149,7 +140,7 @@ def _check_group(gi: int, group: dict[str, Any], max_grad_norm: Any) -> None:
                          seed, max_grad_norm, group["differentiable"])
     except (ValueError, RuntimeError) as e:
         raise ValueError(
-            f"{where}: {e} (lr={_repr.repr(lr)}, betas={_repr.repr(betas)}, eps={group['eps']!r}, "
+            f"{where}: {e} (lr={short.repr(lr)}, betas={short.repr(betas)}, eps={group['eps']!r}, "
             f"weight_decay={group['weight_decay']!r})"
         ) from e
 
@@ -158,7 +149,7 @@ def _check_tensor(where: str, key: str, value: Any, p: Tensor) -> None:
     expected_dtype = f"dtype {p.dtype}" if p.is_complex() else "a floating dtype"
     expected = f"a Tensor of the param's shape {tuple(p.shape)} and {expected_dtype}"
     if not isinstance(value, Tensor):
-        raise TypeError(f"{where}: '{key}' is {_found(value)}; expected {expected}")
+        raise TypeError(f"{where}: '{key}' is {describe(value)}; expected {expected}")
     if value.layout != torch.strided:
         raise TypeError(f"{where}: '{key}' is a {value.layout} Tensor; expected {expected}")
     if value.shape != p.shape:
@@ -184,12 +175,12 @@ def _load_step(where: str, value: Any, p: Tensor, group: dict[str, Any]) -> Tens
     expected = "a finite number >= 0, or a 1-element real Tensor holding one"
     if isinstance(value, Tensor):
         if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
-            raise TypeError(f"{where}: 'step' is {_found(value)}; expected {expected}")
+            raise TypeError(f"{where}: 'step' is {describe(value)}; expected {expected}")
         number = float(value) if _readable(value) else 0.0
     elif _is_number(value):
         number = float(value)
     else:
-        raise TypeError(f"{where}: 'step' is {_found(value)}; expected {expected}")
+        raise TypeError(f"{where}: 'step' is {describe(value)}; expected {expected}")
     if not 0.0 <= number < math.inf:
         raise ValueError(f"{where}: 'step' is {number}; expected {expected}")
     if not isinstance(value, Tensor):  # torch.optim.Adam.__setstate__: a number becomes a float32 tensor
@@ -214,7 +205,7 @@ def _cast_other(value: Any, p: Tensor) -> Any:
 def _load_param_state(where: str, saved: Any, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
     """One param's saved state, checked and cast to what the step uses; nothing of the optimizer is touched."""
     if not isinstance(saved, Mapping):
-        raise TypeError(f"{where}: the state is {_found(saved)}; expected a dict")
+        raise TypeError(f"{where}: the state is {describe(saved)}; expected a dict")
     if not saved:
         return {}
     required = ("step", "exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
@@ -242,7 +233,7 @@ def load_state_dict(optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
     """torch's Optimizer.load_state_dict, with every saved group and param state checked (and the new state built)
     before the optimizer is changed; see the module docstring."""
     if not isinstance(state_dict, Mapping):
-        raise TypeError(f"state_dict is {_found(state_dict)}; expected a dict with 'state' and 'param_groups'")
+        raise TypeError(f"state_dict is {describe(state_dict)}; expected a dict with 'state' and 'param_groups'")
     state_dict = dict(state_dict)  # shallow copy, as torch's (the pre-hooks may change it)
     for pre_hook in optimizer._optimizer_load_state_dict_pre_hooks.values():
         result = pre_hook(optimizer, state_dict)
@@ -250,12 +241,12 @@ def load_state_dict(optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
             state_dict = result
     for key, kind, expected in (("state", Mapping, "a dict"), ("param_groups", (list, tuple), "a list")):
         if not isinstance(state_dict.get(key), kind):
-            raise TypeError(f"state_dict['{key}'] is {_found(state_dict.get(key))}; expected {expected}")
+            raise TypeError(f"state_dict['{key}'] is {describe(state_dict.get(key))}; expected {expected}")
     groups = optimizer.param_groups
     saved_groups = deepcopy(state_dict["param_groups"])
     for gi, group in enumerate(saved_groups):
         if not isinstance(group, dict) or not isinstance(group.get("params"), (list, tuple)):
-            raise TypeError(f"param group {gi} of the state_dict is {_found(group)}; expected a dict with a 'params' "
+            raise TypeError(f"param group {gi} of the state_dict is {describe(group)}; expected a dict with a 'params' "
                             "list")
     # torch's checks, with its messages
     if len(groups) != len(saved_groups):

@@ -214,9 +214,10 @@ def check_tensors(part: Partition, grads: list[Tensor], grads_written: bool = Fa
                                f"{part.group_index}) has {s.numel()} elements; expected a 0-dim step count")
         if s.device.type == "cpu" and not s.item() >= 0:  # tensor_pass.h's check_counts (device counts: not read)
             raise ValueError(f"{who}: state_steps[{pos}] {where} is {s.item()}; a step count is a number >= 0")
-        for name, t in [("params", p), *((name, tensors[pos]) for name, tensors in arrays), ("state_steps", s)]:
+        named = [("params", p), *((name, tensors[pos]) for name, tensors in arrays)]
+        for name, t in [*named, ("state_steps", s)]:
             check_memory(who, name, pos, t, where, grads_written)
-        check_apart(who, [("params", p), *((name, tensors[pos]) for name, tensors in arrays)], pos, where)
+        check_apart(who, named, pos, where)
 
 
 def check_memory(who: str, name: str, pos: int, t: Tensor, where: str = "", grads_written: bool = False) -> None:

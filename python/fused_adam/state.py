@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .args import describe
 from .backends import PartOptions
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
@@ -201,7 +202,7 @@ def param_state(state: StateDict, p: Tensor, opts: PartOptions, packed: dict[str
                 st[key] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.preserve_format)
         elif not torch.is_tensor(st[key]):
             raise TypeError(f"FusedAdam: state[{key!r}] of the param of shape {tuple(p.shape)} is "
-                            f"{_describe(st[key])}; expected a tensor")
+                            f"{describe(st[key])}; expected a tensor")
         elif st[key].dtype != state_dtype:
             st[key] = st[key].to(state_dtype)
     if opts.master and "master_param" not in st:
@@ -215,15 +216,9 @@ def param_state(state: StateDict, p: Tensor, opts: PartOptions, packed: dict[str
             count = float(step)
         except (TypeError, ValueError, RuntimeError):
             raise ValueError(f"FusedAdam: state['step'] of the param of shape {tuple(p.shape)} is "
-                             f"{_describe(step)}; expected a number or a one-element tensor") from None
+                             f"{describe(step)}; expected a number or a one-element tensor") from None
         st["step"] = torch.tensor(count, dtype=torch.float32, device=step_device)
     return st
-
-
-def _describe(value: Any) -> str:
-    if torch.is_tensor(value):
-        return f"a tensor of shape {tuple(value.shape)}"
-    return f"{type(value).__name__} {value!r}"[:80]
 
 
 def rebind(state: Any, generation: Generation) -> StateDict:
