@@ -84,6 +84,8 @@ struct Partition {
   StepOptions options;
   mutable PassCache cache;
   mutable const int64_t* out_seen = nullptr;  // addresses(): the `out` last written in full
+  mutable bool armed = false;                 // step(check_only): its pass found these lists fit to step
+  mutable std::vector<at::Tensor> armed_grads;  // the grads that pass read, held until the step
 
   Partition(std::vector<at::Tensor> params, std::vector<at::Tensor> exp_avgs, std::vector<at::Tensor> exp_avg_sqs,
             std::vector<at::Tensor> max_exp_avg_sqs, std::vector<at::Tensor> state_steps,
@@ -106,8 +108,11 @@ struct Partition {
   // The GIL is released once the checks have passed, for the data pass (with given grads: for the whole call). A
   // param without a grad makes this return false before anything is written, and the caller takes the path that
   // handles it.
+  // NOTE [all checked first] (optimizer.py): check_only runs the checks of a step and nothing else, and arms the
+  // partition: a step_ with checked=True that follows (other partitions' steps in between, nothing else) steps on
+  // what that pass found, without a second pass over tensors that the other partitions' data passes have evicted.
   bool step(const std::optional<std::vector<at::Tensor>>& given, py::handle hp, py::handle amp,
-            int64_t chunk_size) const {
+            int64_t chunk_size, bool check_only = false, bool checked_before = false) const {
     StepOptions o = options;
     o.chunk_size = chunk_size;
     StepInputs in;
@@ -116,12 +121,23 @@ struct Partition {
     if (given.has_value()) no_gil.emplace();
     // Declared after no_gil: unlocked before the GIL is taken back (a thread waiting for it may hold the GIL).
     const std::lock_guard<std::mutex> lock(cache.mutex);
-    std::vector<at::Tensor> read;
+    const bool use_arm = checked_before && armed;
+    armed = false;
+    std::vector<at::Tensor> read = use_arm ? std::move(armed_grads) : std::vector<at::Tensor>();
+    armed_grads.clear();
     const Grads grads{given.has_value() ? at::TensorList(*given) : at::TensorList(), !given.has_value(),
                       given.has_value() ? nullptr : &read};
-    return cpu::adam_step_(lists, grads, o, cache, [&] {
-      if (!no_gil.has_value()) no_gil.emplace();
-    });
+    const cpu::Phase phase = check_only ? cpu::Phase::kCheckOnly : use_arm ? cpu::Phase::kChecked : cpu::Phase::kFull;
+    const bool ok = cpu::adam_step_(
+        lists, grads, o, cache, [&] {
+          if (!no_gil.has_value()) no_gil.emplace();
+        },
+        phase);
+    if (check_only && ok) {
+      armed = true;
+      armed_grads = std::move(read);
+    }
+    return ok;
   }
 
   // The check pass of step() without the step, for a backend that launches its own kernel (see the binding's doc).
@@ -155,7 +171,13 @@ struct Partition {
     const Grads grads{given_list, !given.has_value(), nullptr};
     const PassResult pass = checked_pass(who, lists, grads, where, /*row_major=*/false, cache);
     if (!pass.complete) return py::make_tuple(-1, py::none());
-    if (grads_written) check_written_grads(who, lists, grads, cache);
+    try {  // host counts too, whether or not they are read here (a check before a step)
+      if (grads_written) check_written_grads(who, lists, grads, cache);
+      if (!options.capturable) check_counts(who, cache);
+    } catch (...) {
+      out_seen = nullptr;  // the pass cached what moved, which `out` lacks: the next call compares every row
+      throw;
+    }
     int64_t* o = out.data_ptr<int64_t>();
     uint32_t rows = pass.moved_rows & ((1u << kNumRows) - 1);
     if (o != out_seen) {
@@ -177,7 +199,6 @@ struct Partition {
     int64_t mask = static_cast<int64_t>(changed) | (cache.aligned() ? kAligned : 0) | (cache.flat() ? kFlat : 0);
     py::object before = py::none();
     if (counts.has_value()) {  // NOTE [host steps]: read and bumped here, once every check has passed
-      check_counts(who, cache);
       float* c = counts->data_ptr<float>();
       bool uniform = true;
       for (size_t i = 0; i < n; ++i) {
@@ -310,11 +331,25 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("state_steps"), py::kw_only(), py::arg("master_params") = std::vector<at::Tensor>{},
            py::arg("tensor_ids") = std::vector<int64_t>{}, py::arg("options") = py::none())
       .def("__len__", [](const Partition& p) { return p.lists.size(); })
-      .def("step_", &Partition::step,  // releases the GIL itself (NOTE [grads read in C++])
+      .def(
+          "step_",  // releases the GIL itself (NOTE [grads read in C++])
+          [](const Partition& p, const std::optional<std::vector<at::Tensor>>& grads, py::handle hp, py::handle amp,
+             int64_t chunk_size, bool checked) { return p.step(grads, hp, amp, chunk_size, false, checked); },
            "One Adam/AdamW step of the partition on the cpu, in place (the step contract of "
            "fused_adam/backends/__init__.py): hp is a Hyper, amp an Amp or None. With grads=None each param's .grad "
            "(NOTE [grads read in C++]); returns False, having changed nothing, if a param has none.",
-           py::arg("grads"), py::arg("hp"), py::arg("amp") = py::none(), py::kw_only(), py::arg("chunk_size") = 0)
+           py::arg("grads"), py::arg("hp"), py::arg("amp") = py::none(), py::kw_only(), py::arg("chunk_size") = 0,
+           py::arg("checked") = false)
+      .def(
+          "check_",
+          [](const Partition& p, const std::optional<std::vector<at::Tensor>>& grads, py::handle hp, py::handle amp) {
+            return p.step(grads, hp, amp, 0, /*check_only=*/true);
+          },
+          "The checks of step_ (raising what it would raise, before it writes anything) without the step: returns "
+          "False if grads is None and a param has no grad, else True. Nothing is written. A step_ with the same "
+          "arguments and checked=True that follows, with nothing but other partitions' steps in between, steps "
+          "on what this found (NOTE [all checked first]).",
+          py::arg("grads"), py::arg("hp"), py::arg("amp") = py::none())
       .def("addresses", &Partition::addresses,
            "The check pass of step_ without the step, for tensors on any device: reads the grads (each param's .grad "
            "when grads is None), checks every tensor that moved since the last call as step_ does (NOTE [pass "

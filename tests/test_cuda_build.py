@@ -595,7 +595,10 @@ class EmulatedPartition:
         if getattr(self, "handle", None):
             self.lib.fa_emu_free(self.handle)
 
-    def step_(self, grads, hp, amp=None):
+    def check_(self, grads, hp, amp=None):
+        return self.step_(grads, hp, amp, check_only=True)
+
+    def step_(self, grads, hp, amp=None, check_only=False):
         params, n = self.params, len(self.params)
         # read_step (csrc/common/py_options.h), with this emulation's "device" memory the CPU's: a capturable step
         # reads a Tensor lr on the device; every other Tensor hyperparameter is read on the host.
@@ -617,6 +620,8 @@ class EmulatedPartition:
             for what, t, want in (("grad", grads[i], dtype), ("exp_avg", self.exp_avgs[i], state_dtype),
                                   ("exp_avg_sq", self.exp_avg_sqs[i], state_dtype)):
                 assert t.dtype == want and t.shape == p.shape, f"{what} of param {i}: {t.dtype} {tuple(t.shape)}"
+        if check_only:
+            return True
         scalar = lambda t: t.to(torch.float32).reshape(()).clone() if t is not None else None  # noqa: E731
         scale, inf, clip = scalar(grad_scale), scalar(found_inf), scalar(clip_coef)
         lr_device = lr_tensor.to(torch.float64).reshape(()).clone() if lr_tensor is not None else None

@@ -158,6 +158,16 @@ def _param_and_states_reshaped(opt):
         st[k].data = torch.full((11,), 0.01 if k == "exp_avg" else 0.001)
 
 
+def _param_and_states_to_another_dtype(opt):
+    """A param and its states all converted to float64 (by hand; load_state_dict casts the same way): consistent,
+    so torch steps it, and so must the plan (it belongs to another partition now)."""
+    p = opt.param_groups[0]["params"][1]
+    p.data = p.data.double()
+    st = opt.state[p]
+    for k in ("exp_avg", "exp_avg_sq"):
+        st[k].data = st[k].double()
+
+
 MUTATIONS = {
     "param replaced in the list": _replace_param,
     "param appended": _append_param,
@@ -166,6 +176,7 @@ MUTATIONS = {
     "params list replaced": _new_params_list,
     "param .data replaced": _param_data_same_shape,
     "param and states reshaped": _param_and_states_reshaped,
+    "param and states to another dtype": _param_and_states_to_another_dtype,
     "state tensor replaced": _state_replaced,
     "state .data assigned": _state_data_assigned,
     "state dict replaced": _state_dict_replaced,
@@ -185,6 +196,28 @@ MUTATIONS = {
 def test_mutation_is_seen(backend, name):
     ours, ref = _pair(backend)
     _run(ours, ref, backend, MUTATIONS[name])
+
+
+@pytest.mark.parametrize("backend", backends_here())
+@pytest.mark.parametrize("shapes", [[(7,)], SHAPES], ids=["one param", "every param"])
+def test_every_param_and_state_to_another_dtype_steps_as_torch(backend, shapes):
+    """Every param of a partition and its states converted to float64 together: the pass, which compares the
+    tensors with each other, finds them consistent, but the partition's kernel was made for float32 (on the triton
+    backend this stepped float32 memory as float64, out of bounds). The plan follows them, as torch's for-loop does."""
+
+    def to_double(opt):
+        for p in _params(opt):
+            p.data = p.data.double()
+            for k in ("exp_avg", "exp_avg_sq"):
+                opt.state[p][k].data = opt.state[p][k].double()
+
+    def grads(opt, step):
+        ps = _params(opt)
+        for p, g in zip(ps, make_grads(ps, step)):
+            p.grad = g.to(p.dtype)
+
+    ours, ref = _pair(backend, shapes=shapes)
+    _run(ours, ref, backend, to_double, grads=grads)
 
 
 @pytest.mark.parametrize("backend", backends_here())
@@ -480,3 +513,63 @@ def test_adam_and_amsgrad_mutations(backend):
         opt.state[p]["max_exp_avg_sq"] = opt.state[p]["max_exp_avg_sq"] * 2
 
     _run(ours, ref, backend, mutate)
+
+
+def _later_partition_made_bad(opt, how):
+    """Break the last param of the last partition (group 1, or the fp64 params of one group)."""
+    p = _params(opt)[-1]
+    if how == "count":
+        opt.state[p]["step"].fill_(-1.0)
+    elif how == "storage":
+        p.untyped_storage().resize_(0)
+    else:  # "shape"
+        p.data = torch.randn(p.numel() + 3, dtype=p.dtype)
+
+
+@pytest.mark.parametrize("backend", backends_here())
+@pytest.mark.parametrize("layout", ["two groups", "two dtypes"])
+@pytest.mark.parametrize("how", ["count", "storage", "shape"])
+def test_bad_tensor_in_a_later_partition_changes_nothing_in_the_earlier_ones(backend, layout, how):
+    """NOTE [all checked first]: a step of several partitions (param groups, dtypes) checks every one before it
+    writes any, so an error in the last leaves the first as it was (params, states and step counts)."""
+    params0 = make_params(torch.float32, SHAPES)
+    ps = [torch.nn.Parameter(p.clone()) for p in params0[:3]]
+    late = [torch.nn.Parameter(p.clone().double() if layout == "two dtypes" else p.clone()) for p in params0[3:]]
+    groups = [{"params": ps}, {"params": late}] if layout == "two groups" else [{"params": ps + late}]
+    ours = FusedAdamW(groups, backend=backend, lr=0.01, weight_decay=0.1)
+    for s in range(2):
+        _set_grads(ours, s)
+        ours.step()
+    _set_grads(ours, 2)
+    _later_partition_made_bad(ours, how)
+    early = [t for q in ps for t in (q, *ours.state[q].values())]
+    before = [t.clone() for t in early]
+    with pytest.raises((RuntimeError, ValueError), match=r"state_steps|storage|shape"):
+        ours.step()
+    for i, (a, b) in enumerate(zip(before, early)):
+        assert torch.equal(a, b), f"tensor {i} of the first partition changed"
+
+
+@pytest.mark.parametrize("backend", backends_here())
+def test_a_step_that_raises_after_the_grads_moved_steps_the_new_grads_next_time(backend):
+    """An error after the grads moved (here a bad step count, found after the pass read the new grads' addresses)
+    must not leave a backend with the old addresses: once the count is fixed, the next step uses the grads the
+    params hold, as torch's for-loop does."""
+    ours, ref = _pair(backend)
+    for s in range(2):
+        for opt in (ours, ref):
+            _set_grads(opt, s)
+            opt.step()
+    kept = [p.grad for p in _params(ours)]  # the old grads stay alive (a stale address would still read them)
+    _set_grads(ours, 2)
+    p2 = ours.param_groups[0]["params"][2]
+    saved = ours.state[p2]["step"].clone()
+    ours.state[p2]["step"].fill_(-1.0)
+    with pytest.raises(ValueError, match=r"state_steps\[2\]"):
+        ours.step()
+    ours.state[p2]["step"].copy_(saved)
+    ours.step()
+    _set_grads(ref, 2)
+    ref.step()
+    _assert_same(ours, ref, backend, where="after the failed step:")
+    assert all(g is not None for g in kept)

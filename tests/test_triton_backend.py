@@ -196,6 +196,40 @@ def test_only_the_rows_that_moved_are_uploaded(uploads):
 
 
 @requires_triton_interpreter
+def test_a_step_that_fails_after_the_pass_leaves_nothing_behind(monkeypatch):
+    """An error between the check pass and the launch (here the upload of the moved grad row, as under CUDA graph
+    capture) changes nothing, step counts included, and the next step uploads the rows the device lacks."""
+    tb = _tb()
+    params0 = make_params(torch.float32, ((7,), (4,)))
+    ours = [p.clone().requires_grad_() for p in params0]
+    ref = [p.clone().requires_grad_() for p in params0]
+    o, r = FusedAdamW(ours, backend="triton"), torch.optim.AdamW(ref, foreach=False)
+    kept = []
+    for s in range(3):
+        kept += [p.grad for p in ours]
+        for ps in (ours, ref):
+            _set_grads(ps, params0, s)
+        if s == 2:  # (the grads of step 1 stay alive: a stale grad row would read them)
+            before = [t.clone() for p in ours for t in (p, *o.state[p].values())]
+            real = tb._upload_rows
+
+            def fail(*args):
+                raise RuntimeError("upload failed")
+
+            monkeypatch.setattr(tb, "_upload_rows", fail)
+            with pytest.raises(RuntimeError, match="upload failed"):
+                o.step()
+            monkeypatch.setattr(tb, "_upload_rows", real)
+            assert all(torch.equal(a, b) for a, b in zip(before, [t for p in ours for t in (p, *o.state[p].values())]))
+        o.step()
+        r.step()
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a.detach(), b.detach())
+        torch.testing.assert_close(o.state[a]["exp_avg"], r.state[b]["exp_avg"])
+        assert o.state[a]["step"].item() == r.state[b]["step"].item()
+
+
+@requires_triton_interpreter
 def test_data_replaced_with_the_same_shape_is_stepped_where_it_lives():
     """`p.data = t` of the same shape: the step lands in t (torch's for-loop does the same)."""
     params0 = make_params(torch.float32, ((7,), (4,)))

@@ -163,12 +163,15 @@ void run_chunks(const std::vector<TensorPtrs>& tensors, const std::vector<int64_
 template <typename T>
 bool step_with_opmath(const TensorLists& l, const Grads& grads, const StepOptions& o, const Mode& mode,
                       const StepArgs& args, int64_t chunk_size, PassCache& cache,
-                      const std::function<void()>& checked) {
+                      const std::function<void()>& checked, Phase phase) {
   const size_t n = l.size();
   const bool row_major = mode.sr_param || mode.sr_state;
-  if (!checked_pass(kWho, l, grads, Placement{at::kCPU, at::kCPU}, row_major, cache).complete) return false;
-  if (o.unscale()) check_written_grads(kWho, l, grads, cache);
-  check_counts(kWho, cache);
+  if (phase != Phase::kChecked) {
+    if (!checked_pass(kWho, l, grads, Placement{at::kCPU, at::kCPU}, row_major, cache).complete) return false;
+    if (o.unscale()) check_written_grads(kWho, l, grads, cache);
+    check_counts(kWho, cache);
+    if (phase == Phase::kCheckOnly) return true;
+  }
   if (checked) checked();
   std::vector<TensorPtrs> ptrs(n);
   over_tensor_ranges(n, [&](int64_t begin, int64_t end) {
@@ -263,7 +266,7 @@ std::optional<std::string> unsupported_combination(DType pk, DType sk, bool mast
 }
 
 bool adam_step_(const TensorLists& l, const Grads& grads, const StepOptions& o, PassCache& cache,
-                const std::function<void()>& checked) {
+                const std::function<void()>& checked, Phase phase) {
   const int64_t chunk_size = o.chunk_size == 0 ? kDefaultChunkSize : o.chunk_size;
   TORCH_CHECK_VALUE(chunk_size > 0, kWho, ": chunk_size must be positive, got ", chunk_size);
   check_lists(kWho, l, grads.from_params ? nullptr : &grads.given, o.amsgrad, o.stochastic_rounding());
@@ -282,8 +285,10 @@ bool adam_step_(const TensorLists& l, const Grads& grads, const StepOptions& o, 
   const Mode mode{kind, state_kind, o.wd_mode, o.amsgrad, o.maximize, o.unscale(), o.master, o.sr_param, o.sr_state,
                   o.clip()};
   const StepArgs args{scale, (o.maximize ? -1.0 : 1.0) * clip};
-  if (kind == DType::kFloat64) return step_with_opmath<double>(l, grads, o, mode, args, chunk_size, cache, checked);
-  return step_with_opmath<float>(l, grads, o, mode, args, chunk_size, cache, checked);
+  if (kind == DType::kFloat64) {
+    return step_with_opmath<double>(l, grads, o, mode, args, chunk_size, cache, checked, phase);
+  }
+  return step_with_opmath<float>(l, grads, o, mode, args, chunk_size, cache, checked, phase);
 }
 
 void roofline_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,

@@ -36,9 +36,13 @@ constexpr int64_t kDefaultChunkSize = 1 << 16;
 // `cache`: what the pass saw at the last step of these lists (NOTE [pass cache]; a fresh one checks everything).
 // Returns false, having changed nothing, when a grad is read and a param has none; true otherwise. `checked`, when
 // given, is called once every tensor has passed the checks, before anything is written (the binding releases the
-// GIL there).
+// GIL there). `phase` (NOTE [all checked first] in optimizer.py: a step of several partitions checks them all before
+// it writes any): kCheckOnly returns there, having written nothing; kChecked steps on what a kCheckOnly call of
+// these lists just found (`cache` and the grads it held: nothing but other partitions' steps ran in between), without
+// the pass.
+enum class Phase { kFull, kCheckOnly, kChecked };
 bool adam_step_(const TensorLists& lists, const Grads& grads, const StepOptions& options, PassCache& cache,
-                const std::function<void()>& checked = {});
+                const std::function<void()>& checked = {}, Phase phase = Phase::kFull);
 
 // Why adam_step_ would refuse params of `param_dtype` with states of `state_dtype` with these options, or nullopt:
 // the storage combinations the kernel is not instantiated for (FA_CPU_FEATURE_KINDS in kernel.h).

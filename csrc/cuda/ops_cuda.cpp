@@ -82,7 +82,8 @@ class Partition {
 
   // One step: the check pass, the table patch, one launch. NOTE [grads read in C++] (csrc/ops.cpp): with grads=None
   // each param's .grad is its grad; a param without one makes this return false before anything is written.
-  bool step(const std::optional<std::vector<Tensor>>& given, py::handle hp, py::handle amp) {
+  // check_only: the checks of a step and nothing else (NOTE [all checked first] in optimizer.py).
+  bool step(const std::optional<std::vector<Tensor>>& given, py::handle hp, py::handle amp, bool check_only = false) {
     const size_t n = l_.size();
     if (n == 0) return true;
     const std::lock_guard<std::mutex> lock(cache_.mutex);
@@ -110,6 +111,10 @@ class Partition {
     StepInputs in;
     read_step(o, in, hp, amp, device_, kWho);
     if (o.unscale()) check_written_grads(kWho, l_, grads, cache_);
+    if (check_only) {  // (the host counts too, which a step that found_inf skips leaves unread)
+      if (!o.capturable) check_counts(kWho, cache_);
+      return true;
+    }
     if (!o.capturable && o.found_inf != nullptr) {
       // The steps live on the CPU and must not change when found_inf is set: one host read, as torch's
       // non-fused GradScaler path does.
@@ -231,10 +236,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("params"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("max_exp_avg_sqs"),
            py::arg("state_steps"), py::kw_only(), py::arg("master_params") = std::vector<Tensor>{},
            py::arg("tensor_ids") = std::vector<int64_t>{}, py::arg("options"), py::arg("chunk_size") = 0)
-      .def("step_", &Partition::step,
+      .def(
+          "step_",
+          [](Partition& p, const std::optional<std::vector<Tensor>>& grads, py::handle hp, py::handle amp) {
+            return p.step(grads, hp, amp);
+          },
            "One step of every tensor, in place, one launch on the current stream. grads=None: the params' .grad; "
            "returns False, having changed nothing, if a param has none. hp: the step's Hyper; amp: its Amp or None.",
            py::arg("grads"), py::arg("hp"), py::arg("amp") = py::none())
+      .def(
+          "check_",
+          [](Partition& p, const std::optional<std::vector<Tensor>>& grads, py::handle hp, py::handle amp) {
+            return p.step(grads, hp, amp, /*check_only=*/true);
+          },
+          "The checks of step_ (raising what it would raise, before it writes anything) without the step: returns "
+          "False if grads is None and a param has no grad, else True. Nothing is written or launched.",
+          py::arg("grads"), py::arg("hp"), py::arg("amp") = py::none())
       .def_property_readonly("num_chunks", &Partition::num_chunks)
       .def_property_readonly("table_bytes", &Partition::table_bytes);
 }

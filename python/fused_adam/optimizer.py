@@ -7,8 +7,9 @@ partition to its backend (backends/__init__.py: one interface for all); the stat
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from itertools import chain
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -16,7 +17,7 @@ from torch.optim import Optimizer
 
 from . import backends, checkpoint, plan as plans
 from .args import EXTENSIONS, check_args, check_extensions, check_fused_param, check_hyper
-from .backends import Amp, Hyper
+from .backends import Amp, Hyper, PartOptions
 from .plan import Dispatch, Partition, Plan
 from .state import Generation, dtensor_type, kernel_view, packed_states, param_state, rebind
 
@@ -25,6 +26,35 @@ __all__ = ["FusedAdam", "FusedAdamW", "Dispatch"]
 log = __import__("logging").getLogger("fused_adam")
 
 _EXTENSION_ITEMS = tuple(EXTENSIONS.items())
+
+
+@dataclass(eq=False)
+class _StepInputs:
+    """What every partition of one step shares: AMP's tensors and the clip coefficient, each moved to a partition's
+    device once (`on`), the grads of every group where clipping read them, and whether a plan was built."""
+
+    grad_scale: Tensor | None
+    found_inf: Tensor | None
+    on: Callable[[torch.device, Tensor | None], Tensor | None]
+    clip_coef: Tensor | None = None
+    group_grads: list[list[Tensor | None]] | None = None
+    built: bool = False
+
+    def amp(self, device: torch.device) -> Amp:
+        return Amp(self.on(device, self.grad_scale), self.on(device, self.found_inf), self.on(device, self.clip_coef))
+
+
+class _Work(NamedTuple):
+    """One backend call of a step: `part` of a plan, and what its backend steps (`step_part`: the partition, or
+    its flat run's range partition), with grads (None: the backend reads each param's .grad). checked: its
+    backend's check() passed on these arguments in this step (NOTE [all checked first])."""
+
+    part: Partition
+    step_part: Partition
+    grads: list[Tensor] | None
+    hp: Hyper
+    amp: Amp
+    checked: bool = False
 
 
 def _not_traced(fn: Callable) -> Callable:
@@ -291,6 +321,103 @@ class FusedAdam(Optimizer):
                 gs[pos] = kernel_view(gs[pos])
         return gs
 
+    def _group_work(self, gi: int, group: dict[str, Any], hp: Hyper, ctx: _StepInputs,
+                    read_grads: bool = True) -> list[_Work]:
+        """What this step does to group gi: one _Work per partition, the plan built or rebuilt where it is not
+        valid. read_grads: a valid plan whose one partition can read the grads itself gets grads=None (no Python
+        list of grads); its backend then says, having changed nothing, whether every param had one."""
+        params = group["params"]
+        key = self._plan_key(group)
+        plan = self._plans.get(gi)
+        valid = plan is not None and plan.valid(params, key, self._generation.value)
+        clipping = ctx.group_grads is not None
+        if valid and not clipping and plan.all_grads and plan.all_flat and all([part.flat.valid() for part in plan.parts]):
+            # Flat runs (NOTE [flat run wiring]) read no grad list either, where the plan covers every param.
+            return [_Work(part, part.flat_part, [part.flat.grad], hp, ctx.amp(part.device)) for part in plan.parts]
+        if read_grads and valid and not clipping and len(plan.parts) == 1 and plan.parts[0].reads_grads:
+            part = plan.parts[0]
+            return [_Work(part, part, None, hp, ctx.amp(part.device))]
+        grads = ctx.group_grads[gi] if clipping else [p.grad for p in params]
+        has_grad = [g is not None for g in grads]
+        if not valid or plan.has_grad != has_grad:
+            plan = self._plans[gi] = self._build_plan(gi, group, has_grad, key)
+            ctx.built = True
+        work = []
+        for part in plan.parts:
+            amp = ctx.amp(part.device)
+            if part.flat is not None and part.flat.valid():
+                work.append(_Work(part, part.flat_part, [part.flat.grad], hp, amp))
+            else:
+                work.append(_Work(part, part, self._part_grads(part, grads), hp, amp))
+        return work
+
+    def _all_checked(self, work: list[_Work], ctx: _StepInputs) -> list[_Work]:
+        """NOTE [all checked first]: a step of several partitions (groups, dtypes, devices) checks every one before
+        it writes any, so that a bad tensor in one leaves every param and state as it was (each backend's step
+        checks its own partition before it writes; the first partition's check is that one). The later ones are
+        stepped with checked=True: the CPU backend steps on what its check found (its data passes in between
+        evict what a second pass would read), the others run their pass again on metadata still in cache, where
+        nothing has moved since (NOTE [pass cache]). A partition offered grads=None whose params lack a grad takes
+        its group's grads list instead."""
+        ready: list[_Work] = []
+        for w in work:
+            items = [w]
+            if w.grads is None:
+                try:
+                    read = w.part.backend.check(w.part, None, w.hp, w.amp)
+                except RuntimeError:
+                    read = False  # raised again below, worded as torch's
+                if read:
+                    ready.append(w._replace(checked=True))
+                    continue
+                gi = w.part.group_index
+                items = self._group_work(gi, self.param_groups[gi], w.hp, ctx, read_grads=False)
+            for x in items:
+                if ready:
+                    x.part.backend.check(x.step_part, x.grads, x.hp, x.amp)
+                    x = x._replace(checked=True)
+                ready.append(x)
+        return ready
+
+    def _forget_moved_plans(self) -> bool:
+        """After a step raised before writing anything: a param whose dtype or device changed under its plan
+        (`p.data = p.data.double()`, a module moved after the optimizer was made) belongs to another partition,
+        and torch's for-loop steps it where its states agree. Drops those plans (the step is then tried once
+        more); True if there were any. O(params), on this error path only."""
+        moved = []
+        for gi, plan in self._plans.items():
+            changed = [p for part in plan.parts for p in part.params if p.dtype != part.dtype or p.device != part.device]
+            if changed and all(self._states_follow(p, self.param_groups[gi]) for p in changed):
+                moved.append(gi)
+        for gi in moved:
+            del self._plans[gi]
+        return bool(moved)
+
+    def _states_follow(self, p: Tensor, group: dict[str, Any]) -> bool:
+        """p's moments have the dtype and device its new partition steps them in (else the step's error stands,
+        as torch's for-loop raises on them)."""
+        want = PartOptions.of(group, p.dtype, self.max_grad_norm is not None).state_dtype
+        st = self.state.get(p) or {}
+        return all(st[k].dtype == want and st[k].device == p.device
+                   for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if torch.is_tensor(st.get(k)))
+
+    def _run(self, w: _Work, ctx: _StepInputs) -> None:
+        part = w.part
+        if w.grads is None:
+            try:
+                if part.backend.step(part, None, w.hp, w.amp, w.checked):
+                    return
+            except RuntimeError:
+                pass  # raised before writing anything; the path below raises it again, worded as torch's
+            gi = part.group_index
+            items = self._group_work(gi, self.param_groups[gi], w.hp, ctx, read_grads=False)
+            for x in self._all_checked(items, ctx) if len(items) > 1 else items:
+                self._run(x, ctx)
+            return
+        part.backend.step(w.step_part, w.grads, w.hp, w.amp, w.checked)
+        if w.step_part is not part:
+            part.flat.stepped()
+
     # NOTE [torch.compile]: a compiled training step runs the optimizer step eagerly (one graph break). Tracing
     # the step would bake lr, the step counts and the plan's Python decisions into guards: a scheduler changing
     # lr would recompile every step, and the plan cache's bookkeeping does not trace. The kernels do the work
@@ -338,47 +465,26 @@ class FusedAdam(Optimizer):
 
         with torch.set_grad_enabled(self.defaults["differentiable"]):
             hypers = [self._hyper(gi, group) for gi, group in enumerate(self.param_groups)]  # all checked first
-            clipping = self.max_grad_norm is not None
-            group_grads = [[p.grad for p in group["params"]] for group in self.param_groups] if clipping else None
-            clip_coef = self._clip_coef(group_grads, grad_scale) if clipping else None
-            generation = self._generation.value
-            built = False
-            for gi, group in enumerate(self.param_groups):
-                params = group["params"]
-                hp = hypers[gi]
-                key = self._plan_key(group)
-                plan = self._plans.get(gi)
-                valid = plan is not None and plan.valid(params, key, generation)
-                # A backend may read the grads itself (grads=None); it declines, having changed nothing, if a param
-                # has no grad, and the path below handles that.
-                # Flat runs (NOTE [flat run wiring]) read no grad list either, where the plan covers every param.
-                if (valid and not clipping and plan.all_grads and plan.all_flat
-                        and all([part.flat.valid() for part in plan.parts])):
-                    for part in plan.parts:
-                        part.backend.step(part.flat_part, [part.flat.grad], hp,
-                                          Amp(on(part.device, grad_scale), on(part.device, found_inf)))
-                        part.flat.stepped()
+            ctx = _StepInputs(grad_scale, found_inf, on)
+            if self.max_grad_norm is not None:
+                ctx.group_grads = [[p.grad for p in group["params"]] for group in self.param_groups]
+                ctx.clip_coef = self._clip_coef(ctx.group_grads, grad_scale)
+            for retry in (False, True):
+                try:  # everything up to the first write: the checks, and the first partition's step (its own)
+                    work = [w for gi, group in enumerate(self.param_groups)
+                            for w in self._group_work(gi, group, hypers[gi], ctx)]
+                    if len(work) > 1:
+                        work = self._all_checked(work, ctx)
+                    if work:
+                        self._run(work[0], ctx)
+                except Exception:
+                    if retry or not self._forget_moved_plans():
+                        raise
                     continue
-                if valid and not clipping and len(plan.parts) == 1 and plan.parts[0].reads_grads:
-                    part = plan.parts[0]
-                    try:
-                        if part.backend.step(part, None, hp, Amp(on(part.device, grad_scale), on(part.device, found_inf))):
-                            continue
-                    except RuntimeError:
-                        pass  # raised before writing anything; the path below raises it again, worded as torch's
-                grads = group_grads[gi] if clipping else [p.grad for p in params]
-                has_grad = [g is not None for g in grads]
-                if not valid or plan.has_grad != has_grad:
-                    plan = self._plans[gi] = self._build_plan(gi, group, has_grad, key)
-                    built = True
-                for part in plan.parts:
-                    amp = Amp(on(part.device, grad_scale), on(part.device, found_inf), on(part.device, clip_coef))
-                    if part.flat is not None and part.flat.valid():
-                        part.backend.step(part.flat_part, [part.flat.grad], hp, amp)
-                        part.flat.stepped()
-                    else:
-                        part.backend.step(part, self._part_grads(part, grads), hp, amp)
-            if built:  # the states created for one group's plan must not invalidate the others' (NOTE [step plan])
+                for w in work[1:]:
+                    self._run(w, ctx)
+                break
+            if ctx.built:  # the states created for one group's plan must not invalidate the others' (NOTE [step plan])
                 for built_plan in self._plans.values():
                     built_plan.generation = self._generation.value
         return loss

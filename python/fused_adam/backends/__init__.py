@@ -12,10 +12,16 @@ A backend is an object (one per process, `get(name)`) of a subclass of `Backend`
         Once per partition, after supports() said yes: whatever the backend keeps across steps goes into
         part.prepared (the CPU backend: the lists converted to C++ once; triton and cuda: the device table).
         The partition, and so what was prepared, lives as long as the plan (NOTE [step plan] in plan.py).
-    step(part, grads, hp, amp) -> bool
+    step(part, grads, hp, amp, checked=False) -> bool
         One step of every tensor of the partition, in place. Returns True. With grads=None (only offered when
         part.reads_grads) the backend reads each param's .grad itself (natively, or part.grads_from_params());
-        it then returns False, having changed nothing, if a param has no grad.
+        it then returns False, having changed nothing, if a param has no grad. checked=True: check() just passed
+        with these arguments, and nothing but other partitions' steps ran since; the backend may step on what it
+        found then instead of checking again.
+    check(part, grads, hp, amp) -> bool
+        What step() checks before it writes, and nothing else: raises what step() would raise for these
+        arguments, returns False where step() would (grads=None and a param without a grad), else True. A step
+        of several partitions checks every one before it steps any (NOTE [all checked first] in optimizer.py).
 
 The step contract (the same for every backend):
   * all tensors are on part.device; params share one real dtype (complex params arrive as view_as_real views,
@@ -155,7 +161,11 @@ class Backend:
     def prepare(self, part: Partition) -> None:
         pass
 
-    def step(self, part: Partition, grads: list[torch.Tensor] | None, hp: Hyper, amp: Amp) -> bool:
+    def step(self, part: Partition, grads: list[torch.Tensor] | None, hp: Hyper, amp: Amp,
+             checked: bool = False) -> bool:
+        raise NotImplementedError
+
+    def check(self, part: Partition, grads: list[torch.Tensor] | None, hp: Hyper, amp: Amp) -> bool:
         raise NotImplementedError
 
     def __repr__(self) -> str:

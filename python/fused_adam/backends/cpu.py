@@ -67,10 +67,15 @@ class CpuBackend(Backend):
             master_params=part.master_params, tensor_ids=part.tensor_ids, options=part.options,
         )
 
-    def step(self, part: Partition, grads: list[Tensor] | None, hp: Hyper, amp: Amp) -> bool:
+    def step(self, part: Partition, grads: list[Tensor] | None, hp: Hyper, amp: Amp, checked: bool = False) -> bool:
         if part.prepared is None:
             self.prepare(part)
-        return part.prepared.step_(grads, hp, amp)
+        return part.prepared.step_(grads, hp, amp, checked=checked)  # checked: no second pass (csrc/ops.cpp)
+
+    def check(self, part: Partition, grads: list[Tensor] | None, hp: Hyper, amp: Amp) -> bool:
+        if part.prepared is None:
+            self.prepare(part)
+        return part.prepared.check_(grads, hp, amp)
 
 
 BACKEND = CpuBackend()

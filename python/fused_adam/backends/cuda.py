@@ -76,10 +76,14 @@ class CudaBackend(Backend):
             chunk_size=self.chunk_size,
         )
 
-    def step(self, part, grads: list[Tensor] | None, hp: Hyper, amp: Amp) -> bool:
+    def step(self, part, grads: list[Tensor] | None, hp: Hyper, amp: Amp, checked: bool = False) -> bool:
+        # (checked: the pass runs again, on host memory that the launches in between left in cache)
         # The binding reads hp and amp (csrc/common/py_options.h, read_step): Tensor hyperparameters on the host,
         # except a capturable step's lr on the params' device, which the kernel reads there.
         return part.prepared.step_(grads, hp, amp)
+
+    def check(self, part, grads: list[Tensor] | None, hp: Hyper, amp: Amp) -> bool:
+        return part.prepared.check_(grads, hp, amp)
 
 
 BACKEND = CudaBackend()

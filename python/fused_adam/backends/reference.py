@@ -24,14 +24,25 @@ class ReferenceBackend(Backend):
     def supports(self, part) -> str | None:
         return None  # any device, dtype and option
 
-    def step(self, part, grads: list[Tensor] | None, hp: Hyper, amp: Amp) -> bool:
+    def check(self, part, grads: list[Tensor] | None, hp: Hyper, amp: Amp) -> bool:
+        return self._checked_grads(part, grads, amp) is not None
+
+    @staticmethod
+    def _checked_grads(part, grads: list[Tensor] | None, amp: Amp, checked: bool = False) -> list[Tensor] | None:
         if grads is None:
             grads = part.grads_from_params()
             if grads is None:
-                return False
+                return None
+        if part.params and not checked:
+            check_tensors(part, grads, grads_written=amp.grad_scale is not None)  # before anything is written
+        return grads
+
+    def step(self, part, grads: list[Tensor] | None, hp: Hyper, amp: Amp, checked: bool = False) -> bool:
+        grads = self._checked_grads(part, grads, amp, checked)
+        if grads is None:
+            return False
         if not part.params:
             return True
-        check_tensors(part, grads, grads_written=amp.grad_scale is not None)  # before anything is written
         if amp.found_inf is not None and bool(amp.found_inf.item()):
             return True
         _step(part.params, grads, part.exp_avgs, part.exp_avg_sqs, part.max_exp_avg_sqs, part.state_steps,

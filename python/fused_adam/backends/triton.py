@@ -449,6 +449,7 @@ class _PyPartition:
                  tensor_ids=(), options=None):
         self.lists = (params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params)
         self.steps = state_steps
+        self.host_counts = options is None or not options.capturable
 
     def addresses(self, grads: list[Tensor] | None, out: Tensor, counts: Tensor | None = None, *,
                   grads_written: bool = False) -> tuple[int, float | None]:
@@ -483,6 +484,10 @@ class _PyPartition:
         layout = (all(list(map(_stride, lst)) == strides for _, lst in named[1:])
                   and all(dense(p) for p, contiguous in zip(params, map(Tensor.is_contiguous, params))
                           if not contiguous))
+        now = torch.stack(self.steps).reshape(-1) if self.host_counts and n else None
+        if now is not None and not bool((now >= 0).all()):  # tensor_pass.h's check_counts, before `out` is written
+            i = int((~(now >= 0)).nonzero()[0])
+            raise ValueError(f"{_WHO}: state_steps[{i}] is {now[i].item()}; a step count is a number >= 0")
         rows = [list(map(Tensor.data_ptr, lst)) if lst else [0] * n
                 for lst in (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters)]
         new = torch.tensor(rows, dtype=torch.int64).reshape(_ADDRESS_ROWS, n)
@@ -495,10 +500,7 @@ class _PyPartition:
         out.copy_(new)
         before = None
         if counts is not None and n:  # NOTE [host steps]
-            counts.copy_(torch.stack(self.steps).reshape(-1))
-            if not bool((counts >= 0).all()):  # tensor_pass.h's check_counts
-                i = int((~(counts >= 0)).nonzero()[0])
-                raise ValueError(f"{_WHO}: state_steps[{i}] is {counts[i].item()}; a step count is a number >= 0")
+            counts.copy_(now)
             torch._foreach_add_(self.steps, _ONE)
             lo, hi = torch.aminmax(counts)
             if lo.item() == hi.item():  # (NaN counts are not)
@@ -629,6 +631,7 @@ class _Prepared:
     hyper_dev: Tensor | None = None
     sr_contiguous: bool = False  # SR: every param was contiguous at the last check (NOTE [triton sr])
     scratch: dict[int, list[Tensor]] = field(default_factory=dict)  # staging: position -> p, g, m, v, x, w copies
+    check_out: Tensor | None = None  # check(): the pass's rows, apart from `out`
 
 
 class TritonBackend(Backend):
@@ -686,8 +689,22 @@ class TritonBackend(Backend):
             prep.scal = torch.zeros(_GROUP_SLOTS + 3 * n, dtype=math, device=device)
         part.prepared = prep
 
-    def step(self, part, grads: list[Tensor] | None, hp: Hyper, amp: Amp) -> bool:
+    def step(self, part, grads: list[Tensor] | None, hp: Hyper, amp: Amp, checked: bool = False) -> bool:
+        # (checked: the pass runs again, on host memory that the launches in between left in cache)
         return _step(part, part.prepared, grads, hp, amp)
+
+    def check(self, part, grads: list[Tensor] | None, hp: Hyper, amp: Amp) -> bool:
+        # The pass of a step, into rows of its own: `out` stays what the device table holds, so the step's pass
+        # still sees what moved (every row: `out` is not the tensor of the last call).
+        prep = part.prepared
+        if not part.params:
+            return True
+        if prep.check_out is None:
+            prep.check_out = torch.zeros_like(prep.out)
+        mask, _ = prep.checker.addresses(grads, prep.check_out, None, grads_written=amp.grad_scale is not None)
+        if mask >= 0:
+            _check_dtypes(part)
+        return mask >= 0
 
 
 BACKEND = TritonBackend()
@@ -766,6 +783,34 @@ def _step(part, prep: _Prepared, grads: list[Tensor] | None, hp: Hyper, amp: Amp
     mask, count = prep.checker.addresses(grads, prep.out, counts, grads_written=grad_scale is not None)
     if mask < 0:
         return False  # a param without a grad: nothing changed, the plan is rebuilt
+    try:
+        return _checked_step(part, prep, grads, hp, amp, mask, count, counts, skip)
+    except BaseException:
+        # Nothing was stepped: the counts the pass bumped go back, and `out` (what the pass saw, which the device
+        # table may now lack) is forgotten: the next pass writes every row into a new tensor of zeros and uploads
+        # what differs.
+        if counts is not None:
+            torch._foreach_copy_(part.state_steps, list(counts.unbind()))
+        prep.out = torch.zeros_like(prep.out)
+        raise
+
+
+def _check_dtypes(part) -> None:
+    """The kernel's dtypes are the partition's; the check pass compares the tensors with each other (a `.data` of
+    another dtype on every param of a partition, and on its states, passes it), so this compares the first ones
+    with the partition."""
+    p, m = part.params[0], part.exp_avgs[0]
+    if p.dtype != part.dtype or m.dtype != part.options.state_dtype:
+        raise TypeError(f"{_WHO}: params[0] has dtype {p.dtype} and exp_avgs[0] {m.dtype}, but the partition was "
+                        f"made for {part.dtype} and {part.options.state_dtype}")
+
+
+def _checked_step(part, prep: _Prepared, grads, hp: Hyper, amp: Amp, mask: int, count, counts, skip: bool) -> bool:
+    _check_dtypes(part)
+    T = len(part.params)
+    o = part.options
+    device = part.device
+    found_inf, grad_scale = amp.found_inf, amp.grad_scale
     rows = mask & _ROW_BITS
     if rows & (1 << _P) and list(map(Tensor.numel, part.params)) != prep.numels:
         # A param (and its states: the check pass compared their shapes) now has another size: the chunk table
