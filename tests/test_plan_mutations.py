@@ -221,6 +221,27 @@ def test_every_param_and_state_to_another_dtype_steps_as_torch(backend, shapes):
 
 
 @pytest.mark.parametrize("backend", backends_here())
+def test_a_param_in_and_out_of_another_layout_steps_as_torch(backend):
+    """A square param transposed in place of its `.data` (its states keep theirs: the arrays are stepped on
+    copies of one layout), then made contiguous again: every step lands in the tensors as they are then (the
+    triton backend kept the copies' addresses for the states, which had not moved, and stepped the copies)."""
+    shapes = [(4, 4), (3, 3), (5,)]
+
+    def transpose(opt):
+        for p in _params(opt)[:2]:
+            p.data = p.data.t()
+
+    def grads(opt, step):
+        if step == MUTATE_AT + 1:
+            for p in _params(opt)[:2]:
+                p.data = p.data.contiguous()
+        _set_grads(opt, step)
+
+    ours, ref = _pair(backend, shapes=shapes)
+    _run(ours, ref, backend, transpose, steps=STEPS + 1, grads=grads)
+
+
+@pytest.mark.parametrize("backend", backends_here())
 def test_tensor_lr_filled_in_place(backend):
     ours, ref = _pair(backend, lr=torch.tensor(0.01))
     _run(ours, ref, backend, lambda opt: opt.param_groups[0]["lr"].fill_(0.002))

@@ -62,9 +62,9 @@ def uploads(monkeypatch):
     seen = []
     real = tb._upload_rows
 
-    def spy(prep, rows, device):
+    def spy(prep, rows, *args):
         seen.append(rows)
-        return real(prep, rows, device)
+        return real(prep, rows, *args)
 
     monkeypatch.setattr(tb, "_upload_rows", spy)
     return seen

@@ -632,6 +632,7 @@ class _Prepared:
     sr_contiguous: bool = False  # SR: every param was contiguous at the last check (NOTE [triton sr])
     scratch: dict[int, list[Tensor]] = field(default_factory=dict)  # staging: position -> p, g, m, v, x, w copies
     check_out: Tensor | None = None  # check(): the pass's rows, apart from `out`
+    staged_rows: int = 0  # rows where the device holds staging copies' addresses (`out` holds the tensors')
 
 
 class TritonBackend(Backend):
@@ -710,7 +711,7 @@ class TritonBackend(Backend):
 BACKEND = TritonBackend()
 
 
-def _stage(part, prep: _Prepared, grads: list[Tensor] | None) -> tuple[list[tuple[Tensor, Tensor]], list, int]:
+def _stage(part, prep: _Prepared, grads: list[Tensor] | None, out: Tensor) -> tuple[list[tuple[Tensor, Tensor]], list, int]:
     """The unusual layouts (NOTE [triton host path]), per tensor: tensors whose arrays do not share one dense
     layout (with stochastic rounding: are not contiguous) run on contiguous scratch copies; a grad whose strides
     differ from its param's runs on a copy with the param's strides. Patches `out` to the copies' addresses.
@@ -718,7 +719,6 @@ def _stage(part, prep: _Prepared, grads: list[Tensor] | None) -> tuple[list[tupl
     and the mask of rows patched."""
     o = part.options
     gs = grads if grads is not None else [p.grad for p in part.params]
-    out = prep.out
     before, after = [], []
     rows = 0
     prep.sr_contiguous = all(p.is_contiguous() for p in part.params)
@@ -754,13 +754,14 @@ def _stage(part, prep: _Prepared, grads: list[Tensor] | None) -> tuple[list[tupl
     return before, after, rows
 
 
-def _upload_rows(prep: _Prepared, rows: int, device: torch.device) -> None:
-    """Rows lo..hi of `out` (every row flagged lies in that range) to table[lo*T:(hi+1)*T]: one copy."""
+def _upload_rows(prep: _Prepared, rows: int, device: torch.device, source: Tensor) -> None:
+    """Rows lo..hi of `source` (`out`, or a copy with staging's addresses; every row flagged lies in that range)
+    to table[lo*T:(hi+1)*T]: one copy."""
     lo = (rows & -rows).bit_length() - 1
     hi = rows.bit_length() - 1
-    T = prep.out.shape[1]
+    T = source.shape[1]
     _check_not_capturing(device, "the params', grads' or states' addresses")
-    src = prep.out[lo:hi + 1].reshape(-1)
+    src = source[lo:hi + 1].reshape(-1)
     dst = prep.table[lo * T:(hi + 1) * T]
     if device.type == "cpu":
         dst.copy_(src)
@@ -824,13 +825,19 @@ def _checked_step(part, prep: _Prepared, grads, hp: Hyper, amp: Amp, mask: int, 
     if o.stochastic_rounding and rows & ~(1 << _G):
         prep.sr_contiguous = all(p.is_contiguous() for p in part.params)  # a param or state moved
     before, after = [], []
+    # The rows the device holds staging copies' addresses in since the last step: `out` has the tensors' own.
+    rows |= prep.staged_rows
+    prep.staged_rows = 0
+    source = prep.out
     if not mask & _LAYOUT_BIT or (o.stochastic_rounding and not prep.sr_contiguous):
-        before, after, staged = _stage(part, prep, grads)
+        source = prep.out.clone()
+        before, after, staged = _stage(part, prep, grads, source)
         rows |= staged
+        prep.staged_rows = staged
         if staged:
-            aligned = bool((prep.out % 16 == 0).all())
+            aligned = bool((source % 16 == 0).all())
     if rows:
-        _upload_rows(prep, rows, device)
+        _upload_rows(prep, rows, device, source)
     if skip:
         return True
 
