@@ -242,6 +242,31 @@ def test_a_param_in_and_out_of_another_layout_steps_as_torch(backend):
 
 
 @pytest.mark.parametrize("backend", backends_here())
+@pytest.mark.parametrize("what", ["param", "exp_avg"])
+def test_complex_data_replaced_steps_as_torch(backend, what):
+    """A complex param is stepped through a real view of it (view_as_real, held by the plan); after `.data` is
+    replaced on the param or on a state, that view is of the old memory, which no check of the view can see: the
+    plan makes new views, and the step lands where torch's for-loop puts it."""
+
+    def mutate(opt):
+        p = opt.param_groups[0]["params"][1]
+        t = p if what == "param" else opt.state[p]["exp_avg"]
+        t.data = t.data * 2 + 0.25
+
+    def grads(opt, step):
+        ps = _params(opt)
+        for p, g in zip(ps, make_grads([torch.view_as_real(p) for p in ps], step)):
+            p.grad = torch.view_as_complex(g)
+
+    params0 = make_params(torch.float32, [(3, 2), (7, 2), (4, 2)])
+    ours_p = [torch.nn.Parameter(torch.view_as_complex(p.clone())) for p in params0]
+    ref_p = [torch.nn.Parameter(torch.view_as_complex(p.clone())) for p in params0]
+    ours = FusedAdamW(ours_p, backend=backend, lr=0.01, weight_decay=0.1)
+    ref = torch.optim.AdamW(ref_p, foreach=False, lr=0.01, weight_decay=0.1)
+    _run(ours, ref, backend, mutate, grads=grads)
+
+
+@pytest.mark.parametrize("backend", backends_here())
 def test_tensor_lr_filled_in_place(backend):
     ours, ref = _pair(backend, lr=torch.tensor(0.01))
     _run(ours, ref, backend, lambda opt: opt.param_groups[0]["lr"].fill_(0.002))

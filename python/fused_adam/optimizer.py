@@ -329,7 +329,7 @@ class FusedAdam(Optimizer):
         params = group["params"]
         key = self._plan_key(group)
         plan = self._plans.get(gi)
-        valid = plan is not None and plan.valid(params, key, self._generation.value)
+        valid = plan is not None and plan.valid(params, key, self._generation.value, self.state)
         clipping = ctx.group_grads is not None
         if valid and not clipping and plan.all_grads and plan.all_flat and all([part.flat.valid() for part in plan.parts]):
             # Flat runs (NOTE [flat run wiring]) read no grad list either, where the plan covers every param.

@@ -10,6 +10,8 @@ changed is either seen by that check or by the backend's per-tensor checks, at O
     or off, a Tensor lr or not);
   * the optimizer's state: a _State bumps its optimizer's generation when a tensor in it is replaced; add_param_group
     and load_state_dict drop every plan;
+  * complex (and DTensor) params, stepped through kernel views the plan holds: each view still a view of what its
+    param and states hold now (a `.data` replaced leaves a view on the old memory, per such param, in Python);
   * which params have grads (a grad that appears or disappears rebuilds the plan);
   * per tensor, every step, in the backend's check pass: the param's, grad's and states' shapes, dtypes, devices
     and layouts (a `.data` replaced with a tensor of another shape raises; one of the same shape is stepped where
@@ -116,14 +118,37 @@ class Plan:
     parts: list[Partition]
     all_grads: bool = False  # every param had a grad when built (has_grad, decided once, not per step)
     all_flat: bool = False  # every partition is a flat run (NOTE [flat run wiring])
+    has_views: bool = False  # a partition holds kernel views (complex or DTensor params)
 
     def __post_init__(self):
         self.all_grads = all(self.has_grad)
         self.all_flat = all(part.flat is not None for part in self.parts)
+        self.has_views = any(part.view_pos for part in self.parts)
 
-    def valid(self, params: list[Tensor], key: tuple, generation: int) -> bool:
+    def valid(self, params: list[Tensor], key: tuple, generation: int, state: dict) -> bool:
         return (self.params is params and self.generation == generation and self.key == key
-                and same_items(self.snapshot, params))
+                and same_items(self.snapshot, params) and (not self.has_views or self._views_current(state)))
+
+    def _views_current(self, state: dict) -> bool:
+        """The kernel views a partition holds for complex (or DTensor) params and their states are views of what
+        those tensors hold now: a `.data` replaced on one leaves the view on the old memory, which the backends'
+        checks cannot see (the view is a tensor of its own). Per step, per such param."""
+        for part in self.parts:
+            for pos in part.view_pos:
+                p = self.snapshot[part.param_index(pos)]
+                st = state.get(p) or {}
+                pairs = [(p, part.params), (st.get("exp_avg"), part.exp_avgs), (st.get("exp_avg_sq"), part.exp_avg_sqs)]
+                if part.options.amsgrad:
+                    pairs.append((st.get("max_exp_avg_sq"), part.max_exp_avg_sqs))
+                for t, lst in pairs:
+                    if not isinstance(t, Tensor) or not needs_view(t) or not _same_view(kernel_view(t), lst[pos]):
+                        return False
+        return True
+
+
+def _same_view(a: Tensor, b: Tensor) -> bool:
+    return (a.dtype == b.dtype and a.device == b.device and a.shape == b.shape and a.stride() == b.stride()
+            and a.data_ptr() == b.data_ptr())
 
 
 def build(group_index: int, group: dict[str, Any], has_grad: list[bool], key: tuple, generation: int,
