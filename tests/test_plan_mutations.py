@@ -619,3 +619,62 @@ def test_a_step_that_raises_after_the_grads_moved_steps_the_new_grads_next_time(
     ref.step()
     _assert_same(ours, ref, backend, where="after the failed step:")
     assert all(g is not None for g in kept)
+
+
+def _random_grads(rng):
+    """Grads of one step: some params without one, some with another layout, set anew or written in place."""
+    pattern = [(rng.random() < 0.1, rng.random() < 0.2) for _ in range(16)]
+    in_place = rng.random() < 0.3
+
+    def grads(opt, step):
+        ps = _params(opt)
+        for p, g, (none, strided) in zip(ps, make_grads(ps, step), pattern):
+            if none:
+                p.grad = None
+            elif in_place and p.grad is not None and p.grad.shape == p.shape:
+                p.grad.copy_(g)
+            else:
+                p.grad = g.t().contiguous().t() if strided and g.dim() == 2 else g
+
+    return grads
+
+
+@pytest.mark.parametrize("backend", backends_here())
+@pytest.mark.parametrize("seed", range(8))
+def test_random_mutation_sequences_step_as_torch(backend, seed):
+    """Sequences of the changes above (several between two steps, grads that come and go or change layout), some
+    groups of two dtypes: after every step, params and every state as torch's for-loop has them. A change that
+    fails on torch's side (a state or an index that is not there) must fail on ours alike, halfway as it may."""
+    import random
+
+    rng = random.Random(seed)
+    shapes = [rng.choice([(1,), (7,), (0,), (3, 5), (4, 4), (2, 3, 4), (67,)]) for _ in range(rng.randint(5, 8))]
+    ours, ref = _pair(backend, shapes=shapes, amsgrad=rng.random() < 0.3, maximize=rng.random() < 0.3)
+    if rng.random() < 0.5:  # a second partition: every other param in float64, states made by the first step
+        for opt in (ours, ref):
+            for p in _params(opt)[::2]:
+                p.data = p.data.double()
+    names = sorted(MUTATIONS)
+    for s in range(8):
+        for name in rng.sample(names, rng.choice([0, 1, 1, 2, 3])):
+            errors = []
+            for opt in (ours, ref):
+                try:
+                    MUTATIONS[name](opt)
+                    errors.append(None)
+                except Exception as e:  # noqa: BLE001 (compared below)
+                    errors.append(type(e))
+            assert errors[0] is errors[1], (name, errors)
+        grads = _random_grads(rng)
+        errors = []
+        for opt in (ours, ref):
+            grads(opt, s)
+            try:
+                opt.step()
+                errors.append(None)
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
+        if errors[1] is not None:
+            return  # torch refuses this sequence (a dtype mixed into one param's states); so may we
+        assert errors[0] is None, errors[0]
+        _assert_same(ours, ref, backend, where=f"seed {seed} step {s}:")
