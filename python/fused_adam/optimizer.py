@@ -28,20 +28,35 @@ log = __import__("logging").getLogger("fused_adam")
 _EXTENSION_ITEMS = tuple(EXTENSIONS.items())
 
 
+_NO_AMP = Amp()
+
+
 @dataclass(eq=False)
 class _StepInputs:
     """What every partition of one step shares: AMP's tensors and the clip coefficient, each moved to a partition's
-    device once (`on`), the grads of every group where clipping read them, and whether a plan was built."""
+    device once (amp()), the grads of every group where clipping read them, and whether a plan was built."""
 
     grad_scale: Tensor | None
     found_inf: Tensor | None
-    on: Callable[[torch.device, Tensor | None], Tensor | None]
     clip_coef: Tensor | None = None
     group_grads: list[list[Tensor | None]] | None = None
     built: bool = False
+    moved: dict | None = None  # (id, device) -> the tensor on that device
 
     def amp(self, device: torch.device) -> Amp:
-        return Amp(self.on(device, self.grad_scale), self.on(device, self.found_inf), self.on(device, self.clip_coef))
+        if self.grad_scale is None and self.found_inf is None and self.clip_coef is None:
+            return _NO_AMP
+        return Amp(self._on(device, self.grad_scale), self._on(device, self.found_inf), self._on(device, self.clip_coef))
+
+    def _on(self, device: torch.device, t: Tensor | None) -> Tensor | None:
+        if t is None or t.device == device:
+            return t
+        if self.moved is None:
+            self.moved = {}
+        key = (id(t), device)
+        if key not in self.moved:
+            self.moved[key] = t.to(device, non_blocking=True)
+        return self.moved[key]
 
 
 class _Work(NamedTuple):
@@ -453,19 +468,9 @@ class FusedAdam(Optimizer):
             grad_scale = getattr(self, "grad_scale", None)
         if found_inf is None:
             found_inf = getattr(self, "found_inf", None)
-        moved: dict[tuple[int, torch.device], Tensor] = {}
-
-        def on(device: torch.device, t: Tensor | None) -> Tensor | None:
-            if t is None or t.device == device:
-                return t
-            key = (id(t), device)
-            if key not in moved:
-                moved[key] = t.to(device, non_blocking=True)
-            return moved[key]
-
         with torch.set_grad_enabled(self.defaults["differentiable"]):
             hypers = [self._hyper(gi, group) for gi, group in enumerate(self.param_groups)]  # all checked first
-            ctx = _StepInputs(grad_scale, found_inf, on)
+            ctx = _StepInputs(grad_scale, found_inf)
             if self.max_grad_norm is not None:
                 ctx.group_grads = [[p.grad for p in group["params"]] for group in self.param_groups]
                 ctx.clip_coef = self._clip_coef(ctx.group_grads, grad_scale)
