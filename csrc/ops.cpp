@@ -172,8 +172,7 @@ struct Partition {
     const PassResult pass = checked_pass(who, lists, grads, where, /*row_major=*/false, cache);
     if (!pass.complete) return py::make_tuple(-1, py::none());
     try {  // host counts too, whether or not they are read here (a check before a step)
-      if (grads_written) check_written_grads(who, lists, grads, cache);
-      if (!options.capturable) check_counts(who, cache);
+      checks_after_pass(who, lists, grads, cache, grads_written, !options.capturable);
     } catch (...) {
       out_seen = nullptr;  // the pass cached what moved, which `out` lacks: the next call compares every row
       throw;

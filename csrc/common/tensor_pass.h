@@ -568,7 +568,7 @@ inline PassResult checked_pass(const char* who, const TensorLists& l, const Grad
 
 // After checked_pass, for step counts on the host: each a number >= 0, read where it lives before anything is
 // written (a count of -1 makes both bias corrections 0, and the step divide by zero; NaN makes every element NaN;
-// torch's for-loop raises ZeroDivisionError halfway or writes the NaNs).
+// torch's for-loop raises ZeroDivisionError halfway or writes the NaNs). See checks_after_pass.
 inline void check_counts(const char* who, const PassCache& c) {
   for (size_t i = 0; i < c.n; ++i) {
     const float count = *c.step(i);
@@ -585,6 +585,15 @@ inline void check_written_grads(const char* who, const TensorLists& l, const Gra
   for (size_t i = 0; i < c.n; ++i) {
     if (c.not_flat[i]) check_distinct_elements(who, grad_of(l, grads, i), kGradRow, i);
   }
+}
+
+// What every step checks after checked_pass and before it writes anything, whichever binding runs it: the grads
+// when the step writes them back (`grads_written`: unscaled by grad_scale), the step counts when they live on the
+// host (`host_counts`: not capturable).
+inline void checks_after_pass(const char* who, const TensorLists& l, const Grads& grads, const PassCache& c,
+                              bool grads_written, bool host_counts) {
+  if (grads_written) check_written_grads(who, l, grads, c);
+  if (host_counts) check_counts(who, c);
 }
 
 // Drops the references a pass held to the grads it read, where their TensorImpls are cold again (the data pass

@@ -168,8 +168,7 @@ bool step_with_opmath(const TensorLists& l, const Grads& grads, const StepOption
   const bool row_major = mode.sr_param || mode.sr_state;
   if (phase != Phase::kChecked) {
     if (!checked_pass(kWho, l, grads, Placement{at::kCPU, at::kCPU}, row_major, cache).complete) return false;
-    if (o.unscale()) check_written_grads(kWho, l, grads, cache);
-    check_counts(kWho, cache);
+    checks_after_pass(kWho, l, grads, cache, o.unscale(), /*host_counts=*/true);
     if (phase == Phase::kCheckOnly) return true;
   }
   if (checked) checked();

@@ -110,11 +110,8 @@ class Partition {
     StepOptions o = o_;
     StepInputs in;
     read_step(o, in, hp, amp, device_, kWho);
-    if (o.unscale()) check_written_grads(kWho, l_, grads, cache_);
-    if (check_only) {  // (the host counts too, which a step that found_inf skips leaves unread)
-      if (!o.capturable) check_counts(kWho, cache_);
-      return true;
-    }
+    checks_after_pass(kWho, l_, grads, cache_, o.unscale(), !o.capturable);
+    if (check_only) return true;
     if (!o.capturable && o.found_inf != nullptr) {
       // The steps live on the CPU and must not change when found_inf is set: one host read, as torch's
       // non-fused GradScaler path does.
@@ -127,7 +124,6 @@ class Partition {
     if (o.capturable) {
       host.source = fc::StepSource::kDevice;
     } else {
-      check_counts(kWho, cache_);
       new_steps.resize(n);
       for (size_t i = 0; i < n; ++i) new_steps[i] = static_cast<double>(*cache_.step(i) + 1.0f);
       host = fc::host_steps(new_steps);

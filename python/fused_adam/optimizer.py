@@ -374,8 +374,8 @@ class FusedAdam(Optimizer):
         evict what a second pass would read), the others run their pass again on metadata still in cache, where
         nothing has moved since (NOTE [pass cache]). A partition offered grads=None whose params lack a grad takes
         its group's grads list instead."""
-        ready: list[_Work] = []
-        for w in work:
+        ready = work[:1]  # (if the first reads its grads and a param has none, _run takes its group's list)
+        for w in work[1:]:
             items = [w]
             if w.grads is None:
                 try:
@@ -388,10 +388,8 @@ class FusedAdam(Optimizer):
                 gi = w.part.group_index
                 items = self._group_work(gi, self.param_groups[gi], w.hp, ctx, read_grads=False)
             for x in items:
-                if ready:
-                    x.part.backend.check(x.step_part, x.grads, x.hp, x.amp)
-                    x = x._replace(checked=True)
-                ready.append(x)
+                x.part.backend.check(x.step_part, x.grads, x.hp, x.amp)
+                ready.append(x._replace(checked=True))
         return ready
 
     def _forget_moved_plans(self) -> bool:

@@ -790,10 +790,15 @@ def _step(part, prep: _Prepared, grads: list[Tensor] | None, hp: Hyper, amp: Amp
         # Nothing was stepped: the counts the pass bumped go back, and `out` (what the pass saw, which the device
         # table may now lack) is forgotten: the next pass writes every row into a new tensor of zeros and uploads
         # what differs.
-        if counts is not None:
-            torch._foreach_copy_(part.state_steps, list(counts.unbind()))
+        _unbump(part, counts)
         prep.out = torch.zeros_like(prep.out)
         raise
+
+
+def _unbump(part, counts: Tensor | None) -> None:
+    """The step counts back to `counts`, what the check pass read before it bumped them (None: it did not)."""
+    if counts is not None:
+        torch._foreach_copy_(part.state_steps, list(counts.unbind()))
 
 
 def _check_dtypes(part) -> None:
@@ -817,8 +822,7 @@ def _checked_step(part, prep: _Prepared, grads, hp: Hyper, amp: Amp, mask: int, 
         # A param (and its states: the check pass compared their shapes) now has another size: the chunk table
         # follows it, as torch's for-loop steps the new tensors.
         _check_not_capturing(device, "a param's size")
-        if counts is not None:  # bumped by the pass: the step below bumps them again
-            torch._foreach_copy_(part.state_steps, list(counts.unbind()))
+        _unbump(part, counts)  # the step below bumps them again
         BACKEND.prepare(part)
         return _step(part, part.prepared, grads, hp, amp)
     aligned = bool(mask & _ALIGNED_BIT)
