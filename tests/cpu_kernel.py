@@ -110,6 +110,16 @@ def assert_bitwise(a: list[torch.Tensor], b: list[torch.Tensor]):
         assert torch.equal(x, y), f"tensor {i}: max diff {(x.double() - y.double()).abs().max().item()}"
 
 
+def assert_same_bits(a: torch.Tensor, b: torch.Tensor, where=None):
+    """Two tensors of one 16-bit float dtype: the same bits, except that a NaN may be another NaN (sign, payload).
+    When an add or an FMA meets two NaNs (a NaN param and a NaN made by the update), which one it returns follows
+    the instruction's operand order, which the compiler picks per ISA and loop; fp16 stores and bf16's stochastic
+    rounding keep what they get (bf16's rounding to nearest makes every NaN 0x7FC0)."""
+    nan = a.isnan()
+    assert torch.equal(nan, b.isnan()), where
+    assert torch.equal(a.view(torch.int16)[~nan], b.view(torch.int16)[~nan]), where
+
+
 def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """How many representable values of a's 16-bit dtype lie between a and b (+0 and -0 count as one)."""
 

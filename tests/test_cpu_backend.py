@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 from conftest import requires_native
-from cpu_kernel import (_C, assert_bitwise, cpu_isa, group_of, kernel_step, make_part, num_threads, op_step,
-                        supported_isas, ulp_distance)
+from cpu_kernel import (_C, assert_bitwise, assert_same_bits, cpu_isa, group_of, kernel_step, make_part, num_threads,
+                        op_step, supported_isas, ulp_distance)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from parity import DTYPES, OPTIM_INPUTS, assert_parity, train
@@ -498,6 +498,62 @@ def test_low_precision_stores_round_like_torch(dtype):
     assert torch.equal(m.isnan(), expected.isnan())
 
 
+@pytest.mark.parametrize("loop", ["parity", "clip", "sr"])
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_16bit_pairs_step_each_element_as_alone(dtype, loop):
+    """NOTE [16-bit pairs] (csrc/cpu/kernel_impl.h): 16-bit arrays are stepped two elements per dword, an odd last
+    element on its own. Every element, specials included (NaN, +-inf, denormals, -0), ends with the same bits
+    whether it was stepped alone (one-element tensors), in a tensor of 201 (the last one unpaired), at an odd address
+    (a view at element 1), or in a tensor of 202, in every mode of the loop. Stochastic rounding hashes each
+    element's index in its tensor, so there the one-tensor layouts are compared with each other. (assert_same_bits:
+    a NaN may come out as another NaN.)"""
+    if loop == "sr" and dtype != torch.bfloat16:
+        pytest.skip("stochastic rounding rounds bf16 only")
+    gen = torch.Generator().manual_seed(5)
+    n = 201
+    specials = torch.tensor(BF16_SPECIALS if dtype == torch.bfloat16 else
+                            [float("nan"), float("inf"), float("-inf"), -0.0, 6e-8, -3e-5, 65504.0, 1.0, -2.5])
+
+    def values(scale):
+        x = torch.randn(n + 2, generator=gen) * scale
+        pick = torch.randint(0, 4 * len(specials), (n + 2,), generator=gen)
+        x[pick < len(specials)] = specials[pick[pick < len(specials)]]
+        return x.to(dtype)
+
+    arrays0 = [values(1.0), values(1e-2), values(1e-3), values(1e-5).abs(), values(1e-5).abs()]
+    clip = dict(clip_coef=torch.tensor(0.75)) if loop == "clip" else {}
+
+    def run(layout, amsgrad, maximize, unscale, wd):
+        """The n elements 1..n of arrays0 after two steps, as int16, stepped in this layout."""
+        if layout == "alone":
+            full = [t.clone() for t in arrays0]
+            lists = [[t[1 + i: 2 + i] for i in range(n)] for t in full]
+        elif layout == "odd":  # a view at element 1 of its storage
+            full = [t.clone() for t in arrays0]
+            lists = [[t[1: n + 1]] for t in full]
+        else:  # a tensor of its own from element 1: n elements, or n + 1
+            full = [t[1: n + 1 + (layout == "longer")].clone() for t in arrays0]
+            lists = [[t] for t in full]
+        ps, gs, ms, vs, xs = lists
+        sr = dict(stochastic_rounding=True, tensor_ids=list(range(len(ps))), seed=7) if loop == "sr" else {}
+        for _ in range(2):
+            kernel_step(ps, gs, ms, vs, xs if amsgrad else [], [torch.tensor(0.0) for _ in ps], lr=1e-2, beta1=0.9,
+                        beta2=0.999, eps=1e-8, weight_decay=0.0 if wd == "none" else 0.1, amsgrad=amsgrad,
+                        maximize=maximize, decoupled=wd == "decoupled",
+                        grad_scale=torch.tensor(0.5) if unscale else None, **clip, **sr)
+        at = 0 if layout in ("own", "longer") else 1
+        return [t[at: at + n] for t in full]
+
+    for amsgrad, maximize, unscale, wd in itertools.product([False, True], [False, True], [False, True],
+                                                          ["none", "l2", "decoupled"]):
+        layouts = ["own", "odd", "longer"] if loop == "sr" else ["alone", "own", "odd", "longer"]
+        want = run(layouts[0], amsgrad, maximize, unscale, wd)
+        for layout in layouts[1:]:
+            got = run(layout, amsgrad, maximize, unscale, wd)
+            for name, a, b in zip(("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"), got, want):
+                assert_same_bits(a, b, (layout, amsgrad, maximize, unscale, wd, name))
+
+
 # ---- the AVX512_BF16 loop (csrc/cpu/bf16_avx512.h) ---------------------------------------------------------------
 
 # bf16 inputs that the vcvtne2ps2bf16 store would round differently without its exact fallback (NaN, denormals in
@@ -542,8 +598,8 @@ def test_bf16_specials_same_bits_on_every_isa(loop, wd, flush_denormal):
     4097 (vector tails and full vectors; 70001 with stochastic rounding, whose hash takes the index's high half),
     every mode of the torch-parity loop and of the feature loop's bf16/bf16 kinds (clip, stochastic rounding): the
     hand-written AVX512_BF16 loops and the AVX-512 build give the bits of the AVX2 build (or baseline), compared as
-    int16 (NaNs included). Also with torch.set_flush_denormal(True), under which vfpclassps no longer sees
-    denormals."""
+    int16 (assert_same_bits: a NaN may come out as another NaN where stochastic rounding keeps its payload). Also
+    with torch.set_flush_denormal(True), under which vfpclassps no longer sees denormals."""
     isas = [isa for isa in ("avx512bf16", "avx512", "avx2", "baseline") if isa in supported_isas()]
     reference = "avx2" if "avx2" in isas else "baseline"
     gen = torch.Generator().manual_seed(3)
@@ -571,7 +627,7 @@ def test_bf16_specials_same_bits_on_every_isa(loop, wd, flush_denormal):
                                 weight_decay=0.0 if wd == "none" else 0.1, amsgrad=amsgrad, maximize=maximize,
                                 decoupled=wd == "decoupled", grad_scale=torch.tensor(0.5) if unscale else None,
                                 **extra)
-        return [t.view(torch.int16) for t in ps + gs + ms + vs + xs]
+        return ps + gs + ms + vs + xs
 
     if not torch.set_flush_denormal(flush_denormal) and flush_denormal:
         pytest.skip("this CPU cannot flush denormals")
@@ -582,6 +638,6 @@ def test_bf16_specials_same_bits_on_every_isa(loop, wd, flush_denormal):
             for isa in isas:
                 got = run(isa, amsgrad, maximize, unscale, beta1)
                 for i, (a, b) in enumerate(zip(got, want)):
-                    assert torch.equal(a, b), (isa, amsgrad, maximize, unscale, beta1, i)
+                    assert_same_bits(a, b, (isa, amsgrad, maximize, unscale, beta1, i))
     finally:
         torch.set_flush_denormal(False)

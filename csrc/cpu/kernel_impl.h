@@ -122,6 +122,46 @@ FA_LOOP void adam_loop(typename Storage<K>::type* __restrict param, typename Sto
   }
 }
 
+// NOTE [16-bit pairs]: over uint16_t arrays, gcc widens 16-bit lanes to 32 and narrows them back with lane-crossing
+// shuffles (AVX2: vextracti128 + vpmovzxwd per load, vpackusdw + vpermq per store; AVX-512: vpermt2w), ~20 per 16
+// elements, more than the conversions' own ALU ops. Read as dwords, a pair of elements needs none: element 2j is the
+// dword's low half and 2j+1 its high half, each converted within its 32-bit lane, and the two stores are or-ed back
+// into one dword. The same Storage functions and adam_update per element: adam_loop's bits (but for which NaN an op
+// with two NaN operands returns, which follows the compiler's operand order; bf16's rounding to nearest makes every
+// NaN 0x7FC0 anyway). Measured in bench/NOTES.md ("16-bit pairs"); bf16_avx512.h splits its blocks the same way.
+typedef uint32_t Pair16 __attribute__((aligned(2), may_alias));  // two 16-bit elements, at any even address
+
+template <DType K, WeightDecay WD, bool AMSGRAD, bool MAXIMIZE, bool UNSCALE, bool LERP_SMALL>
+FA_LOOP void adam_loop_pairs(uint16_t* __restrict param16, uint16_t* __restrict grad16,
+                             uint16_t* __restrict exp_avg16, uint16_t* __restrict exp_avg_sq16,
+                             uint16_t* __restrict max_exp_avg_sq16, int64_t pairs, StepScalars<float> s,
+                             float grad_scale) {
+  using St = Storage<K>;
+  static_assert(sizeof(typename St::type) == 2, "pairs of 16-bit elements");
+  Pair16 *param = reinterpret_cast<Pair16*>(param16), *grad = reinterpret_cast<Pair16*>(grad16);
+  Pair16 *exp_avg = reinterpret_cast<Pair16*>(exp_avg16), *exp_avg_sq = reinterpret_cast<Pair16*>(exp_avg_sq16);
+  Pair16* max_exp_avg_sq = reinterpret_cast<Pair16*>(max_exp_avg_sq16);
+  s.lerp_small = LERP_SMALL;
+  auto lo = [](uint32_t w) { return St::load(static_cast<uint16_t>(w)); };
+  auto hi = [](uint32_t w) { return St::load(static_cast<uint16_t>(w >> 16)); };
+  auto pair = [](float a, float b) {
+    return static_cast<uint32_t>(St::store(a)) | static_cast<uint32_t>(St::store(b)) << 16;
+  };
+  for (int64_t j = 0; j < pairs; ++j) {
+    const uint32_t pw = param[j], gw = grad[j], mw = exp_avg[j], vw = exp_avg_sq[j];
+    const uint32_t xw = AMSGRAD ? max_exp_avg_sq[j] : 0u;
+    float p0 = lo(pw), g0 = lo(gw), m0 = lo(mw), v0 = lo(vw), x0 = lo(xw);
+    float p1 = hi(pw), g1 = hi(gw), m1 = hi(mw), v1 = hi(vw), x1 = hi(xw);
+    adam_update<float, WD, AMSGRAD, MAXIMIZE, UNSCALE>(p0, g0, m0, v0, x0, s, grad_scale);
+    adam_update<float, WD, AMSGRAD, MAXIMIZE, UNSCALE>(p1, g1, m1, v1, x1, s, grad_scale);
+    param[j] = pair(p0, p1);
+    if (UNSCALE) grad[j] = pair(g0, g1);
+    exp_avg[j] = pair(m0, m1);
+    exp_avg_sq[j] = pair(v0, v1);
+    if (AMSGRAD) max_exp_avg_sq[j] = pair(x0, x1);
+  }
+}
+
 #ifdef FA_CPU_BF16_SIMD
 // The bf16 loop written with intrinsics (bf16_avx512.h, which kernel_avx512bf16.cpp includes after this file).
 template <WeightDecay WD, bool AMSGRAD, bool MAXIMIZE, bool UNSCALE, bool LERP_SMALL>
@@ -151,6 +191,18 @@ void adam_chunk(const TensorPtrs& t, int64_t begin, int64_t n, const void* scala
     return;
   }
 #endif
+  if constexpr (sizeof(S) == 2) {  // NOTE [16-bit pairs]; an odd last element takes adam_loop
+    const int64_t pairs = n / 2;
+    if (s.lerp_small) {
+      adam_loop_pairs<K, WD, AMSGRAD, MAXIMIZE, UNSCALE, true>(p, g, m, v, vmax, pairs, s, scale);
+    } else {
+      adam_loop_pairs<K, WD, AMSGRAD, MAXIMIZE, UNSCALE, false>(p, g, m, v, vmax, pairs, s, scale);
+    }
+    const int64_t done = 2 * pairs;
+    if (done == n) return;
+    p += done, g += done, m += done, v += done, vmax = AMSGRAD ? vmax + done : nullptr;
+    n -= done;
+  }
   if (s.lerp_small) {
     adam_loop<K, WD, AMSGRAD, MAXIMIZE, UNSCALE, true>(p, g, m, v, vmax, n, s, scale);
   } else {
@@ -252,6 +304,47 @@ FA_LOOP void adam_loop_x(typename Storage<PK>::type* __restrict param, typename 
   }
 }
 
+// adam_loop_x over 16-bit params and states without a master, two elements per dword (NOTE [16-bit pairs]):
+// elements 2j and 2j+1 of the run, whose index is index0 + 2j (+1) for stochastic rounding.
+template <DType PK, DType SK, bool SR_PARAM, bool SR_STATE, WeightDecay WD, bool AMSGRAD, bool UNSCALE, bool LERP_SMALL>
+FA_LOOP void adam_loop_x_pairs(uint16_t* __restrict param16, uint16_t* __restrict grad16,
+                               uint16_t* __restrict exp_avg16, uint16_t* __restrict exp_avg_sq16,
+                               uint16_t* __restrict max_exp_avg_sq16, int64_t pairs, StepScalars<float> s,
+                               float grad_scale, float grad_mul, uint32_t index0, Salts salt) {
+  using P = Storage<PK>;
+  using S = Storage<SK>;
+  static_assert(sizeof(typename P::type) == 2 && sizeof(typename S::type) == 2, "pairs of 16-bit elements");
+  Pair16 *param = reinterpret_cast<Pair16*>(param16), *grad = reinterpret_cast<Pair16*>(grad16);
+  Pair16 *exp_avg = reinterpret_cast<Pair16*>(exp_avg16), *exp_avg_sq = reinterpret_cast<Pair16*>(exp_avg_sq16);
+  Pair16* max_exp_avg_sq = reinterpret_cast<Pair16*>(max_exp_avg_sq16);
+  s.lerp_small = LERP_SMALL;
+  auto lo = [](auto st, uint32_t w) { return decltype(st)::load(static_cast<uint16_t>(w)); };
+  auto hi = [](auto st, uint32_t w) { return decltype(st)::load(static_cast<uint16_t>(w >> 16)); };
+  auto join = [](uint32_t a, uint32_t b) { return a | b << 16; };
+  uint32_t index = index0;  // (32-bit, as adam_loop_x's)
+  for (int64_t j = 0; j < pairs; ++j, index += 2) {
+    const uint32_t mixed0 = index ^ (index >> 16), mixed1 = (index + 1) ^ ((index + 1) >> 16);
+    const uint32_t pw = param[j], gw = grad[j], mw = exp_avg[j], vw = exp_avg_sq[j];
+    const uint32_t xw = AMSGRAD ? max_exp_avg_sq[j] : 0u;
+    float p0 = lo(P{}, pw), g0 = lo(P{}, gw), m0 = lo(S{}, mw), v0 = lo(S{}, vw), x0 = lo(S{}, xw);
+    float p1 = hi(P{}, pw), g1 = hi(P{}, gw), m1 = hi(S{}, mw), v1 = hi(S{}, vw), x1 = hi(S{}, xw);
+    adam_update<float, WD, AMSGRAD, /*MAXIMIZE=*/false, UNSCALE, /*CLIP=*/true>(p0, g0, m0, v0, x0, s, grad_scale,
+                                                                                grad_mul);
+    adam_update<float, WD, AMSGRAD, /*MAXIMIZE=*/false, UNSCALE, /*CLIP=*/true>(p1, g1, m1, v1, x1, s, grad_scale,
+                                                                                grad_mul);
+    param[j] = join(store_to<PK, SR_PARAM>(p0, mixed0, salt.param), store_to<PK, SR_PARAM>(p1, mixed1, salt.param));
+    if (UNSCALE) grad[j] = join(P::store(g0), P::store(g1));
+    exp_avg[j] = join(store_to<SK, SR_STATE>(m0, mixed0, salt.exp_avg),
+                      store_to<SK, SR_STATE>(m1, mixed1, salt.exp_avg));
+    exp_avg_sq[j] = join(store_to<SK, SR_STATE>(v0, mixed0, salt.exp_avg_sq),
+                         store_to<SK, SR_STATE>(v1, mixed1, salt.exp_avg_sq));
+    if (AMSGRAD) {
+      max_exp_avg_sq[j] = join(store_to<SK, SR_STATE>(x0, mixed0, salt.max_exp_avg_sq),
+                               store_to<SK, SR_STATE>(x1, mixed1, salt.max_exp_avg_sq));
+    }
+  }
+}
+
 #ifdef FA_CPU_BF16_SIMD
 // bf16 params with bf16 states and no master, written with intrinsics (bf16_avx512.h).
 template <bool SR, WeightDecay WD, bool AMSGRAD, bool UNSCALE, bool LERP_SMALL>
@@ -288,6 +381,20 @@ void adam_chunk_x(const TensorPtrs& t, int64_t begin, int64_t n, const void* sca
       return;
     }
 #endif
+    if constexpr (sizeof(PS) == 2 && sizeof(SS) == 2 && !MASTER) {  // NOTE [16-bit pairs]; an odd last one below
+      const int64_t pairs = len / 2;
+      if (s.lerp_small) {
+        adam_loop_x_pairs<PK, SK, SR_PARAM, SR_STATE, WD, AMSGRAD, UNSCALE, true>(p, g, m, v, vmax, pairs, s, scale,
+                                                                                  mul, index0, salts);
+      } else {
+        adam_loop_x_pairs<PK, SK, SR_PARAM, SR_STATE, WD, AMSGRAD, UNSCALE, false>(p, g, m, v, vmax, pairs, s, scale,
+                                                                                   mul, index0, salts);
+      }
+      const int64_t done = 2 * pairs;
+      if (done == len) return;
+      p += done, g += done, m += done, v += done, vmax = AMSGRAD ? vmax + done : nullptr;
+      len -= done, index0 += static_cast<uint32_t>(done);
+    }
     if (s.lerp_small) {
       adam_loop_x<PK, SK, MASTER, SR_PARAM, SR_STATE, WD, AMSGRAD, UNSCALE, true>(p, g, m, v, vmax, master, len, s, scale, mul, index0, salts);
     } else {
