@@ -351,6 +351,48 @@ def test_broken_flatness_steps_as_torch(backend, mutation):
                 msg=f"{name}, flat vs torch: ")
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
+def test_the_check_sees_a_change_anywhere_among_thousands(native):
+    """NOTE [flat slot check] over 3,000 params (both threads' ranges in C++): a param's `.data`, a state's `.data`,
+    a step's `.data` replaced, or a grad replaced or set to None, at the first, a middle or the last param, makes
+    FlatRun.valid() False (a grad: with the warning, once); the view put back, True again. The Python check (built
+    without the extension) the same."""
+    params = [torch.randn(3).requires_grad_() for _ in range(3000)]
+    (flat,) = flatten_parameters(params)
+    driver = FlatDriver(params, "reference", amsgrad=True)
+    run = driver.run
+    if not native:
+        run._native = None
+    elif run._native is None:
+        pytest.skip("the extension is not built")
+    flat.zero_grad()
+    assert run.valid()
+    warned = False
+    for where in (0, 1501, 2999):
+        p = params[where]
+        st = driver.state[p]
+        for what in ("param", "exp_avg", "max_exp_avg_sq", "step", "grad", "grad None"):
+            if what == "param":
+                view, p.data = p.data, p.data.clone()
+            elif what.startswith("grad"):
+                view = p.grad
+                p.grad = None if what == "grad None" else p.grad.clone()
+            else:
+                view, st[what].data = st[what].data, st[what].data.clone()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                assert not run.valid(), (where, what)
+            assert bool(caught) == (what.startswith("grad") and not warned), (where, what)
+            warned |= what.startswith("grad")
+            if what == "param":
+                p.data = view
+            elif what.startswith("grad"):
+                p.grad = view
+            else:
+                st[what].data = view
+            assert run.valid(), (where, what)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_found_inf_and_grad_scale(backend):
     """AMP's found_inf skips the whole range (the count too); grad_scale unscales the grad buffer in place."""
