@@ -293,6 +293,26 @@ def test_grads_appear_disappear_and_change_layout(backend):
     _run(ours, ref, backend, lambda opt: None, grads=_grads_changing)
 
 
+@pytest.mark.parametrize("backend", backends_here())
+def test_new_grads_among_hundreds_step_as_torch(backend):
+    """NOTE [pass cache]: a grad set to a new tensor like the last moves only its address, which the scan keeps and
+    takes once every check has passed. 300 params (the scan runs in both threads), and at every step new grads for
+    all of them, for every third, or for one, one of them transposed (a full check) among the address-only moves;
+    against torch's for-loop."""
+    ours, ref = _pair(backend, shapes=[(3,), (2, 2), (5,)] * 100)
+
+    def grads(opt, step):
+        ps = _params(opt)
+        fresh = make_grads(ps, step)
+        for i, (p, g) in enumerate(zip(ps, fresh)):
+            if step == 0 or step % 3 == 0 or (step % 3 == 1 and i % 3 == 0) or i == 151:
+                p.grad = g.t().contiguous().t() if (i == 151 and step % 2 and g.dim() == 2) else g
+            else:  # a grad kept, written in place
+                p.grad.copy_(g)
+
+    _run(ours, ref, backend, lambda opt: None, steps=5, grads=grads)
+
+
 def _assert_step_raises_and_changes_nothing(opt, errors, match):
     tensors = lambda: _params(opt) + [v for p in _params(opt) for v in opt.state[p].values()]  # noqa: E731
     before = [t.clone() for t in tensors()]

@@ -364,6 +364,9 @@ struct PassCache {
   };
   size_t n = 0;
   std::vector<Seen> seen;        // n
+  // n: the addresses the scan found where only an address moved (a new grad like the last), taken into `seen` once
+  // every check has passed (written and read only for those rows: a static step does not touch it)
+  std::vector<std::array<int64_t, kCacheRows>> moved_to;
   std::vector<int64_t> numel;    // n
   std::vector<uint8_t> not_flat; // n: the arrays do not share the param's flat layout (NOTE [flat layout])
   int64_t not_flat_count = 0;
@@ -377,6 +380,7 @@ struct PassCache {
     n = count;
     context.reset();
     seen.assign(n, Seen{});
+    moved_to.resize(n);
     numel.assign(n, 0);
     not_flat.assign(n, 0);
     not_flat_count = misaligned = 0;
@@ -462,7 +466,10 @@ inline PassResult checked_pass(const char* who, const TensorLists& l, const Grad
           if (pr.digest != 0 && pr.digest == seen.digest[r] && !(r == kGradRow && pr.storage == param_storage)) {
             // Only the address moved (a new grad like the last, a `.data` of the same kind): it passes the same
             // checks, and the address is taken once every check has passed.
-            if (pr.addr != seen.addr[r]) rows |= uint64_t{1} << (r + kLight);
+            if (pr.addr != seen.addr[r]) {
+              rows |= uint64_t{1} << (r + kLight);
+              c.moved_to[i][r] = pr.addr;
+            }
           } else {
             rows |= r == kParamRow ? kAllRows : uint64_t{1} << r;
           }
@@ -499,6 +506,7 @@ inline PassResult checked_pass(const char* who, const TensorLists& l, const Grad
     return a;
   };
   for_each_tensor(moved.size(), [&](size_t k) {
+    if (!(moved[k] & kAllRows)) return;  // only addresses moved: nothing to check
     const size_t i = moved[k] >> 16;
     const auto a = arrays(i);
     for (int r = 0; r < kCacheRows; ++r) {
@@ -519,13 +527,14 @@ inline PassResult checked_pass(const char* who, const TensorLists& l, const Grad
     int64_t not_flat = 0, misaligned = 0;
     for (int64_t k = begin; k < end; ++k) {
       const size_t i = moved[k] >> 16;
-      const auto a = arrays(i);
+      const bool full = (moved[k] & kAllRows) != 0;
+      std::array<const at::Tensor*, kNumRows> a{};
+      if (full) a = arrays(i);
       for (int r = 0; r < kCacheRows; ++r) {
-        const at::Tensor* t = r == kStepRow ? &l.state_steps[i] : a[r];
         if (!(moved[k] & (uint64_t{1} << r))) {
           if (moved[k] & (uint64_t{1} << (r + kLight))) {
             int64_t& addr = c.seen[i].addr[r];
-            const int64_t now = probe(t->unsafeGetTensorImpl()).addr;
+            const int64_t now = c.moved_to[i][r];
             if (r < kNumRows) {
               misaligned += static_cast<int64_t>((now & 15) != 0) - static_cast<int64_t>((addr & 15) != 0);
             }
@@ -534,6 +543,7 @@ inline PassResult checked_pass(const char* who, const TensorLists& l, const Grad
           }
           continue;
         }
+        const at::Tensor* t = r == kStepRow ? &l.state_steps[i] : a[r];
         uint64_t& digest = c.seen[i].digest[r];
         int64_t& addr = c.seen[i].addr[r];
         const int64_t before = addr;
@@ -550,7 +560,7 @@ inline PassResult checked_pass(const char* who, const TensorLists& l, const Grad
         }
         if (addr != before) changed |= 1u << r;
       }
-      if (!(moved[k] & kAllRows)) continue;  // only addresses moved: the same shapes and strides
+      if (!full) continue;  // only addresses moved: the same shapes and strides
       c.numel[i] = a[kParamRow]->numel();
       const uint8_t nf = c.numel[i] != 0 && !is_flat(a, row_major);
       not_flat += static_cast<int64_t>(nf) - c.not_flat[i];
