@@ -444,6 +444,86 @@ def test_arrays_sharing_memory_raise_and_change_nothing(backend, case):
     _assert_step_raises_and_changes_nothing(ours, RuntimeError, match)
 
 
+# case -> (change, the error's two arrays), on SHAPES + [(4,)]: (7,), (3, 5), (4,), (2, 3), (1,), (4,)
+TWO_PARAMS_SHARING = {
+    "grad-is-another-param": (lambda opt, ps: setattr(ps[2], "grad", ps[0].detach()[1:5]), ("params", 0, "grads", 2)),
+    "grad-in-another-state": (lambda opt, ps: setattr(ps[4], "grad", opt.state[ps[1]]["exp_avg"].view(-1)[3:4]),
+                              ("exp_avgs", 1, "grads", 4)),
+    "param-in-another-param": (lambda opt, ps: setattr(ps[4], "data", ps[0].detach()[2:3]), ("params", 0, "params", 4)),
+    "state-in-another-state": (lambda opt, ps: opt.state[ps[4]].__setitem__("exp_avg", opt.state[ps[0]]["exp_avg"][2:3]),
+                               ("exp_avgs", 0, "exp_avgs", 4)),
+    "step-is-another-step": (lambda opt, ps: opt.state[ps[4]].__setitem__("step", opt.state[ps[0]]["step"]),
+                             ("state_steps", 0, "state_steps", 4)),
+    # a grad like the last (its storage's size, its offset, shape and strides) in another param's memory: only its
+    # address moved, the pass's cheap path, which looks its storage up among those the step writes
+    "grad-is-a-param-like-it": (lambda opt, ps: setattr(ps[2], "grad", ps[5].detach()), ("grads", 2, "params", 5)),
+}
+
+
+@pytest.mark.parametrize("backend", backends_here())
+@pytest.mark.parametrize("case", TWO_PARAMS_SHARING)
+def test_arrays_of_two_params_sharing_memory_raise_and_change_nothing(backend, case):
+    """NOTE [arrays apart]: a kernel updates every param of a call at once, torch's for-loop one after the other, so
+    with a grad set to another param, or two params or states overlapping, the two disagree (and a kernel's result
+    would depend on its threads' timing). An error naming both, before anything is written, at every step until the
+    memory is apart again, after which the step is torch's."""
+    change, names = TWO_PARAMS_SHARING[case]
+    ours, ref = _pair(backend, shapes=SHAPES + [(4,)])  # (param 5 is like param 2)
+    for s in range(2):
+        for opt in (ours, ref):
+            _set_grads(opt, s)
+            opt.step()
+    _set_grads(ours, 2)
+    ps = _params(ours)
+    undo = {k: (getattr(p, "grad"), p.data) for k, p in enumerate(ps)}
+    states = {k: dict(ours.state[p]) for k, p in enumerate(ps)}
+    change(ours, ps)
+    a, i, b, j = names
+    match = rf"{a}\[{i}\].* and {b}\[{j}\].* share memory"
+    _assert_step_raises_and_changes_nothing(ours, RuntimeError, match)
+    _assert_step_raises_and_changes_nothing(ours, RuntimeError, match)  # not only once
+    for k, p in enumerate(ps):  # apart again: the step is torch's
+        p.grad, p.data = undo[k]
+        ours.state[p].update(states[k])
+    _set_grads(ref, 2)
+    for opt in (ours, ref):
+        opt.step()
+    _assert_same(ours, ref, backend)
+
+
+@pytest.mark.parametrize("backend", backends_here())
+@pytest.mark.parametrize("case", ["params-adjacent", "params-interleaved", "grads-shared", "grads-overlapping"])
+def test_memory_shared_where_no_update_meets_another_steps_as_torch(backend, case):
+    """NOTE [arrays apart]'s other side: params side by side in one buffer, params interleaved in one (columns of a
+    matrix, each strided), grads that are one tensor or overlap (a step only reads them) step as torch's for-loop."""
+    ours_and_ref = []
+    for _ in range(2):
+        base = make_params(torch.float32, [(4, 6)])[0]
+        if case == "params-adjacent":
+            ps = [torch.nn.Parameter(base.view(-1)[:10]), torch.nn.Parameter(base.view(-1)[10:])]
+        elif case == "params-interleaved":
+            ps = [torch.nn.Parameter(base[:, k]) for k in range(6)]
+        else:
+            ps = [torch.nn.Parameter(base[k].clone()) for k in range(4)]
+        ours_and_ref.append(ps)
+    ours = FusedAdamW(ours_and_ref[0], backend=backend, lr=0.01, weight_decay=0.1)
+    ref = torch.optim.AdamW(ours_and_ref[1], foreach=False, lr=0.01, weight_decay=0.1)
+
+    def grads(opt, step):
+        ps = _params(opt)
+        if case.startswith("grads"):
+            g = make_grads([torch.empty(8)], step)[0]
+            for k, p in enumerate(ps):
+                p.grad = g[:6] if case == "grads-shared" else g[k % 3: k % 3 + 6]
+        else:
+            _set_grads(opt, step)
+
+    grads(ours, 0)
+    shared = [p.grad if case.startswith("grads") else p for p in ours_and_ref[0]]
+    assert len({t.untyped_storage().data_ptr() for t in shared}) == 1  # (the case is what it says)
+    _run(ours, ref, backend, mutate=lambda opt: None, grads=grads)
+
+
 @pytest.mark.parametrize("backend", backends_here())
 @pytest.mark.parametrize("count", [-1.0, -5.0, float("nan")], ids=["minus-one", "minus-five", "nan"])
 def test_step_count_below_zero_raises_and_changes_nothing(backend, count):

@@ -356,6 +356,46 @@ inline Probe probe(const c10::TensorImpl* t) {
   return {h | 1, numel == 0 ? 0 : reinterpret_cast<int64_t>(data + offset * static_cast<int64_t>(dtype.itemsize())), s};
 }
 
+// A set of StorageImpl addresses: open addressing, linear probing, 0 marks a free slot.
+class StorageSet {
+ public:
+  void clear() { slots_.clear(); }
+  // (`storages` sorted and without repeats: the table is sized by their count, at most 2/3 full.)
+  void assign(const std::vector<const void*>& storages) {
+    int bits = 4;
+    while ((size_t{1} << bits) * 2 < 3 * storages.size()) ++bits;
+    shift_ = 64 - bits;
+    slots_.assign(size_t{1} << bits, 0);
+    for (const void* s : storages) {
+      const auto p = reinterpret_cast<uintptr_t>(s);
+      if (p == 0) continue;
+      for (size_t h = slot(p);; h = (h + 1) & (slots_.size() - 1)) {
+        if (slots_[h] == p) break;
+        if (slots_[h] == 0) {
+          slots_[h] = p;
+          break;
+        }
+      }
+    }
+  }
+  void prefetch(const void* s) const {
+    if (!slots_.empty()) __builtin_prefetch(&slots_[slot(reinterpret_cast<uintptr_t>(s))]);
+  }
+  bool contains(const void* s) const {
+    const auto p = reinterpret_cast<uintptr_t>(s);
+    if (slots_.empty() || p == 0) return false;
+    for (size_t h = slot(p);; h = (h + 1) & (slots_.size() - 1)) {
+      if (slots_[h] == p) return true;
+      if (slots_[h] == 0) return false;
+    }
+  }
+
+ private:
+  size_t slot(uintptr_t p) const { return static_cast<size_t>((p >> 4) * 0x9E3779B97F4A7C15ull >> shift_); }
+  std::vector<uintptr_t> slots_;
+  int shift_ = 60;
+};
+
 // A partition's NOTE [pass cache], kept with its lists. One pass at a time (`mutex`): the CPU step releases the GIL.
 struct PassCache {
   struct Seen {  // one tensor's arrays as last checked: two cache lines, read in order by the pass
@@ -367,6 +407,7 @@ struct PassCache {
   // n: the addresses the scan found where only an address moved (a new grad like the last), taken into `seen` once
   // every check has passed (written and read only for those rows: a static step does not touch it)
   std::vector<std::array<int64_t, kCacheRows>> moved_to;
+  std::vector<const void*> moved_storage;  // n: the StorageImpl of a grad whose address moved (the same rows)
   std::vector<int64_t> numel;    // n
   std::vector<uint8_t> not_flat; // n: the arrays do not share the param's flat layout (NOTE [flat layout])
   int64_t not_flat_count = 0;
@@ -374,13 +415,20 @@ struct PassCache {
   // What every tensor was checked against: the first tensors' dtypes and the placement. When one of them changes
   // (`params[0].data = <other dtype>`), every tensor is checked again.
   std::optional<std::array<int64_t, 4>> context;
+  // NOTE [arrays apart]: whether the last sweep is current, and the storages of the arrays the step writes as it
+  // found them (a new grad in one of them is checked in full, and swept).
+  bool apart = false;
+  StorageSet written;
   std::mutex mutex;
 
   void reset(size_t count) {
     n = count;
     context.reset();
+    apart = false;
+    written.clear();
     seen.assign(n, Seen{});
     moved_to.resize(n);
+    moved_storage.resize(n);
     numel.assign(n, 0);
     not_flat.assign(n, 0);
     not_flat_count = misaligned = 0;
@@ -390,6 +438,76 @@ struct PassCache {
   void* data(size_t i, int row) const { return reinterpret_cast<void*>(seen[i].addr[row]); }
   float* step(size_t i) const { return static_cast<float*>(data(i, kStepRow)); }
 };
+
+// NOTE [arrays apart]: the arrays a step writes (a param, its moments and master, its step count) of one param
+// share no memory with any array of another param of the partition, its grad included. A kernel updates every
+// param of a call at once (in chunks, in threads, on a GPU in any order), where torch's for-loop updates one param
+// after the other: with a grad set to another param, or two params overlapping, the two disagree, and the kernel's
+// result depends on timing. Grads may share memory with each other: a step reads them (under grad_scale each is
+// unscaled once per param, as torch's unscale does). As at::get_overlap_status, only arrays whose elements fill
+// one byte range (non-overlapping and dense) are compared; the others run on staged copies (NOTE [flat layout]).
+// After a pass's checks and commit: the byte ranges from the cache, sorted, swept once (O(n log n), only where
+// something moved beyond a grad's address); then the storages of the written arrays, which the next passes look a
+// moved grad up in (one probe: checked in full and swept if found). A conflict raises naming both arrays, and the
+// cache is dropped (the next pass checks everything). Memory shared through two storages (as from_blob can make) is
+// seen by the sweep, not by the lookup.
+inline void check_arrays_apart(const char* who, const TensorLists& l, const Grads& grads, const Placement& where,
+                               PassCache& c) {
+  c.apart = false;
+  c.written.clear();
+  if (c.n == 0 || where.device.is_meta()) {  // (meta tensors have no memory)
+    c.apart = true;
+    return;
+  }
+  struct Span {
+    int64_t lo, hi;
+    uint32_t i;
+    int row;
+    bool written() const { return row != kGradRow; }
+  };
+  const int64_t param_bytes = l.params[0].element_size(), state_bytes = l.exp_avgs[0].element_size();
+  const int64_t row_bytes[kCacheRows] = {param_bytes, param_bytes, state_bytes, state_bytes, state_bytes, 4, 4};
+  std::vector<Span> spans;
+  spans.reserve(c.n * 5);
+  std::vector<const void*> storages;
+  storages.reserve(c.n * 4);
+  for (size_t i = 0; i < c.n; ++i) {
+    std::array<const at::Tensor*, kNumRows> a = arrays_of(l, at::TensorList(), i);
+    a[kGradRow] = &grad_of(l, grads, i);
+    for (int r = 0; r < kCacheRows; ++r) {
+      const at::Tensor* t = r == kStepRow ? &l.state_steps[i] : a[r];
+      if (t == nullptr) continue;
+      if (r != kGradRow) storages.push_back(t->unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl());
+      const int64_t numel = r == kStepRow ? 1 : c.numel[i];
+      if (numel == 0 || (c.not_flat[i] && r < kNumRows && !t->is_non_overlapping_and_dense())) continue;
+      const int64_t lo = c.seen[i].addr[r];
+      spans.push_back({lo, lo + numel * row_bytes[r], static_cast<uint32_t>(i), r});
+    }
+  }
+  std::sort(spans.begin(), spans.end(), [](const Span& x, const Span& y) { return x.lo < y.lo; });
+  const Span* reach = nullptr;          // the span reaching furthest so far
+  const Span* written_reach = nullptr;  // the written span reaching furthest so far
+  for (const Span& s : spans) {
+    // s overlaps an earlier span exactly when it starts before the furthest one ends (which then overlaps it too)
+    const Span* other = s.written() ? reach : written_reach;
+    if (other != nullptr && s.lo < other->hi) {
+      const Span& x = other->i < s.i || (other->i == s.i && other->row < s.row) ? *other : s;
+      const Span& y = &x == &s ? *other : s;
+      auto name = [](int row) { return row == kStepRow ? "state_steps" : kRowList[row]; };
+      c.reset(c.n);
+      TORCH_CHECK(false, who, ": ", name(x.row), "[", x.i, "] and ", name(y.row), "[", y.i,
+                  "] share memory: a step updates every param of a call at once, where torch's for-loop updates one "
+                  "after the other, so what a step writes (a param, its states, its step count) needs memory apart "
+                  "from every other param's arrays");
+    }
+    if (reach == nullptr || s.hi > reach->hi) reach = &s;
+    if (s.written() && (written_reach == nullptr || s.hi > written_reach->hi)) written_reach = &s;
+  }
+  std::sort(storages.begin(), storages.end());
+  storages.erase(std::unique(storages.begin(), storages.end()), storages.end());
+  c.written.assign(storages);
+  c.apart = true;
+}
 
 struct PassResult {
   bool complete;       // false: a grad was read and a param has none (nothing checked, nothing cached)
@@ -469,6 +587,7 @@ inline PassResult checked_pass(const char* who, const TensorLists& l, const Grad
             if (pr.addr != seen.addr[r]) {
               rows |= uint64_t{1} << (r + kLight);
               c.moved_to[i][r] = pr.addr;
+              if (r == kGradRow) c.moved_storage[i] = pr.storage;  // (NOTE [arrays apart], below)
             }
           } else {
             rows |= r == kParamRow ? kAllRows : uint64_t{1} << r;
@@ -488,6 +607,21 @@ inline PassResult checked_pass(const char* who, const TensorLists& l, const Grad
   for (const auto& m : moved_by_range) moved.insert(moved.end(), m.begin(), m.end());
   if (moved.empty()) return {true, 0};
   std::sort(moved.begin(), moved.end());  // the first bad tensor's error, whichever thread saw it
+  // NOTE [arrays apart]: a grad whose address moved into the storage of an array the step writes is checked in
+  // full, and swept. (A loop of its own over the moved grads, each lookup prefetched ahead: in the scan, a lookup
+  // would wait at the end of the grad's chain of misses.)
+  if (c.apart) {
+    constexpr uint64_t kLightGrad = uint64_t{1} << (kGradRow + kLight);
+    constexpr size_t kAhead = 8;
+    for (size_t k = 0; k < moved.size(); ++k) {
+      if (k + kAhead < moved.size() && (moved[k + kAhead] & kLightGrad)) {
+        c.written.prefetch(c.moved_storage[moved[k + kAhead] >> 16]);
+      }
+      if ((moved[k] & kLightGrad) && c.written.contains(c.moved_storage[moved[k] >> 16])) {
+        moved[k] = (moved[k] & ~kLightGrad) | uint64_t{1} << kGradRow;
+      }
+    }
+  }
   // Every tensor was checked against the first tensors' dtypes and the placement: if those moved, check them all.
   const std::array<int64_t, 4> context{
       l.params[0].defined() ? static_cast<int64_t>(l.params[0].scalar_type()) : -1,
@@ -573,6 +707,11 @@ inline PassResult checked_pass(const char* who, const TensorLists& l, const Grad
   c.not_flat_count += d_not_flat;
   c.misaligned += d_misaligned;
   c.context = context;
+  // NOTE [arrays apart]: swept again when an array moved in full, or any array but a grad moved at all.
+  constexpr uint64_t kLightNotGrad = (kAllRows & ~(uint64_t{1} << kGradRow)) << kLight;
+  bool sweep = !c.apart;
+  for (size_t k = 0; k < moved.size() && !sweep; ++k) sweep = (moved[k] & (kAllRows | kLightNotGrad)) != 0;
+  if (sweep) check_arrays_apart(who, l, grads, where, c);
   return {true, moved_rows.load()};
 }
 

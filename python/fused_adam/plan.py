@@ -243,6 +243,8 @@ def check_tensors(part: Partition, grads: list[Tensor], grads_written: bool = Fa
         for name, t in [*named, ("state_steps", s)]:
             check_memory(who, name, pos, t, where, grads_written)
         check_apart(who, named, pos, where)
+    check_arrays_apart(who, [("params", part.params), *arrays, ("state_steps", part.state_steps)],
+                       lambda pos: f"(param {part.param_index(pos)} of group {part.group_index})")
 
 
 def check_memory(who: str, name: str, pos: int, t: Tensor, where: str = "", grads_written: bool = False) -> None:
@@ -291,3 +293,36 @@ def check_apart(who: str, named: list[tuple[str, Tensor]], pos: int, where: str 
                 raise RuntimeError(f"{who}: {other_name}[{pos}] and {name}[{pos}]{where_} share memory; "
                                    "each needs its own")
         spans.append((name, t, span))
+
+
+_ROWS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "master_params", "state_steps")
+
+
+def check_arrays_apart(who: str, named: list[tuple[str, list[Tensor]]],
+                       where: Callable[[int], str] | None = None) -> None:
+    """tensor_pass.h's NOTE [arrays apart]: what a step writes of one param (the param, its states, its step count)
+    shares no memory with any array of another param (grads may share memory with each other: a step reads them).
+    A kernel updates the params of a call at once, torch's for-loop one after the other: the two would disagree.
+    Only non-overlapping and dense arrays are compared (at::get_overlap_status's rule). `named`: (list name, one
+    tensor per param), every list of the call."""
+    spans = []
+    for name, tensors in named:
+        for pos, t in enumerate(tensors):
+            if t.numel() and not t.is_meta and dense(t):
+                lo = t.data_ptr()
+                spans.append((lo, lo + t.numel() * t.element_size(), name != "grads", name, pos))
+    spans.sort(key=operator.itemgetter(0))
+    reach = written_reach = None  # the span (the written span) reaching furthest so far
+    for span in spans:
+        other = reach if span[2] else written_reach
+        if other is not None and span[0] < other[1]:  # it overlaps an earlier span exactly then
+            (_, _, _, a, i), (_, _, _, b, j) = sorted([other, span], key=lambda x: (x[4], _ROWS.index(x[3])))
+            at = (lambda pos: f" {where(pos)}") if where is not None else (lambda pos: "")
+            raise RuntimeError(f"{who}: {a}[{i}]{at(i)} and {b}[{j}]{at(j)} share memory: a step updates every param of "
+                               "a call at once, where torch's for-loop updates one after the other, so what a step "
+                               "writes (a param, its states, its step count) needs memory apart from every other "
+                               "param's arrays")
+        if reach is None or span[1] > reach[1]:
+            reach = span
+        if span[2] and (written_reach is None or span[1] > written_reach[1]):
+            written_reach = span

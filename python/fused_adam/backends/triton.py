@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from . import Amp, Backend, Hyper
-from ..plan import check_apart, check_memory, dense
+from ..plan import check_apart, check_arrays_apart, check_memory, dense
 from .reference import sr_seed_part
 
 try:
@@ -480,6 +480,7 @@ class _PyPartition:
                 check_memory(_WHO, name, i, t, grads_written=grads_written)
         for i in range(n):
             check_apart(_WHO, [(name, lst[i]) for name, lst in named], i)
+        check_arrays_apart(_WHO, [*named, ("state_steps", self.steps)])
         strides = list(map(_stride, params))
         layout = (all(list(map(_stride, lst)) == strides for _, lst in named[1:])
                   and all(dense(p) for p, contiguous in zip(params, map(Tensor.is_contiguous, params))
