@@ -405,9 +405,13 @@ struct PassCache {
   size_t n = 0;
   std::vector<Seen> seen;        // n
   // n: the addresses the scan found where only an address moved (a new grad like the last), taken into `seen` once
-  // every check has passed (written and read only for those rows: a static step does not touch it)
-  std::vector<std::array<int64_t, kCacheRows>> moved_to;
-  std::vector<const void*> moved_storage;  // n: the StorageImpl of a grad whose address moved (the same rows)
+  // every check has passed, and such a grad's StorageImpl (NOTE [arrays apart]): written and read only for those
+  // rows (a static step does not touch it), one cache line a tensor
+  struct alignas(64) Moved {
+    int64_t addr[kCacheRows];
+    const void* grad_storage;
+  };
+  std::vector<Moved> moved_to;
   std::vector<int64_t> numel;    // n
   std::vector<uint8_t> not_flat; // n: the arrays do not share the param's flat layout (NOTE [flat layout])
   int64_t not_flat_count = 0;
@@ -428,7 +432,6 @@ struct PassCache {
     written.clear();
     seen.assign(n, Seen{});
     moved_to.resize(n);
-    moved_storage.resize(n);
     numel.assign(n, 0);
     not_flat.assign(n, 0);
     not_flat_count = misaligned = 0;
@@ -586,8 +589,8 @@ inline PassResult checked_pass(const char* who, const TensorLists& l, const Grad
             // checks, and the address is taken once every check has passed.
             if (pr.addr != seen.addr[r]) {
               rows |= uint64_t{1} << (r + kLight);
-              c.moved_to[i][r] = pr.addr;
-              if (r == kGradRow) c.moved_storage[i] = pr.storage;  // (NOTE [arrays apart], below)
+              c.moved_to[i].addr[r] = pr.addr;
+              if (r == kGradRow) c.moved_to[i].grad_storage = pr.storage;  // (NOTE [arrays apart], below)
             }
           } else {
             rows |= r == kParamRow ? kAllRows : uint64_t{1} << r;
@@ -615,9 +618,9 @@ inline PassResult checked_pass(const char* who, const TensorLists& l, const Grad
     constexpr size_t kAhead = 8;
     for (size_t k = 0; k < moved.size(); ++k) {
       if (k + kAhead < moved.size() && (moved[k + kAhead] & kLightGrad)) {
-        c.written.prefetch(c.moved_storage[moved[k + kAhead] >> 16]);
+        c.written.prefetch(c.moved_to[moved[k + kAhead] >> 16].grad_storage);
       }
-      if ((moved[k] & kLightGrad) && c.written.contains(c.moved_storage[moved[k] >> 16])) {
+      if ((moved[k] & kLightGrad) && c.written.contains(c.moved_to[moved[k] >> 16].grad_storage)) {
         moved[k] = (moved[k] & ~kLightGrad) | uint64_t{1} << kGradRow;
       }
     }
@@ -668,7 +671,7 @@ inline PassResult checked_pass(const char* who, const TensorLists& l, const Grad
         if (!(moved[k] & (uint64_t{1} << r))) {
           if (moved[k] & (uint64_t{1} << (r + kLight))) {
             int64_t& addr = c.seen[i].addr[r];
-            const int64_t now = c.moved_to[i][r];
+            const int64_t now = c.moved_to[i].addr[r];
             if (r < kNumRows) {
               misaligned += static_cast<int64_t>((now & 15) != 0) - static_cast<int64_t>((addr & 15) != 0);
             }
