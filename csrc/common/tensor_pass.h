@@ -446,9 +446,11 @@ struct PassCache {
 // share no memory with any array of another param of the partition, its grad included. A kernel updates every
 // param of a call at once (in chunks, in threads, on a GPU in any order), where torch's for-loop updates one param
 // after the other: with a grad set to another param, or two params overlapping, the two disagree, and the kernel's
-// result depends on timing. Grads may share memory with each other: a step reads them (under grad_scale each is
-// unscaled once per param, as torch's unscale does). As at::get_overlap_status, only arrays whose elements fill
-// one byte range (non-overlapping and dense) are compared; the others run on staged copies (NOTE [flat layout]).
+// result depends on timing. Grads may share memory with each other: a step reads them. (Under grad_scale a step
+// also writes them back unscaled: a grad shared by two params is then unscaled twice, in an order a kernel does not
+// fix, as by torch's fused step; not checked, which would take a set of every grad's storage at every step.)
+// As at::get_overlap_status, only arrays whose elements fill one byte range (non-overlapping and dense) are
+// compared; the others run on staged copies (NOTE [flat layout]).
 // After a pass's checks and commit: the byte ranges from the cache, sorted, swept once (O(n log n), only where
 // something moved beyond a grad's address); then the storages of the written arrays, which the next passes look a
 // moved grad up in (one probe: checked in full and swept if found). A conflict raises naming both arrays, and the

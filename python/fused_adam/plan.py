@@ -301,7 +301,8 @@ _ROWS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "maste
 def check_arrays_apart(who: str, named: list[tuple[str, list[Tensor]]],
                        where: Callable[[int], str] | None = None) -> None:
     """tensor_pass.h's NOTE [arrays apart]: what a step writes of one param (the param, its states, its step count)
-    shares no memory with any array of another param (grads may share memory with each other: a step reads them).
+    shares no memory with any array of another param (grads may share memory with each other: a step reads them;
+    under grad_scale, a grad shared by two params is unscaled twice, as by torch's fused step).
     A kernel updates the params of a call at once, torch's for-loop one after the other: the two would disagree.
     Only non-overlapping and dense arrays are compared (at::get_overlap_status's rule). `named`: (list name, one
     tensor per param), every list of the call."""
