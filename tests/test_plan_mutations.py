@@ -492,6 +492,30 @@ def test_arrays_of_two_params_sharing_memory_raise_and_change_nothing(backend, c
 
 
 @pytest.mark.parametrize("backend", backends_here())
+def test_a_grad_in_another_params_memory_among_hundreds_raises(backend):
+    """NOTE [arrays apart] at a size where the pass scans in two threads (from 256 tensors): new grads every step
+    (only their addresses move), then one of them, in the second thread's range, is another param of its size (the
+    lookup of its storage sees it); then a param of the first range is moved into the last param's memory (the
+    sweep sees it), after a step where it was moved into memory of its own."""
+    n = 300
+    params = [torch.nn.Parameter(torch.randn(4)) for _ in range(n)]
+    opt = FusedAdamW(params, backend=backend)
+    for s in range(2):
+        for k, p in enumerate(params):
+            p.grad = torch.full((4,), 0.01 * (k + s))
+        opt.step()
+    for p in params:
+        p.grad = torch.ones(4)
+    params[290].grad = params[7].detach()
+    _assert_step_raises_and_changes_nothing(opt, RuntimeError, r"params\[7\].* and grads\[290\].* share memory")
+    params[290].grad = torch.ones(4)
+    params[3].data = params[299].detach().clone()
+    opt.step()
+    params[3].data = params[299].detach()
+    _assert_step_raises_and_changes_nothing(opt, RuntimeError, r"params\[3\].* and params\[299\].* share memory")
+
+
+@pytest.mark.parametrize("backend", backends_here())
 @pytest.mark.parametrize("case", ["params-adjacent", "params-interleaved", "grads-shared", "grads-overlapping"])
 def test_memory_shared_where_no_update_meets_another_steps_as_torch(backend, case):
     """NOTE [arrays apart]'s other side: params side by side in one buffer, params interleaved in one (columns of a
