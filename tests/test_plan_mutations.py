@@ -549,6 +549,28 @@ def test_memory_shared_where_no_update_meets_another_steps_as_torch(backend, cas
 
 
 @pytest.mark.parametrize("backend", backends_here())
+def test_params_overlapping_across_groups_step_as_torch(backend):
+    """NOTE [arrays apart] is per call: two groups are stepped one after the other, as torch's for-loop steps them, so
+    params of two groups may overlap, and a grad may be a param of the other group."""
+    groups = []
+    for _ in range(2):
+        base, other = make_params(torch.float32, [(16,), (8,)])  # first: base[:12], second: base[8:] (group 1)
+        groups.append([{"params": [torch.nn.Parameter(base[:12])]},
+                       {"params": [torch.nn.Parameter(base[8:]), torch.nn.Parameter(other)]}])
+    ours = FusedAdamW(groups[0], backend=backend, lr=0.01)
+    ref = torch.optim.AdamW(groups[1], foreach=False, lr=0.01)
+
+    def grads(opt, step):
+        first, second, third = _params(opt)
+        for p, g in zip((first, second, third), make_grads([first, second, third], step)):
+            p.grad = g
+        if step % 2:
+            third.grad = first.detach()[:8]  # (apart from second, its group's other param)
+
+    _run(ours, ref, backend, mutate=lambda opt: None, grads=grads)
+
+
+@pytest.mark.parametrize("backend", backends_here())
 @pytest.mark.parametrize("count", [-1.0, -5.0, float("nan")], ids=["minus-one", "minus-five", "nan"])
 def test_step_count_below_zero_raises_and_changes_nothing(backend, count):
     """A step count set in place to -1 makes both bias corrections 0 (torch's for-loop: ZeroDivisionError halfway
