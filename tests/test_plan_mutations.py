@@ -450,8 +450,9 @@ TWO_PARAMS_SHARING = {
     "grad-in-another-state": (lambda opt, ps: setattr(ps[4], "grad", opt.state[ps[1]]["exp_avg"].view(-1)[3:4]),
                               ("exp_avgs", 1, "grads", 4)),
     "param-in-another-param": (lambda opt, ps: setattr(ps[4], "data", ps[0].detach()[2:3]), ("params", 0, "params", 4)),
-    "state-in-another-state": (lambda opt, ps: opt.state[ps[4]].__setitem__("exp_avg", opt.state[ps[0]]["exp_avg"][2:3]),
-                               ("exp_avgs", 0, "exp_avgs", 4)),
+    "state-in-another-state": (
+        lambda opt, ps: opt.state[ps[4]].__setitem__("exp_avg", opt.state[ps[0]]["exp_avg"][2:3]),
+        ("exp_avgs", 0, "exp_avgs", 4)),
     "step-is-another-step": (lambda opt, ps: opt.state[ps[4]].__setitem__("step", opt.state[ps[0]]["step"]),
                              ("state_steps", 0, "state_steps", 4)),
     # a grad like the last (its storage's size, its offset, shape and strides) in another param's memory: only its

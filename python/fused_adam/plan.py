@@ -319,10 +319,10 @@ def check_arrays_apart(who: str, named: list[tuple[str, list[Tensor]]],
         if other is not None and span[0] < other[1]:  # it overlaps an earlier span exactly then
             (_, _, _, a, i), (_, _, _, b, j) = sorted([other, span], key=lambda x: (x[4], _ROWS.index(x[3])))
             at = (lambda pos: f" {where(pos)}") if where is not None else (lambda pos: "")
-            raise RuntimeError(f"{who}: {a}[{i}]{at(i)} and {b}[{j}]{at(j)} share memory: a step updates every param of "
-                               "a call at once, where torch's for-loop updates one after the other, so what a step "
-                               "writes (a param, its states, its step count) needs memory apart from every other "
-                               "param's arrays")
+            raise RuntimeError(f"{who}: {a}[{i}]{at(i)} and {b}[{j}]{at(j)} share memory: a step updates every "
+                               "param of a call at once, where torch's for-loop updates one after the other, so what "
+                               "a step writes (a param, its states, its step count) needs memory apart from every "
+                               "other param's arrays")
         if reach is None or span[1] > reach[1]:
             reach = span
         if span[2] and (written_reach is None or span[1] > written_reach[1]):
