@@ -476,7 +476,7 @@ def test_arrays_of_two_params_sharing_memory_raise_and_change_nothing(backend, c
             opt.step()
     _set_grads(ours, 2)
     ps = _params(ours)
-    undo = {k: (getattr(p, "grad"), p.data) for k, p in enumerate(ps)}
+    undo = {k: (p.grad, p.data) for k, p in enumerate(ps)}
     states = {k: dict(ours.state[p]) for k, p in enumerate(ps)}
     change(ours, ps)
     a, i, b, j = names

@@ -276,6 +276,15 @@ def dense(t: Tensor) -> bool:
     return True
 
 
+def byte_range(t: Tensor) -> tuple[int, int] | None:
+    """The bytes [lo, hi) that a non-overlapping and dense tensor's elements fill; None for any other (which
+    at::get_overlap_status, and so the checks, do not compare)."""
+    if not dense(t):
+        return None
+    lo = t.data_ptr()
+    return lo, lo + t.numel() * t.element_size()
+
+
 def check_apart(who: str, named: list[tuple[str, Tensor]], pos: int, where: str = "") -> None:
     """tensor_pass.h's check_apart: a param's arrays share no memory (at::get_overlap_status's rule: the same
     tensor, or two dense tensors whose byte ranges in one storage intersect). The step reads and writes them element
@@ -284,8 +293,8 @@ def check_apart(who: str, named: list[tuple[str, Tensor]], pos: int, where: str 
     for name, t in named:
         if t.numel() == 0:
             continue
-        start = t.data_ptr()
-        span = (t.untyped_storage().data_ptr(), start, start + t.numel() * t.element_size()) if dense(t) else None
+        extent = byte_range(t)
+        span = (t.untyped_storage().data_ptr(), *extent) if extent is not None else None
         for other_name, other, other_span in spans:
             if other is t or (span is not None and other_span is not None and span[0] == other_span[0]
                               and span[1] < other_span[2] and other_span[1] < span[2]):
@@ -309,9 +318,9 @@ def check_arrays_apart(who: str, named: list[tuple[str, list[Tensor]]],
     spans = []
     for name, tensors in named:
         for pos, t in enumerate(tensors):
-            if t.numel() and not t.is_meta and dense(t):
-                lo = t.data_ptr()
-                spans.append((lo, lo + t.numel() * t.element_size(), name != "grads", name, pos))
+            extent = byte_range(t) if t.numel() and not t.is_meta else None
+            if extent is not None:
+                spans.append((*extent, name != "grads", name, pos))
     spans.sort(key=operator.itemgetter(0))
     reach = written_reach = None  # the span (the written span) reaching furthest so far
     for span in spans:
