@@ -353,10 +353,10 @@ def test_broken_flatness_steps_as_torch(backend, mutation):
 
 @pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
 def test_the_check_sees_a_change_anywhere_among_thousands(native):
-    """NOTE [flat slot check] over 3,000 params (both threads' ranges in C++): a param's `.data`, a state's `.data`,
-    a step's `.data` replaced, or a grad replaced or set to None, at the first, a middle or the last param, makes
-    FlatRun.valid() False (a grad: with the warning, once); the view put back, True again. The Python check (built
-    without the extension) the same."""
+    """NOTE [flat slot check] over 3,000 params (both threads' ranges in C++): a param's `.data`, a state's `.data`
+    (a copy, or its own memory as another dtype), a step's `.data` replaced, or a grad replaced or set to None, at
+    the first, a middle or the last param, makes FlatRun.valid() False (a grad: with the warning, once); the view
+    put back, True again. The Python check (built without the extension) the same."""
     params = [torch.randn(3).requires_grad_() for _ in range(3000)]
     (flat,) = flatten_parameters(params)
     driver = FlatDriver(params, "reference", amsgrad=True)
@@ -371,12 +371,15 @@ def test_the_check_sees_a_change_anywhere_among_thousands(native):
     for where in (0, 1501, 2999):
         p = params[where]
         st = driver.state[p]
-        for what in ("param", "exp_avg", "max_exp_avg_sq", "step", "grad", "grad None"):
+        for what in ("param", "exp_avg", "max_exp_avg_sq", "step", "exp_avg as int32", "grad", "grad None"):
             if what == "param":
                 view, p.data = p.data, p.data.clone()
             elif what.startswith("grad"):
                 view = p.grad
                 p.grad = None if what == "grad None" else p.grad.clone()
+            elif what.endswith("int32"):  # its own memory, read as another dtype
+                what = "exp_avg"
+                view, st[what].data = st[what].data, st[what].data.view(torch.int32)
             else:
                 view, st[what].data = st[what].data, st[what].data.clone()
             with warnings.catch_warnings(record=True) as caught:

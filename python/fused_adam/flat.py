@@ -101,9 +101,11 @@ class FlatBuffer:
     numels: list[int] = dataclasses.field(init=False)
     param_ptrs: list[int] = dataclasses.field(init=False)  # where each param's slot starts (what a check compares)
     grad_ptrs: list[int] = dataclasses.field(init=False)
+    dtypes: list[torch.dtype] = dataclasses.field(init=False)  # dtype, once a slot (a grad has its param's)
 
     def __post_init__(self) -> None:
         self.numels = [s.numel() for s in self.shapes]
+        self.dtypes = [self.dtype] * len(self.shapes)
         size = self.dtype.itemsize
         # data_ptr() of a tensor without elements is 0 (and nothing of it is stepped)
         slots = list(zip(self.offsets, self.numels))
@@ -119,12 +121,12 @@ class FlatBuffer:
     def params_in_place(self, i: int | None = None) -> bool:
         """Every param (or params[i]) is still a view of its slot: its .data not replaced."""
         sl = slice(None) if i is None else slice(i, i + 1)
-        return _all_at(self.params[sl], self.param_ptrs[sl], self.numels[sl])
+        return _all_at(self.params[sl], self.param_ptrs[sl], self.numels[sl], self.dtypes[sl])
 
     def grads_in_place(self, i: int | None = None) -> bool:
         """Every param's grad (or params[i]'s) is the view of its grad slot: not None, not replaced."""
         sl = slice(None) if i is None else slice(i, i + 1)
-        return _all_at(list(map(_grad, self.params[sl])), self.grad_ptrs[sl], self.numels[sl])
+        return _all_at(list(map(_grad, self.params[sl])), self.grad_ptrs[sl], self.numels[sl], self.dtypes[sl])
 
     @torch.no_grad()
     def zero_grad(self) -> None:
@@ -143,16 +145,17 @@ class FlatBuffer:
 
 
 _ptr, _numel, _contiguous = Tensor.data_ptr, Tensor.numel, Tensor.is_contiguous
-_grad = operator.attrgetter("grad")
+_grad, _dtype = operator.attrgetter("grad"), operator.attrgetter("dtype")
 
 
-def _all_at(tensors: list, ptrs: list[int], numels: list[int]) -> bool:
-    """tensors[i] starts at address ptrs[i], holds numels[i] elements and is contiguous, for every i (and none is
-    None): it is exactly its slot, so stepping the slots' memory is stepping the tensors. Mapped C methods: about
-    a tenth of a Python loop's cost."""
+def _all_at(tensors: list, ptrs: list[int], numels: list[int], dtypes: list[torch.dtype]) -> bool:
+    """tensors[i] starts at address ptrs[i], holds numels[i] elements of dtypes[i] and is contiguous, for every i
+    (and none is None): it is exactly its slot, so stepping the slots' memory is stepping the tensors (the Python
+    twin of NOTE [flat slot check]; a `.data` set to a view of the slot as another dtype of its size is not the
+    slot). Mapped C methods: about a tenth of a Python loop's cost."""
     try:
         return (list(map(_ptr, tensors)) == ptrs and list(map(_numel, tensors)) == numels
-                and all(map(_contiguous, tensors)))
+                and list(map(_dtype, tensors)) == dtypes and all(map(_contiguous, tensors)))
     except TypeError:  # a None among them (a grad set to None)
         return False
 
@@ -282,7 +285,7 @@ def find_run(params: list[Tensor], options: PartOptions) -> FlatRun | None:
     last = first + len(params)
     if last > len(flat) or not all(map(operator.is_, params, flat.params[first:last])):
         return None
-    if not _all_at(params, flat.param_ptrs[first:last], flat.numels[first:last]):
+    if not _all_at(params, flat.param_ptrs[first:last], flat.numels[first:last], flat.dtypes[first:last]):
         return None
     return FlatRun(flat, first, len(params), options)
 
@@ -303,10 +306,10 @@ class FlatRun:
     buffers: dict[str, Tensor] = dataclasses.field(default_factory=dict)  # state key -> flat state buffer
     steps: Tensor | None = None
     _views: list[dict[str, Tensor]] = dataclasses.field(default_factory=list)
-    _expected: list[int] = dataclasses.field(default_factory=list)  # data_ptr of each state view, in _tensors' order
+    _expected: tuple = ()  # (data_ptrs, numels, dtypes) of the state views, in _tensors' order
     _tensors: list[Tensor] = dataclasses.field(default_factory=list)
     _params: list[Tensor] = dataclasses.field(default_factory=list)
-    _slots: tuple = ()  # (param_ptrs, grad_ptrs, numels) of the run's slots
+    _slots: tuple = ()  # (param_ptrs, grad_ptrs, numels, dtypes) of the run's slots
     _warned: bool = False
     _steps_version: int = -1
     _native: tuple | None = None  # _C.SlotCheck of params, grads, states (NOTE [flat slot check]), where built
@@ -399,16 +402,17 @@ class FlatRun:
                 tensors.append(view)
         f, first, last = self.flat, self.first, self.first + self.count
         self._params = self.params
-        self._slots = (f.param_ptrs[first:last], f.grad_ptrs[first:last], f.numels[first:last])
+        self._slots = (f.param_ptrs[first:last], f.grad_ptrs[first:last], f.numels[first:last], f.dtypes[first:last])
         self._tensors = tensors
-        self._expected = [t.data_ptr() for t in tensors]
+        self._expected = ([t.data_ptr() for t in tensors], [t.numel() for t in tensors], [t.dtype for t in tensors])
         self._steps_version = self.steps._version
         self._views = []
         native = _native_slot_check()
         if native is not None:  # NOTE [flat slot check] in csrc/ops.cpp: the same checks, in C++
-            p_ptrs, g_ptrs, numels = self._slots
+            p_ptrs, g_ptrs, numels, _ = self._slots
+            state_ptrs, state_numels, _ = self._expected
             self._native = (native(self._params, p_ptrs, numels), native(self._params, g_ptrs, numels, grads=True),
-                            native(self._tensors, self._expected, [t.numel() for t in tensors]))
+                            native(self._tensors, state_ptrs, state_numels))
         return True
 
     def partition(self, part):
@@ -426,16 +430,16 @@ class FlatRun:
         """The per-step check: True if stepping the range is stepping each param (NOTE [flat buffers]). Every
         param its slot, every grad its view, every state tensor its view, and the step counts equal (checked
         only when the step buffer's version moved: a step count changed in place)."""
-        params, (p_ptrs, g_ptrs, numels) = self._params, self._slots
+        params, (p_ptrs, g_ptrs, numels, dtypes) = self._params, self._slots
         if self._native is not None:
             params_at, grads_at, states_at = self._native
             if not params_at() or not states_at():
                 return False
             grads_in_place = grads_at()
         else:
-            if not _all_at(params, p_ptrs, numels) or list(map(_ptr, self._tensors)) != self._expected:
+            if not _all_at(params, p_ptrs, numels, dtypes) or not _all_at(self._tensors, *self._expected):
                 return False
-            grads_in_place = _all_at(list(map(_grad, params)), g_ptrs, numels)
+            grads_in_place = _all_at(list(map(_grad, params)), g_ptrs, numels, dtypes)
         if not grads_in_place:
             if not self._warned:  # else a training loop would run per tensor, unaware, step after step
                 self._warned = True
