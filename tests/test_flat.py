@@ -482,6 +482,41 @@ def test_fused_adamw_trains_a_flattened_model(backend):
     assert_same(params, oracle_params, opt.state, oracle_opt.state, exact=exact)
 
 
+AROUND_THE_RUN = ["listed twice in a group", "listed in two groups", "count set through .data",
+                  "count set through numpy"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", AROUND_THE_RUN)
+@pytest.mark.filterwarnings("ignore:optimizer contains a parameter group with duplicate parameters")
+def test_what_a_run_cannot_step_steps_as_torch(backend, case):
+    """A param listed twice (in its group, or in a second group put into param_groups by hand) is stepped twice,
+    one update after the other, on one state: a run, which steps each slot once with one counter, is not made.
+    A step count written where the version counter does not see it (`.data`, numpy) is seen: the range is not
+    stepped with another param's count. Against torch.optim.AdamW(foreach=False) on the same model, unflattened."""
+    model, oracle = make_model(), make_model()
+    flatten_parameters(model)
+    opts = []
+    for m in (model, oracle):
+        ps = list(m.parameters())
+        listed = ps + [ps[2]] if case == "listed twice in a group" else ps
+        opt = (FusedAdamW(listed, lr=LR, weight_decay=WD, backend=backend) if m is model
+               else torch.optim.AdamW(listed, lr=LR, weight_decay=WD, foreach=False))
+        if case == "listed in two groups":
+            opt.param_groups.append(dict(opt.param_groups[0], params=[ps[2]]))
+        opts.append(opt)
+    for step in range(5):
+        for m, opt in zip((model, oracle), opts):
+            if step == 2 and case.startswith("count"):
+                count = opt.state[list(m.parameters())[4]]["step"]
+                count.data.fill_(0) if case.endswith(".data") else count.numpy().fill(0)
+            backward(m, step)
+            opt.step()
+            opt.zero_grad(set_to_none=False)
+    assert_same(list(model.parameters()), list(oracle.parameters()), opts[0].state, opts[1].state,
+                exact=backend == "reference")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("victim", ["params", "grads"])
 @pytest.mark.filterwarnings("ignore:fused_adam. the grads of")  # (the grads are not their views: said, as it should)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import threading
+from collections import defaultdict
 
 import pytest
 import torch
@@ -110,6 +111,31 @@ def _state_deleted(opt):
     del opt.state[opt.param_groups[0]["params"][4]]  # its states start again from zero, as torch's do
 
 
+def _optimizer_state_replaced(opt):
+    opt.state = defaultdict(dict)  # a reset: every state starts again from zero
+
+
+# Dict methods that do not go through __setitem__ / __delitem__, one by one.
+def _state_update(opt):
+    p = opt.param_groups[0]["params"][0]
+    opt.state.update({p: {k: v * 2 for k, v in opt.state[p].items()}})
+
+
+def _state_ior(opt):
+    p = opt.param_groups[0]["params"][1]
+    state = opt.state
+    state |= {p: {k: v + 1 for k, v in opt.state[p].items()}}
+
+
+def _param_state_ior(opt):
+    st = opt.state[opt.param_groups[0]["params"][2]]
+    st |= {"exp_avg": st["exp_avg"] * -1}
+
+
+def _state_popitem(opt):
+    opt.state.popitem()  # the last param's (torch's for-loop raises KeyError where one entry of a state is missing)
+
+
 def _steps_in_place(opt):
     ps = opt.param_groups[0]["params"]
     opt.state[ps[0]]["step"].fill_(10)
@@ -164,8 +190,9 @@ def _param_and_states_to_another_dtype(opt):
     p = opt.param_groups[0]["params"][1]
     p.data = p.data.double()
     st = opt.state[p]
-    for k in ("exp_avg", "exp_avg_sq"):
-        st[k].data = st[k].double()
+    for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+        if k in st:
+            st[k].data = st[k].double()
 
 
 MUTATIONS = {
@@ -181,6 +208,11 @@ MUTATIONS = {
     "state .data assigned": _state_data_assigned,
     "state dict replaced": _state_dict_replaced,
     "state deleted": _state_deleted,
+    "optimizer.state replaced": _optimizer_state_replaced,
+    "state.update": _state_update,
+    "state |=": _state_ior,
+    "a param's state |=": _param_state_ior,
+    "state.popitem": _state_popitem,
     "step counts in place": _steps_in_place,
     "moments in place": _moments_in_place,
     "hyperparameters": _hyperparameters,
@@ -547,6 +579,28 @@ def test_memory_shared_where_no_update_meets_another_steps_as_torch(backend, cas
     shared = [p.grad if case.startswith("grads") else p for p in ours_and_ref[0]]
     assert len({t.untyped_storage().data_ptr() for t in shared}) == 1  # (the case is what it says)
     _run(ours, ref, backend, mutate=lambda opt: None, grads=grads)
+
+
+@pytest.mark.parametrize("backend", backends_here())
+def test_a_group_taken_out_and_put_back_steps_as_torch(backend):
+    """A group popped from param_groups (frozen), its param's state deleted meanwhile while the other group steps
+    (and rebuilds its plan), then put back: the plan the group had is stale and must not step the old states."""
+    ours, ref = _pair(backend)
+    for opt in (ours, ref):
+        ps = opt.param_groups[0]["params"]
+        opt.param_groups[0]["params"], second = ps[:3], ps[3:]
+        opt.add_param_group({"params": second})
+    frozen = {}
+    for s in range(STEPS):
+        for opt in (ours, ref):
+            if s == 2:
+                frozen[opt] = opt.param_groups.pop()
+                del opt.state[frozen[opt]["params"][0]]
+            if s == 4:
+                opt.param_groups.append(frozen[opt])
+            _set_grads(opt, s)
+            opt.step()
+        _assert_same(ours, ref, backend, where=f"step {s}:")
 
 
 @pytest.mark.parametrize("backend", backends_here())

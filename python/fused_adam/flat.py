@@ -23,9 +23,10 @@ each param's step count as a 0-dim view of one float32 buffer, and steps the who
 counter. Padding is zero in params, grads and states, and Adam keeps a zero there zero (no grad, no moment, no
 decay of 0), so the range steps exactly as the slots would one by one. Before each such step, FlatRun.valid()
 checks what a user can change: every param still its slot (`p.data` not replaced), every grad still its view (not
-replaced, not None), every state tensor still its view, and the step counts not changed in place (the step
-buffer's version counter). If anything differs, the partition is stepped tensor by tensor, as without flat
-buffers: never a wrong step.
+replaced, not None), every state tensor still its view, and the step counts all equal (compared every step on
+the host; on a device, when the step buffer's version counter moved). If anything differs, the partition is
+stepped tensor by tensor, as without flat buffers: never a wrong step. A param listed twice (in one group or
+two) gets no run: its second listing steps the same state, after the first (optimizer._make_states).
 
 NOTE [flat run wiring]: what the step plan does with a partition (tests/test_flat.py's FlatDriver does the same):
   * when it builds the partition: run = find_run(members, opts); views = run.states(optimizer.state) (None: no
@@ -312,6 +313,7 @@ class FlatRun:
     _slots: tuple = ()  # (param_ptrs, grad_ptrs, numels, dtypes) of the run's slots
     _warned: bool = False
     _steps_version: int = -1
+    _steps_pairs: tuple = ()  # (steps[1:], steps[:-1]) where the counts live on the host
     _native: tuple | None = None  # _C.SlotCheck of params, grads, states (NOTE [flat slot check]), where built
 
     def __repr__(self) -> str:
@@ -406,6 +408,7 @@ class FlatRun:
         self._tensors = tensors
         self._expected = ([t.data_ptr() for t in tensors], [t.numel() for t in tensors], [t.dtype for t in tensors])
         self._steps_version = self.steps._version
+        self._steps_pairs = (self.steps[1:], self.steps[:-1]) if self.steps.device.type == "cpu" else ()
         self._views = []
         native = _native_slot_check()
         if native is not None:  # NOTE [flat slot check] in csrc/ops.cpp: the same checks, in C++
@@ -428,8 +431,7 @@ class FlatRun:
 
     def valid(self) -> bool:
         """The per-step check: True if stepping the range is stepping each param (NOTE [flat buffers]). Every
-        param its slot, every grad its view, every state tensor its view, and the step counts equal (checked
-        only when the step buffer's version moved: a step count changed in place)."""
+        param its slot, every grad its view, every state tensor its view, and the step counts equal."""
         params, (p_ptrs, g_ptrs, numels, dtypes) = self._params, self._slots
         if self._native is not None:
             params_at, grads_at, states_at = self._native
@@ -449,8 +451,14 @@ class FlatRun:
                     "one like it runs per tensor. Zero them with zero_grad(set_to_none=False) or "
                     "FlatBuffer.zero_grad() to keep the flat step.", stacklevel=4)
             return False
+        if self._steps_pairs:
+            # Every count, every step (a few microseconds): one written where the version counter does not see it
+            # (through `.data`, numpy, or a backend's kernel stepping the same state) must not be stepped as
+            # steps[0]. Still one counter if they are all equal (e.g. every count set to the same value).
+            return torch.equal(*self._steps_pairs)
         if self.steps._version != self._steps_version:
-            # Changed in place: still one counter if they are all equal (e.g. every count set to the same value).
+            # On a device, comparing would wait for it: a count changed in place is seen through the version
+            # counter (a write around it, through `.data` or DLPack, is not).
             if not bool((self.steps == self.steps[0]).all()):
                 return False
             self._steps_version = self.steps._version

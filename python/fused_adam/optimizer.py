@@ -34,13 +34,12 @@ _NO_AMP = Amp()
 @dataclass(eq=False)
 class _StepInputs:
     """What every partition of one step shares: AMP's tensors and the clip coefficient, each moved to a partition's
-    device once (amp()), the grads of every group where clipping read them, and whether a plan was built."""
+    device once (amp()), and the grads of every group where clipping read them."""
 
     grad_scale: Tensor | None
     found_inf: Tensor | None
     clip_coef: Tensor | None = None
     group_grads: list[list[Tensor | None]] | None = None
-    built: bool = False
     moved: dict | None = None  # (id, device) -> the tensor on that device
 
     def amp(self, device: torch.device) -> Amp:
@@ -211,7 +210,7 @@ class FusedAdam(Optimizer):
         chosen = dict(master_weights=master_weights, state_dtype=state_dtype, stochastic_rounding=stochastic_rounding, seed=seed)
         defaults.update({k: v for k, v in chosen.items() if v != EXTENSIONS[k]})
         super().__init__(params, defaults)
-        self.state = rebind(self.state, self._generation)
+        self._bind_state()
 
     # ---- pickling, state_dict ------------------------------------------------------------------------------
 
@@ -233,8 +232,14 @@ class FusedAdam(Optimizer):
         self.__dict__.setdefault("grad_norm", None)
         self._plans = {}
         self._generation = Generation()
-        self.state = rebind(self.state, self._generation)
+        self._bind_state()
         checkpoint.fill_group_defaults(self.param_groups)
+
+    def _bind_state(self) -> None:
+        """self.state as a StateDict of this optimizer's generation (NOTE [state generation]); every plan dropped,
+        as they may hold the tensors of a dict that was in its place."""
+        self.state = self._bound_state = rebind(self.state, self._generation)
+        self._plans.clear()
 
     def state_dict(self) -> dict[str, Any]:
         """torch's layout, each param's state a plain dict (loadable by torch.optim.Adam and without fused_adam)."""
@@ -290,16 +295,26 @@ class FusedAdam(Optimizer):
             for p in members:
                 if not self.state.get(p):
                     check_fused_param(p)
+        if run is not None and not self._listed_once(members):
+            run = None  # its slots would be stepped once, with one counter: per tensor, in listing order, as torch
         packed = run.states(self.state) if run is not None else None  # NOTE [flat run wiring]
         if packed is None:
             packed = packed_states(self.state, opts, members)
         return [param_state(self.state, p, opts, packed[i]) for i, p in enumerate(members)]
 
+    def _listed_once(self, params: list[Tensor]) -> bool:
+        """No param of `params` is listed again, in its group or another (O(params of the optimizer), at a plan
+        build that found a flat run only)."""
+        ids = {id(p) for p in params}
+        return sum(id(p) in ids for group in self.param_groups for p in group["params"]) == len(ids)
+
     def _build_plan(self, gi: int, group: dict[str, Any], has_grad: list[bool], key: tuple) -> Plan:
         first_id = sum(len(g["params"]) for g in self.param_groups[:gi])  # params' index over all groups
         with torch.no_grad():
-            return plans.build(gi, group, has_grad, key, self._generation.value, first_id,
-                               self.max_grad_norm is not None, self._choose_backend, self._make_states)
+            plan = plans.build(gi, group, has_grad, key, first_id, self.max_grad_norm is not None,
+                               self._choose_backend, self._make_states)
+        plan.generation = self._generation.value  # its own states made (replacing one bumps it: NOTE [state generation])
+        return plan
 
     @torch.no_grad()
     def _clip_coef(self, group_grads: list[list[Tensor | None]], grad_scale: Tensor | None) -> Tensor | None:
@@ -356,7 +371,6 @@ class FusedAdam(Optimizer):
         has_grad = [g is not None for g in grads]
         if not valid or plan.has_grad != has_grad:
             plan = self._plans[gi] = self._build_plan(gi, group, has_grad, key)
-            ctx.built = True
         work = []
         for part in plan.parts:
             amp = ctx.amp(part.device)
@@ -466,6 +480,8 @@ class FusedAdam(Optimizer):
             grad_scale = getattr(self, "grad_scale", None)
         if found_inf is None:
             found_inf = getattr(self, "found_inf", None)
+        if self.state is not self._bound_state:  # a dict put in its place (`opt.state = defaultdict(dict)`, a reset)
+            self._bind_state()
         with torch.set_grad_enabled(self.defaults["differentiable"]):
             hypers = [self._hyper(gi, group) for gi, group in enumerate(self.param_groups)]  # all checked first
             ctx = _StepInputs(grad_scale, found_inf)
@@ -487,9 +503,6 @@ class FusedAdam(Optimizer):
                 for w in work[1:]:
                     self._run(w, ctx)
                 break
-            if ctx.built:  # the states created for one group's plan must not invalidate the others' (NOTE [step plan])
-                for built_plan in self._plans.values():
-                    built_plan.generation = self._generation.value
         return loss
 
 

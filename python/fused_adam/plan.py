@@ -8,8 +8,9 @@ changed is either seen by that check or by the backend's per-tensor checks, at O
     item, in C++ where the extension is built);
   * the options that shape the plan (the plan key: amsgrad, capturable, the options beyond torch, weight decay on
     or off, a Tensor lr or not);
-  * the optimizer's state: a _State bumps its optimizer's generation when a tensor in it is replaced; add_param_group
-    and load_state_dict drop every plan;
+  * the optimizer's state: a StateDict bumps its optimizer's generation when a tensor in it is replaced or removed
+    (NOTE [state generation]); add_param_group, load_state_dict and a dict put in place of `opt.state` drop every
+    plan;
   * complex (and DTensor) params, stepped through kernel views the plan holds: each view still a view of what its
     param and states hold now (a `.data` replaced leaves a view on the old memory, per such param, in Python);
   * which params have grads (a grad that appears or disappears rebuilds the plan);
@@ -114,8 +115,8 @@ class Plan:
     snapshot: list[Tensor]  # its items when the plan was built
     has_grad: list[bool]
     key: tuple
-    generation: int
     parts: list[Partition]
+    generation: int = -1  # the optimizer's state generation once this plan's states were made (NOTE [state generation])
     all_grads: bool = False  # every param had a grad when built (has_grad, decided once, not per step)
     all_flat: bool = False  # every partition is a flat run (NOTE [flat run wiring])
     has_views: bool = False  # a partition holds kernel views (complex or DTensor params)
@@ -151,8 +152,7 @@ def _same_view(a: Tensor, b: Tensor) -> bool:
             and a.data_ptr() == b.data_ptr())
 
 
-def build(group_index: int, group: dict[str, Any], has_grad: list[bool], key: tuple, generation: int,
-          first_id: int, clip: bool, choose: Callable[[Partition], tuple[Backend, Dispatch]],
+def build(group_index: int, group: dict[str, Any], has_grad: list[bool], key: tuple, first_id: int, clip: bool, choose: Callable[[Partition], tuple[Backend, Dispatch]],
           make_states: Callable[[dict, PartOptions, list[Tensor], Any], list[dict[str, Tensor]]]) -> Plan:
     """Split the group's params with grads into (device, dtype, occurrence) partitions, create their states, and
     pick and prepare each partition's backend. `first_id`: the group's first param's index over all groups."""
@@ -171,8 +171,7 @@ def build(group_index: int, group: dict[str, Any], has_grad: list[bool], key: tu
     for (device, dtype, occurrence), index in by_key.items():
         opts = PartOptions.of(group, dtype, clip)
         members = [params[i] for i in index]
-        # A param listed twice: only its first partition may keep its states in a run's flat buffers.
-        run = flat.find_run(members, opts) if occurrence == 0 else None
+        run = flat.find_run(members, opts)  # (declined by make_states where a param is listed twice)
         packed = make_states(group, opts, members, run)
         if run is not None and not run.bind(packed):
             run = None
@@ -203,7 +202,7 @@ def build(group_index: int, group: dict[str, Any], has_grad: list[bool], key: tu
             part.flat, part.flat_part = run, run.partition(part)
             part.backend.prepare(part.flat_part)
         parts.append(part)
-    return Plan(params, list(params), has_grad, key, generation, parts)
+    return Plan(params, list(params), has_grad, key, parts)
 
 
 def check_tensors(part: Partition, grads: list[Tensor], grads_written: bool = False) -> None:

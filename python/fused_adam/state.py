@@ -1,10 +1,13 @@
 """The optimizer's per-parameter state: torch's layout, created lazily, and watched for replacement.
 
-NOTE [state generation]: a step plan (plan.py) holds each partition's state tensors. Anything that replaces one
-(`opt.state[p]["exp_avg"] = t`, `opt.state[p] = {...}`, `del opt.state[p]`) bumps its optimizer's generation, so
-that the plan is rebuilt at the next step; changes in place (`.fill_`, `.data = ...` on the same tensor object) are
-read where they live, and the backends' per-tensor checks see a new shape. The counter is per optimizer: a state
-write in one optimizer leaves the plans of every other one alone.
+NOTE [state generation]: a step plan (plan.py) holds each partition's state tensors. Anything that replaces or
+removes one (`opt.state[p]["exp_avg"] = t`, `opt.state[p] = {...}`, `del opt.state[p]`, `update`, `|=`, `pop`, ...)
+bumps its optimizer's generation, so that the plan is rebuilt at the next step; a dict put in place of `opt.state`
+(a reset) drops every plan. Adding an entry does not bump it: a plan holds only tensors that are in the dict, so a
+new one cannot be in any plan, and a plan's own lazily created states then leave the other plans valid. Changes in
+place (`.fill_`, `.data = ...` on the same tensor object) are read where they live, and the backends' per-tensor
+checks see a new shape. The counter is per optimizer: a state write in one optimizer leaves the plans of every
+other one alone.
 
 NOTE [packed states]: the states a plan creates for small params (exp_avg, exp_avg_sq, max_exp_avg_sq, the fp32
 master; params of at most 64K elements) are 64-byte-aligned views into shared buffers of up to 1M elements per state
@@ -48,7 +51,8 @@ class Generation:
 
 
 class ParamState(dict):
-    """A parameter's state dict. Replacing or removing an entry bumps its optimizer's generation."""
+    """A parameter's state dict. Replacing or removing an entry bumps its optimizer's generation (adding one does
+    not: no plan holds a tensor that is not in the dict, NOTE [state generation])."""
 
     __slots__ = ("_generation",)
 
@@ -61,16 +65,21 @@ class ParamState(dict):
             self._generation.bump()
 
     def __setitem__(self, key, value):
-        self._bump()
+        if key in self:
+            self._bump()
         super().__setitem__(key, value)
 
     def __delitem__(self, key):
         self._bump()
         super().__delitem__(key)
 
-    def update(self, *args, **kwargs):
+    def update(self, *args, **kwargs):  # dict's C methods do not call __setitem__: each is bumped here
         self._bump()
         super().update(*args, **kwargs)
+
+    def __ior__(self, other):
+        self.update(other)
+        return self
 
     def pop(self, *args):
         self._bump()
@@ -84,17 +93,13 @@ class ParamState(dict):
         self._bump()
         super().clear()
 
-    def setdefault(self, key, default=None):
-        self._bump()
-        return super().setdefault(key, default)
-
     def __reduce__(self):  # pickles and deep-copies as a plain dict's contents; the optimizer rebinds it
         return (ParamState, (dict(self),))
 
 
 class StateDict(defaultdict):
     """optimizer.state: param -> ParamState (other keys and values, as torch allows, are kept as they are).
-    Replacing or removing an entry bumps the generation too."""
+    Replacing or removing an entry bumps the generation too, whichever dict method does it."""
 
     def __init__(self, generation: Generation, items=()) -> None:
         super().__init__(None)
@@ -108,7 +113,8 @@ class StateDict(defaultdict):
         return value
 
     def __setitem__(self, key, value):
-        self.generation.bump()
+        if key in self:
+            self.generation.bump()
         if type(value) is dict or (isinstance(value, ParamState) and value._generation is not self.generation):
             value = ParamState(value, generation=self.generation)
         super().__setitem__(key, value)
@@ -117,9 +123,26 @@ class StateDict(defaultdict):
         self.generation.bump()
         super().__delitem__(key)
 
+    def update(self, *args, **kwargs):
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+    def __ior__(self, other):
+        self.update(other)
+        return self
+
+    def setdefault(self, key, default=None):
+        if key not in self:
+            self[key] = default
+        return self[key]
+
     def pop(self, *args):
         self.generation.bump()
         return super().pop(*args)
+
+    def popitem(self):
+        self.generation.bump()
+        return super().popitem()
 
     def clear(self):
         self.generation.bump()
