@@ -518,11 +518,12 @@ def test_what_a_run_cannot_step_steps_as_torch(backend, case):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("victim", ["params", "grads"])
+@pytest.mark.parametrize("victim", ["params", "grads", "state_steps"])
 @pytest.mark.filterwarnings("ignore:fused_adam. the grads of")  # (the grads are not their views: said, as it should)
 def test_flat_buffer_freed_raises_and_changes_nothing(backend, victim):
-    """A flat buffer's storage freed under the views (`untyped_storage().resize_(0)`, as FSDP frees params): the
-    range is not stepped, the per-tensor pass names the first view whose elements are gone, nothing is written."""
+    """A flat buffer's storage freed under the views (`untyped_storage().resize_(0)`, as FSDP frees params), or the
+    run's step counts' shrunk to the first count: the range is not stepped, the per-tensor pass names the first
+    view whose elements are gone, nothing is written."""
     model = make_model()
     (flat,) = flatten_parameters(model)
     opt = FusedAdamW(model.parameters(), lr=LR, weight_decay=WD, backend=backend)
@@ -532,12 +533,14 @@ def test_flat_buffer_freed_raises_and_changes_nothing(backend, victim):
         opt.zero_grad(set_to_none=False)
     backward(model, 2)
     params = list(model.parameters())
-    buffer = params[0] if victim == "params" else params[0].grad
+    buffer = {"params": params[0], "grads": params[0].grad, "state_steps": opt.state[params[0]]["step"]}[victim]
     freed = buffer.untyped_storage().data_ptr()
     kept = [t for p in params for t in (p, p.grad, *opt.state[p].values()) if t.untyped_storage().data_ptr() != freed]
     before = [t.clone() for t in kept]
-    buffer.untyped_storage().resize_(0)
-    with pytest.raises(RuntimeError, match=rf"{victim}\[0\].* needs \d+ bytes of storage .* holds 0"):
+    keep = 4 if victim == "state_steps" else 0
+    buffer.untyped_storage().resize_(keep)
+    index = 1 if victim == "state_steps" else 0
+    with pytest.raises(RuntimeError, match=rf"{victim}\[{index}\].* needs \d+ bytes of storage .* holds {keep}"):
         opt.step()
     for i, (a, b) in enumerate(zip(before, kept)):
         assert torch.equal(a, b), f"tensor {i} changed"

@@ -380,23 +380,28 @@ def test_param_data_of_another_dtype_raises_and_changes_nothing(backend):
 
 
 @pytest.mark.parametrize("backend", backends_here())
-@pytest.mark.parametrize("victim", ["params", "grads", "exp_avgs"])
+@pytest.mark.parametrize("victim", ["params", "grads", "exp_avgs", "state_steps", "state_steps shrunk"])
 def test_storage_freed_under_a_tensor_raises_and_changes_nothing(backend, victim):
     """`untyped_storage().resize_(0)` (how FSDP frees a param) leaves a tensor whose elements are nowhere: the step
-    names the list and index and writes nothing, where torch's kernels would read and write out of bounds."""
+    names the list and index and writes nothing, where torch's kernels would read and write out of bounds. The step
+    counts too (read, then bumped: the shared count buffer shrunk to its first count leaves the others outside)."""
     ours, _ = _pair(backend)
     for s in range(2):
         _set_grads(ours, s)
         ours.step()
     _set_grads(ours, 2)
     p = ours.param_groups[0]["params"][1]
-    victim_tensor = {"params": p, "grads": p.grad, "exp_avgs": ours.state[p]["exp_avg"]}[victim]
+    victim_tensor = {"params": p, "grads": p.grad, "exp_avgs": ours.state[p]["exp_avg"]}.get(victim)
+    if victim_tensor is None:  # the step counts: views of one buffer
+        victim_tensor = ours.state[p]["step"]
     freed = victim_tensor.untyped_storage().data_ptr()  # (the states are views of one packed buffer: all go)
     others = [t for q in _params(ours) for t in (q, *ours.state[q].values()) if t.untyped_storage().data_ptr() != freed]
     before = [t.clone() for t in others]
-    victim_tensor.untyped_storage().resize_(0)
-    index = 1 if victim != "exp_avgs" else r"\d+"
-    with pytest.raises(RuntimeError, match=rf"{victim}\[{index}\].* needs \d+ bytes of storage .* holds 0"):
+    keep = 4 if victim.endswith("shrunk") else 0
+    victim_tensor.untyped_storage().resize_(keep)
+    index = 1 if victim in ("params", "grads") else r"\d+"
+    name = victim.split()[0]
+    with pytest.raises(RuntimeError, match=rf"{name}\[{index}\].* needs \d+ bytes of storage .* holds {keep}"):
         ours.step()
     for i, (a, b) in enumerate(zip(before, others)):
         assert torch.equal(a, b), f"tensor {i} changed"

@@ -188,6 +188,8 @@ inline void check_array(const char* who, const at::Tensor& t, int row, size_t i,
               "] has shape ", param.sizes());
 }
 
+inline void check_storage(const char* who, const at::Tensor& t, const char* list, size_t i);
+
 // Array `row` of tensor i against params[i] and the first tensors (row kNumRows: its step count).
 inline void check_row(const char* who, const TensorLists& l, size_t i, const std::array<const at::Tensor*, kNumRows>& a,
                       int row, const Placement& where) {
@@ -213,7 +215,8 @@ inline void check_row(const char* who, const TensorLists& l, size_t i, const std
       TORCH_CHECK(step.device() == where.steps && step.scalar_type() == at::kFloat && step.numel() == 1, who,
                   ": state_steps[", i, "] must be a one-element float32 tensor on ", where.steps, ", got ",
                   step.scalar_type(), " of shape ", step.sizes(), " on ", step.device());
-      return;
+      // read (check_counts) and written by the step: its storage must hold it (a freed step buffer)
+      return check_storage(who, step, "state_steps", i);
     }
     default:  // the moments
       if (a[row] != nullptr) check_array(who, *a[row], row, i, p, &l.exp_avgs[0], kExpAvgRow, 0, where);
@@ -276,9 +279,8 @@ inline void check_distinct_elements(const char* who, const at::Tensor& t, int ro
 // FSDP does to free a param, would otherwise be read and written out of bounds), and, for an array the step writes
 // (all but the grad), no two elements share an address (an expanded tensor: torch's in-place ops refuse it, and a
 // step would find out only after writing other arrays).
-inline void check_memory(const char* who, const at::Tensor& t, int row, size_t i) {
+inline void check_storage(const char* who, const at::Tensor& t, const char* list, size_t i) {
   if (t.numel() == 0 || t.is_meta()) return;  // (meta tensors have no memory to read)
-  const char* list = kRowList[row];
   int64_t last = t.storage_offset();
   const c10::IntArrayRef sizes = t.sizes(), strides = t.strides();
   for (size_t d = 0; d < sizes.size(); ++d) last += (sizes[d] - 1) * strides[d];
@@ -288,7 +290,11 @@ inline void check_memory(const char* who, const at::Tensor& t, int row, size_t i
   TORCH_CHECK(storage.data() != nullptr && need <= have, who, ": ", list, "[", i, "] needs ", need,
               " bytes of storage for its ", t.numel(), " elements, but its storage holds ", have,
               " (was the storage resized or freed under it?)");
-  if (row != kGradRow) check_distinct_elements(who, t, row, i);
+}
+
+inline void check_memory(const char* who, const at::Tensor& t, int row, size_t i) {
+  check_storage(who, t, kRowList[row], i);
+  if (row != kGradRow && t.numel() != 0 && !t.is_meta()) check_distinct_elements(who, t, row, i);
 }
 
 // Array `row` of tensor i shares no memory with its other arrays (a state loaded as the same tensor as another, a

@@ -236,11 +236,11 @@ def check_tensors(part: Partition, grads: list[Tensor], grads_written: bool = Fa
         if s.numel() != 1:
             raise RuntimeError(f"{who}: state_steps[{pos}] (param {part.param_index(pos)} of group "
                                f"{part.group_index}) has {s.numel()} elements; expected a 0-dim step count")
-        if s.device.type == "cpu" and not s.item() >= 0:  # tensor_pass.h's check_counts (device counts: not read)
-            raise ValueError(f"{who}: state_steps[{pos}] {where} is {s.item()}; a step count is a number >= 0")
         named = [("params", p), *((name, tensors[pos]) for name, tensors in arrays)]
         for name, t in [*named, ("state_steps", s)]:
             check_memory(who, name, pos, t, where, grads_written)
+        if s.device.type == "cpu" and not s.item() >= 0:  # tensor_pass.h's check_counts (device counts: not read)
+            raise ValueError(f"{who}: state_steps[{pos}] {where} is {s.item()}; a step count is a number >= 0")
         check_apart(who, named, pos, where)
     check_arrays_apart(who, [("params", part.params), *arrays, ("state_steps", part.state_steps)],
                        lambda pos: f"(param {part.param_index(pos)} of group {part.group_index})")
