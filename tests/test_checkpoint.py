@@ -440,6 +440,9 @@ def test_round_trip_is_bitwise(backend, config):
         (lambda sd: sd["param_groups"][0].update(seed="1"), TypeError, ["'seed'", "int"]),
         (lambda sd: sd["param_groups"][0].update(state_dtype=torch.int8), ValueError, ["state_dtype"]),
         (lambda sd: sd["state"].update({0: 5}), TypeError, ["param 0", "state", "dict"]),
+        (lambda sd: sd["state"][0]["exp_avg"].untyped_storage().resize_(0), ValueError,
+         ["'exp_avg'", "storage holds 0"]),
+        (lambda sd: sd["state"][1]["step"].untyped_storage().resize_(0), ValueError, ["'step'", "storage holds 0"]),
         (lambda sd: sd["param_groups"].pop(), ValueError, ["different number of parameter groups"]),  # torch's
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else getattr(v, "__name__", None) if isinstance(v, type) else "sd",

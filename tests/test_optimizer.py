@@ -84,6 +84,20 @@ def test_multi_element_tensor_beta_names_the_argument():
         FusedAdam([torch.nn.Parameter(torch.randn(3))], betas=(torch.tensor(0.9), torch.tensor([0.9, 0.8])))
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(eps=torch.tensor(1e-8)), r"param_groups\[0\]\['eps'\] is tensor"),
+    (dict(weight_decay=torch.tensor(0.1)), r"param_groups\[0\]\['weight_decay'\] is tensor"),
+    (dict(master_weights=1), r"Invalid master_weights: 1"),
+])
+def test_what_a_step_refuses_the_constructor_refuses(kwargs, match):
+    """A Tensor eps or weight_decay (torch's for-loop takes them; its fused and capturable paths do not): the step
+    checks every group as the constructor does, so the constructor refuses what every step would."""
+    with pytest.raises(ValueError, match=match):
+        FusedAdam([torch.nn.Parameter(torch.randn(3))], **kwargs)
+    with pytest.raises(ValueError, match=match):
+        FusedAdam([{"params": [torch.nn.Parameter(torch.randn(3))], **kwargs}])
+
+
 def test_defaults_match_torch():
     p = [torch.nn.Parameter(torch.randn(3))]
     for ours, theirs in ((FusedAdam(p), torch.optim.Adam(p)), (FusedAdamW(p), torch.optim.AdamW(p))):

@@ -657,7 +657,13 @@ BAD_HYPERPARAMETERS = [("lr", "0.1", r"\['lr'\] is '0.1'"), ("lr", float("nan"),
                        ("betas", (0.9, 1.0), r"\['betas'\]\[1\] is 1.0"),
                        ("betas", (None, 0.9), r"\['betas'\]\[0\] is None"),
                        ("eps", None, r"\['eps'\] is None"), ("eps", -1e-8, r"\['eps'\] is -1e-08"),
-                       ("weight_decay", float("nan"), r"\['weight_decay'\] is nan")]
+                       ("weight_decay", float("nan"), r"\['weight_decay'\] is nan"),
+                       # the options beyond torch, as the constructor checks them (an int state_dtype would cast the
+                       # moments to integers first)
+                       ("state_dtype", torch.int32, r": Invalid state_dtype: torch.int32"),
+                       ("seed", -1, r": Invalid seed: -1"), ("seed", 1.5, r": Invalid seed: 1.5"),
+                       ("master_weights", "yes", r": Invalid master_weights: 'yes'"),
+                       ("stochastic_rounding", 1, r": Invalid stochastic_rounding: 1")]
 
 
 @pytest.mark.parametrize("backend", backends_here())
@@ -690,6 +696,41 @@ def test_bad_hyperparameter_set_after_construction_raises_and_changes_nothing(ba
     _set_grads(ours, 1)
     ours.param_groups[1][key] = value
     _assert_step_raises_and_changes_nothing(ours, ValueError, r"param_groups\[1\]" + match)
+
+
+def _freed(t):
+    t.untyped_storage().resize_(0)
+    return t
+
+
+BAD_AMP = {
+    "grad_scale of two elements": (dict(grad_scale=torch.tensor([2.0, 2.0])), ValueError, "grad_scale must be a one"),
+    "grad_scale a float": (dict(grad_scale=2.0), TypeError, r"grad_scale must be a Tensor or None, got 2.0"),
+    "grad_scale an int tensor": (dict(grad_scale=torch.tensor(2)), ValueError, r"grad_scale .* dtype torch.int64"),
+    "grad_scale freed": (dict(grad_scale=_freed(torch.tensor(2.0))), ValueError, "grad_scale .* no value to read"),
+    "grad_scale on meta": (dict(grad_scale=torch.tensor(2.0, device="meta")), ValueError, "grad_scale .* meta"),
+    "found_inf complex": (dict(found_inf=torch.tensor(1j)), ValueError, "found_inf must be .* real .*complex64"),
+    "found_inf a float": (dict(found_inf=0.0), TypeError, "found_inf must be a Tensor"),
+}
+
+
+@pytest.mark.parametrize("backend", backends_here())
+@pytest.mark.parametrize("case", BAD_AMP)
+def test_bad_amp_tensors_raise_and_change_nothing(backend, case):
+    """grad_scale and found_inf (GradScaler's one-element float tensors) are checked once, before anything is
+    stepped, the same on every backend (a two-element scale divided element-wise on one and was read as its first
+    element on another; a freed one was read out of bounds)."""
+    kwargs, error, match = BAD_AMP[case]
+    ours, _ = _pair(backend)
+    _set_grads(ours, 0)
+    ours.step()
+    _set_grads(ours, 1)
+    tensors = lambda: [g for p in _params(ours) for g in (p, p.grad, *ours.state[p].values())]  # noqa: E731
+    before = [t.clone() for t in tensors()]
+    with pytest.raises(error, match=match):
+        ours.step(**kwargs)
+    for i, (a, b) in enumerate(zip(before, tensors())):
+        assert torch.equal(a, b), f"tensor {i} changed"
 
 
 @pytest.mark.parametrize("backend", backends_here())

@@ -21,9 +21,13 @@ STATE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 def check_extensions(master_weights, state_dtype, stochastic_rounding, seed, max_grad_norm, differentiable) -> None:
     if state_dtype is not None and state_dtype not in STATE_DTYPES:
-        raise ValueError(f"Invalid state_dtype: {state_dtype}; expected None (the param's dtype) or one of {STATE_DTYPES}")
+        raise ValueError(f"Invalid state_dtype: {state_dtype!r}; expected None (the param's dtype) or one of "
+                         f"{STATE_DTYPES}")
     if not isinstance(seed, int) or not 0 <= seed < 2**64:
         raise ValueError(f"Invalid seed: {seed!r}; expected an int in [0, 2**64)")
+    for name, flag in (("master_weights", master_weights), ("stochastic_rounding", stochastic_rounding)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"Invalid {name}: {flag!r}; expected True or False")
     if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and 0.0 < max_grad_norm < float("inf")):
         raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm}; expected None or a finite number > 0")
     used = [n for n, v in (("master_weights", master_weights), ("state_dtype", state_dtype is not None),
@@ -117,6 +121,48 @@ def check_hyper(group_index: int, lr, betas, eps, weight_decay) -> tuple:
         if isinstance(value, Tensor) or not _in_range(value, 0.0, None):
             raise ValueError(f"{where}{name} is {value!r}; expected a number >= 0")
     return b1, b2
+
+
+_DEFAULT_EXTENSIONS = tuple(EXTENSIONS.values())
+
+
+def check_group_extensions(group_index: int, group: dict, max_grad_norm) -> None:
+    """The options beyond torch as a step reads them from a param group (set by hand or by add_param_group after
+    construction): the constructor's checks, before any group is stepped or has states made (a state_dtype of int32
+    would cast the moments to integers)."""
+    values = tuple(group.get(k, v) for k, v in EXTENSIONS.items())
+    if values == _DEFAULT_EXTENSIONS and max_grad_norm is None:
+        return
+    try:
+        check_extensions(*values, max_grad_norm, group["differentiable"])
+    except ValueError as e:
+        raise ValueError(f"FusedAdam: param_groups[{group_index}]: {e}") from None
+
+
+def storage_shortfall(t: Tensor) -> tuple[int, int] | None:
+    """(the bytes t's elements need, the bytes its storage holds) where the storage is too small for them (resized
+    or freed under t, as FSDP frees params with `untyped_storage().resize_(0)`: torch's kernels would read and
+    write out of bounds), else None. An empty or meta tensor has nothing to read."""
+    if t.numel() == 0 or t.is_meta:
+        return None
+    last = t.storage_offset() + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+    need, have = (last + 1) * t.element_size(), t.untyped_storage().nbytes()
+    return (need, have) if need > have else None
+
+
+def check_amp(name: str, t) -> None:
+    """grad_scale and found_inf as a step takes them (torch.amp.GradScaler's: one-element real tensors), checked once
+    before any group is stepped: a multi-element scale would divide element-wise on one backend and be read as its
+    first element on another, a freed one read out of bounds."""
+    if t is None:
+        return
+    if not isinstance(t, Tensor):
+        raise TypeError(f"FusedAdam: {name} must be a Tensor or None, got {describe(t)}")
+    if t.numel() != 1 or t.is_complex() or not (t.is_floating_point() or t.dtype == torch.bool):
+        raise ValueError(f"FusedAdam: {name} must be a one-element real tensor, got {describe(t)}")
+    if t.is_meta or storage_shortfall(t):
+        raise ValueError(f"FusedAdam: {name} ({describe(t)} on {t.device}) has no value to read (a meta tensor, or "
+                         "its storage freed)")
 
 
 def check_fused_param(p: Tensor) -> None:

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .args import EXTENSIONS, check_args, check_extensions, describe, short
+from .args import EXTENSIONS, check_args, check_extensions, describe, short, storage_shortfall
 from .backends import PartOptions
 
 # Group keys torch.optim.Adam's __setstate__ fills in for checkpoints written before they existed.
@@ -154,9 +154,18 @@ def _check_tensor(where: str, key: str, value: Any, p: Tensor) -> None:
         raise TypeError(f"{where}: '{key}' is a {value.layout} Tensor; expected {expected}")
     if value.shape != p.shape:
         raise ValueError(f"{where}: '{key}' has shape {tuple(value.shape)}; expected {expected}")
+    _check_storage(where, key, value)
     ok = value.dtype == p.dtype if p.is_complex() and key != "master_param" else value.is_floating_point()
     if not ok:
         raise TypeError(f"{where}: '{key}' has dtype {value.dtype}; expected {expected}")
+
+
+def _check_storage(where: str, key: str, value: Tensor) -> None:
+    """Before a value is read or cast: its storage holds it (a freed one would be read out of bounds)."""
+    lack = storage_shortfall(_local(value))
+    if lack:
+        raise ValueError(f"{where}: '{key}' needs {lack[0]} bytes of storage for its {value.numel()} elements, but "
+                         f"its storage holds {lack[1]} (was the storage resized or freed under it?)")
 
 
 def _check_values(where: str, key: str, t: Tensor) -> None:
@@ -176,6 +185,7 @@ def _load_step(where: str, value: Any, p: Tensor, group: dict[str, Any]) -> Tens
     if isinstance(value, Tensor):
         if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
             raise TypeError(f"{where}: 'step' is {describe(value)}; expected {expected}")
+        _check_storage(where, "step", value)
         number = float(value) if _readable(value) else 0.0
     elif _is_number(value):
         number = float(value)

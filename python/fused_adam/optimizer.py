@@ -16,7 +16,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import backends, checkpoint, plan as plans
-from .args import EXTENSIONS, check_args, check_extensions, check_fused_param, check_hyper
+from .args import (EXTENSIONS, check_amp, check_args, check_extensions, check_fused_param, check_group_extensions,
+                   check_hyper)
 from .backends import Amp, Hyper, PartOptions
 from .plan import Dispatch, Partition, Plan
 from .state import Generation, dtensor_type, kernel_view, packed_states, param_state, rebind
@@ -210,6 +211,8 @@ class FusedAdam(Optimizer):
         chosen = dict(master_weights=master_weights, state_dtype=state_dtype, stochastic_rounding=stochastic_rounding, seed=seed)
         defaults.update({k: v for k, v in chosen.items() if v != EXTENSIONS[k]})
         super().__init__(params, defaults)
+        for gi, group in enumerate(self.param_groups):  # what a step would refuse (a Tensor eps), refused now
+            self._hyper(gi, group)
         self._bind_state()
 
     # ---- pickling, state_dict ------------------------------------------------------------------------------
@@ -329,10 +332,11 @@ class FusedAdam(Optimizer):
         self.grad_norm = total
         return torch.clamp(self.max_grad_norm / (total.float() + 1e-6), max=1.0)
 
-    @staticmethod
-    def _hyper(group_index: int, group: dict[str, Any]) -> Hyper:
+    def _hyper(self, group_index: int, group: dict[str, Any]) -> Hyper:
+        """A group's hyperparameters for this step, every option it reads checked as the constructor checks it."""
         lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
         beta1, beta2 = check_hyper(group_index, lr, group["betas"], eps, weight_decay)
+        check_group_extensions(group_index, group, self.max_grad_norm)
         return Hyper(_scalar(lr), _scalar(beta1), _scalar(beta2), eps, weight_decay)
 
     @staticmethod
@@ -482,6 +486,8 @@ class FusedAdam(Optimizer):
             found_inf = getattr(self, "found_inf", None)
         if self.state is not self._bound_state:  # a dict put in its place (`opt.state = defaultdict(dict)`, a reset)
             self._bind_state()
+        check_amp("grad_scale", grad_scale)
+        check_amp("found_inf", found_inf)
         with torch.set_grad_enabled(self.defaults["differentiable"]):
             hypers = [self._hyper(gi, group) for gi, group in enumerate(self.param_groups)]  # all checked first
             ctx = _StepInputs(grad_scale, found_inf)

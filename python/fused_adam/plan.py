@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from . import flat
+from .args import storage_shortfall
 from .backends import Backend, PartOptions
 from .state import kernel_view, needs_view
 
@@ -253,9 +254,9 @@ def check_memory(who: str, name: str, pos: int, t: Tensor, where: str = "", grad
     if t.numel() == 0 or t.is_meta:
         return
     where = f" {where}" if where else ""
-    last = t.storage_offset() + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
-    need, have = (last + 1) * t.element_size(), t.untyped_storage().nbytes()
-    if need > have:
+    lack = storage_shortfall(t)
+    if lack:
+        need, have = lack
         raise RuntimeError(f"{who}: {name}[{pos}]{where} needs {need} bytes of storage for its {t.numel()} "
                            f"elements, but its storage holds {have} (was the storage resized or freed under it?)")
     if (name != "grads" or grads_written) and torch._debug_has_internal_overlap(t) == 1:  # (1: MemOverlap::Yes)

@@ -22,6 +22,7 @@ makes them; so do states that already exist (e.g. loaded from a torch checkpoint
 """
 from __future__ import annotations
 
+import numbers
 import sys
 from collections import defaultdict
 from typing import Any
@@ -236,6 +237,8 @@ def param_state(state: StateDict, p: Tensor, opts: PartOptions, packed: dict[str
     step = st["step"]
     if not torch.is_tensor(step) or step.dtype != torch.float32 or step.device != step_device or step.dim():
         try:
+            if not isinstance(step, (Tensor, numbers.Real)):  # (float() would read a string)
+                raise TypeError
             count = float(step)
         except (TypeError, ValueError, RuntimeError):
             raise ValueError(f"FusedAdam: state['step'] of the param of shape {tuple(p.shape)} is "
