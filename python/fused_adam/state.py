@@ -178,6 +178,8 @@ def packed_states(state: StateDict, opts: PartOptions, params: list[Tensor]) -> 
     most PACK_BUFFER elements per state kind, and the step counts of every param without state, as views into one
     buffer (NOTE [packed states]); per param, the views param_state will use."""
     views: list[dict[str, Tensor]] = [{} for _ in params]
+    if opts.differentiable:  # autograd refuses in-place updates of views made under no_grad: states of their own
+        return views
     where = {id(p): i for i, p in enumerate(params)}
     stateless = [p for p in params if not state.get(p)]
     if len(stateless) > 1:  # every new param's step count, whatever its size: one buffer, read and bumped as one
