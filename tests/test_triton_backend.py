@@ -87,6 +87,26 @@ def test_triton_matches_torch(optim_input, dtype, cls_name):
 
 
 @requires_triton_interpreter
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_capturable_decay_in_the_tensor_lrs_dtype(dtype):
+    """capturable=True with a Tensor lr: AdamW's 1 - lr * wd is computed in the lr's dtype on the device, as torch
+    (and the host path) compute it; in fp64 it drifted 7.6e-7 from torch over 20 steps of zero grads."""
+    params0 = make_params(dtype, ((64,), (7,)))
+    grads = lambda p: torch.zeros_like(p)  # noqa: E731 (the update is the decay alone)
+    out = []
+    for cls, kw in ((FusedAdamW, dict(backend="triton", capturable=True)), (torch.optim.AdamW, dict(foreach=False))):
+        params = [p.detach().clone().requires_grad_() for p in params0]
+        opt = cls(params, lr=torch.tensor(0.01), weight_decay=0.1, **kw)
+        for _ in range(20):
+            for p in params:
+                p.grad = grads(p)
+            opt.step()
+        out.append(params)
+    for a, b in zip(*out):
+        torch.testing.assert_close(a.detach(), b.detach())
+
+
+@requires_triton_interpreter
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_chunk_and_tile_boundaries(small_chunks, dtype):
     # chunk 64, tile 16: sizes at tile and chunk boundaries +-1, several chunks, 1, empty.

@@ -397,7 +397,8 @@ if triton is not None:
             inc = 1.0 - (tl.load(found_inf_ptr).to(tl.float32) != 0).to(tl.float32)
         step = step + inc
         tl.store(step_ptrs, step, mask=mask)
-        lr = tl.load(lr_ptr).to(tl.float64)
+        lr_in = tl.load(lr_ptr)  # a Tensor lr's dtype (fp32 usually), or fp64 for a float lr
+        lr = lr_in.to(tl.float64)
         beta1 = tl.load(beta1_ptr).to(tl.float64)
         beta2 = tl.load(beta2_ptr).to(tl.float64)
         e = tl.maximum(step, 1.0).to(tl.int64)  # step 0 only when found_inf skips the update
@@ -412,7 +413,8 @@ if triton is not None:
             tl.store(scal + 1, beta2.to(out_ty))
             tl.store(scal + 2, (1.0 - beta2).to(out_ty))
             weight_decay = tl.load(hyper_ptr + 3)
-            tl.store(scal + 3, (1.0 - lr * weight_decay).to(out_ty))
+            # AdamW's 1 - lr * wd in lr's dtype, as torch computes it with a Tensor lr (and the host path here)
+            tl.store(scal + 3, (1.0 - lr_in * weight_decay.to(lr_in.dtype)).to(out_ty))
             tl.store(scal + 4, tl.load(hyper_ptr + 4).to(out_ty))
             tl.store(scal + 5, weight_decay.to(out_ty))
 
@@ -855,7 +857,7 @@ def _checked_step(part, prep: _Prepared, grads, hp: Hyper, amp: Amp, mask: int, 
     else:
         lr, beta1, beta2 = _float(hp.lr), _float(hp.beta1), _float(hp.beta2)
         wd = float(hp.weight_decay)
-        # torch.optim.AdamW computes 1 - lr * wd in lr's dtype when lr is a Tensor (csrc/adam_math.h's decay)
+        # torch.optim.AdamW computes 1 - lr * wd in lr's dtype when lr is a Tensor (options.h's StepOptions::decay)
         decay = (1 - hp.lr * wd).item() if isinstance(hp.lr, Tensor) and o.decoupled else 1.0 - lr * wd
         group = [1.0 - beta1, beta2, 1.0 - beta2, decay, float(hp.eps), wd]
         if count is not None:
