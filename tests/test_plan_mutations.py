@@ -734,6 +734,37 @@ def test_bad_amp_tensors_raise_and_change_nothing(backend, case):
 
 
 @pytest.mark.parametrize("backend", backends_here())
+def test_a_failed_step_leaves_every_state_entry_as_it_was(backend):
+    """NOTE [state journal]: building its plans, a step makes states (a param's first grad), converts them (a float
+    step count, a float64 moment of a float32 param) and moves them; a later group's error then puts every entry
+    back: the same objects under the same keys, in every group. Fixed, the step runs."""
+    ours, _ = _pair(backend)
+    ps = _params(ours)
+    ours.param_groups[0]["params"] = ps[:3]
+    ours.add_param_group({"params": ps[3:]})
+    for p in ps[1:]:
+        p.grad = torch.ones_like(p)
+    ours.step()  # ps[0] has no grad yet: no state
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    st = ours.state[ps[1]]
+    st["step"], st["exp_avg"] = 1.0, st["exp_avg"].double()
+    ours.state[ps[4]]["step"] = "abc"  # group 1
+    entries = lambda: {id(p): dict(ours.state[p]) for p in ps if p in ours.state}  # noqa: E731
+    before = entries()
+    with pytest.raises(ValueError, match=r"state\['step'\] .* is 'abc'"):
+        ours.step()
+    after = entries()
+    assert after.keys() == before.keys() and ps[0] not in ours.state
+    for key, entry in before.items():
+        assert after[key].keys() == entry.keys() and all(after[key][k] is v for k, v in entry.items())
+    ours.state[ps[4]]["step"] = 1.0
+    ours.step()
+    assert float(ours.state[ps[0]]["step"]) == 1 and float(ours.state[ps[1]]["step"]) == 2
+    assert ours.state[ps[1]]["exp_avg"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", backends_here())
 def test_deepcopy_stepped_beside_the_original(backend):
     ours, ref = _pair(backend)
     for s in range(2):

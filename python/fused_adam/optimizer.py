@@ -494,21 +494,27 @@ class FusedAdam(Optimizer):
             if self.max_grad_norm is not None:
                 ctx.group_grads = [[p.grad for p in group["params"]] for group in self.param_groups]
                 ctx.clip_coef = self._clip_coef(ctx.group_grads, grad_scale)
-            for retry in (False, True):
-                try:  # everything up to the first write: the checks, and the first partition's step (its own)
-                    work = [w for gi, group in enumerate(self.param_groups)
-                            for w in self._group_work(gi, group, hypers[gi], ctx)]
-                    if len(work) > 1:
-                        work = self._all_checked(work, ctx)
-                    if work:
-                        self._run(work[0], ctx)
-                except Exception:
-                    if retry or not self._forget_moved_plans():
-                        raise
-                    continue
-                for w in work[1:]:
-                    self._run(w, ctx)
-                break
+            self._generation.journal = []  # NOTE [state journal]: until the first write
+            try:
+                for retry in (False, True):
+                    try:  # everything up to the first write: the checks, and the first partition's step (its own)
+                        work = [w for gi, group in enumerate(self.param_groups)
+                                for w in self._group_work(gi, group, hypers[gi], ctx)]
+                        if len(work) > 1:
+                            work = self._all_checked(work, ctx)
+                        if work:
+                            self._run(work[0], ctx)
+                    except Exception:
+                        if retry or not self._forget_moved_plans():
+                            self._generation.rollback()
+                            raise
+                        continue
+                    self._generation.journal = None
+                    for w in work[1:]:
+                        self._run(w, ctx)
+                    break
+            finally:
+                self._generation.journal = None
         return loss
 
 

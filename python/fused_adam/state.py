@@ -39,16 +39,40 @@ PACK_MAX_NUMEL = 1 << 16
 PACK_BUFFER = 1 << 20
 
 
-class Generation:
-    """An optimizer's state generation (NOTE [state generation])."""
+_ABSENT = object()
 
-    __slots__ = ("value",)
+
+class Generation:
+    """An optimizer's state generation (NOTE [state generation]), and the journal of a step's state writes.
+
+    NOTE [state journal]: a step makes and converts states as it builds its plans (lazily created states, a float
+    step count made a tensor, moments brought to the state dtype, states moved into a flat run's buffers), before
+    every group is checked. If the step then raises before it writes a param, rollback() puts every entry it wrote
+    back as it was, so that the error changes nothing, in every group (the states themselves are new tensors, never
+    written in place)."""
+
+    __slots__ = ("value", "journal")
 
     def __init__(self) -> None:
         self.value = 0
+        self.journal: list | None = None  # (dict, key, the value before or _ABSENT) while a step may roll back
 
     def bump(self) -> None:
         self.value += 1
+
+    def record(self, d: dict, key) -> None:
+        if self.journal is not None:
+            self.journal.append((d, key, dict.get(d, key, _ABSENT)))
+
+    def rollback(self) -> None:
+        """Every entry recorded since the journal began, as it was; the plans built on them are stale."""
+        for d, key, before in reversed(self.journal or ()):
+            if before is _ABSENT:
+                dict.pop(d, key, None)
+            else:
+                dict.__setitem__(d, key, before)
+        self.journal = None
+        self.bump()
 
 
 class ParamState(dict):
@@ -66,8 +90,10 @@ class ParamState(dict):
             self._generation.bump()
 
     def __setitem__(self, key, value):
-        if key in self:
-            self._bump()
+        if self._generation is not None:
+            self._generation.record(self, key)
+            if key in self:
+                self._generation.bump()
         super().__setitem__(key, value)
 
     def __delitem__(self, key):
@@ -110,10 +136,12 @@ class StateDict(defaultdict):
 
     def __missing__(self, key):
         value = ParamState(generation=self.generation)
+        self.generation.record(self, key)
         super().__setitem__(key, value)
         return value
 
     def __setitem__(self, key, value):
+        self.generation.record(self, key)
         if key in self:
             self.generation.bump()
         if type(value) is dict or (isinstance(value, ParamState) and value._generation is not self.generation):
