@@ -487,7 +487,7 @@ extern "C" void fa_emu_unsupported(int param_dtype, int state_dtype, int master,
 // weight_decay, decay (NaN: none). stats: [grid, chunks, first dirty byte, dirty bytes, step source, tensors].
 extern "C" int fa_emu_step(void* handle, int param_dtype, int state_dtype, void** bufs, float** device_steps,
                            const double* new_steps, const uint64_t* tensor_ids, const double* hyper,
-                           const double* lr_device, int wd_mode, int amsgrad, int maximize, int capturable,
+                           const double* lr_device, const double* decay_device, int wd_mode, int amsgrad, int maximize, int capturable,
                            const float* grad_scale, const float* found_inf, const float* clip_coef, int master,
                            int sr_param, int sr_state, uint64_t seed, int sm_count, int blocks_per_sm,
                            int64_t* stats, char* err, int err_len) {
@@ -503,6 +503,7 @@ extern "C" int fa_emu_step(void* handle, int param_dtype, int state_dtype, void*
     o.maximize = maximize;
     o.capturable = capturable;
     o.lr_device = lr_device;
+    o.decay_device = decay_device;
     o.grad_scale = grad_scale;
     o.found_inf = found_inf;
     o.clip_coef = clip_coef;
@@ -625,6 +626,9 @@ class EmulatedPartition:
         scalar = lambda t: t.to(torch.float32).reshape(()).clone() if t is not None else None  # noqa: E731
         scale, inf, clip = scalar(grad_scale), scalar(found_inf), scalar(clip_coef)
         lr_device = lr_tensor.to(torch.float64).reshape(()).clone() if lr_tensor is not None else None
+        decay_device = None  # read_step's: AdamW's factor in the lr's dtype, "on the device"
+        if lr_tensor is not None and self.wd_mode == 2:
+            decay_device = (1 - lr_tensor.reshape(()) * weight_decay).to(torch.float64).clone()
         if not self.capturable and inf is not None:
             if inf.item() != 0:  # the steps live on the host and must not change: one host read
                 return True
@@ -662,7 +666,7 @@ class EmulatedPartition:
             (c.c_void_p * n)(*(s.data_ptr() for s in self.state_steps)),
             (c.c_double * n)(*(new_steps or [0.0] * n)), (c.c_uint64 * n)(*(self.tensor_ids or [0] * n)),
             (c.c_double * 6)(lr, beta1, beta2, eps, weight_decay, float("nan") if decay is None else decay),
-            addr(lr_device),
+            addr(lr_device), addr(decay_device),
             self.wd_mode, int(self.amsgrad), int(self.maximize), int(self.capturable),
             addr(scale), addr(inf), addr(clip), int(master), int(self.sr_param), int(self.sr_state), self.seed,
             self.native.sm_count, self.native.blocks_per_sm, stats, err, 512,
@@ -719,7 +723,7 @@ def emulator_lib(tmp_path_factory):
     handle.fa_emu_step.restype = c.c_int
     handle.fa_emu_step.argtypes = [
         c.c_void_p, c.c_int, c.c_int, c.POINTER(c.c_void_p), c.POINTER(c.c_void_p), c.POINTER(c.c_double),
-        c.POINTER(c.c_uint64), c.POINTER(c.c_double), c.c_void_p, c.c_int, c.c_int, c.c_int, c.c_int, c.c_void_p,
+        c.POINTER(c.c_uint64), c.POINTER(c.c_double), c.c_void_p, c.c_void_p, c.c_int, c.c_int, c.c_int, c.c_int, c.c_void_p,
         c.c_void_p, c.c_void_p, c.c_int, c.c_int, c.c_int, c.c_uint64, c.c_int, c.c_int, c.POINTER(c.c_int64),
         c.c_char_p, c.c_int,
     ]
@@ -887,13 +891,15 @@ def test_emulated_transposed_grad(emulated):
     _assert_same_training(*results)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_emulated_capturable_matches_host_scalars(emulated, dtype):
+@pytest.mark.parametrize("cls", [FusedAdam, FusedAdamW], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_emulated_capturable_matches_host_scalars(emulated, dtype, cls):
     """capturable: step and lr read "on the device" (*step + 1), every step counted once by the launch's last block
-    (empty tensors too); the same make_step_scalars on the same values, so bitwise the non-capturable result."""
+    (empty tensors too); the same make_step_scalars on the same values, and AdamW's 1 - lr * wd in the Tensor lr's
+    dtype on the device as on the host (torch's), so bitwise the non-capturable result."""
     native = emulated(chunk_size=8)
     params0 = make_params(dtype, [(1,), (7,), (0,), (67,), (3, 5)] * 8)
-    kwargs = dict(lr=torch.tensor(0.01), weight_decay=0.1, amsgrad=True, betas=(0.8, 0.95))
+    kwargs = dict(lr=torch.tensor(0.01), weight_decay=0.1, amsgrad=True, betas=(0.8, 0.95), cls=cls)
     ours = train("cuda", params0, steps=4, capturable=True, **kwargs)
     _assert_same_training(ours, train("cuda", params0, steps=4, **kwargs), exact=True)
     assert all(float(ours[1].state[p]["step"]) == 4 for p in ours[0])

@@ -107,6 +107,23 @@ def test_capturable_decay_in_the_tensor_lrs_dtype(dtype):
 
 
 @requires_triton_interpreter
+def test_bf16_subnormals_load_exactly():
+    """bf16 subnormals (the interpreter's own bf16 -> fp32 conversion loses them; the load is a shift of the bits
+    there): with lr=0 the params stay, and the moments are the reference backend's, bitwise."""
+    vals = [1e-39, 3e-39, -5e-40, 1.8e-40, 1.0, -2.0, 0.0]
+    out = {}
+    for backend in ("triton", "reference"):
+        p = torch.tensor(vals, dtype=torch.bfloat16, requires_grad=True)
+        opt = FusedAdam([p], lr=0.0, backend=backend)
+        p.grad = torch.tensor(vals[::-1], dtype=torch.bfloat16)
+        opt.step()
+        out[backend] = (p.detach(), dict(opt.state[p]))
+    assert torch.equal(bits(out["triton"][0]), bits(torch.tensor(vals, dtype=torch.bfloat16)))
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(bits(out["triton"][1][key]), bits(out["reference"][1][key])), key
+
+
+@requires_triton_interpreter
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_chunk_and_tile_boundaries(small_chunks, dtype):
     # chunk 64, tile 16: sizes at tile and chunk boundaries +-1, several chunks, 1, empty.

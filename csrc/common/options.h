@@ -47,6 +47,9 @@ struct StepOptions {
   const float* found_inf = nullptr;   // AMP: nonzero: nothing changes (params, grads, states, steps)
   const float* clip_coef = nullptr;   // the unscaled grad is multiplied by it for the update only
   const double* lr_device = nullptr;  // capturable: lr on the device (else hyper.lr)
+  // capturable AdamW with lr_device: 1 - lr * weight_decay on the device, in the lr's dtype as torch computes it
+  // (else from hyper and *lr_device, in double)
+  const double* decay_device = nullptr;
 
   FA_HOST_DEVICE bool stochastic_rounding() const { return sr_param || sr_state; }
   FA_HOST_DEVICE bool unscale() const { return grad_scale != nullptr; }

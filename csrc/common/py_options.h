@@ -18,6 +18,7 @@ struct StepInputs {
   at::Tensor grad_scale, found_inf, clip_coef;
   at::Tensor lr;         // Hyper.lr when it is a Tensor read on the host
   at::Tensor lr_device;  // Hyper.lr as float64 on the device, read there by a capturable step
+  at::Tensor decay_device;  // with lr_device, AdamW's 1 - lr * weight_decay (float64, on the device)
 };
 
 // The partition's options (PartOptions: wd_mode, amsgrad, maximize, capturable, master, sr_param, sr_state, seed).
@@ -82,10 +83,12 @@ inline std::optional<at::Tensor> optional_tensor(pybind11::handle obj) {
 inline void read_step(StepOptions& o, StepInputs& in, pybind11::handle hp, pybind11::handle amp,
                       const at::Device& device, const char* who) {
   const pybind11::handle lr = hp.attr("lr");
+  at::Tensor lr_on_device;
   if (o.capturable && !device.is_cpu() && THPVariable_Check(lr.ptr()) &&
       THPVariable_Unpack(lr.ptr()).device() == device) {
     const at::Tensor t = THPVariable_Unpack(lr.ptr());
     TORCH_CHECK_VALUE(t.numel() == 1, who, ": lr must have one element, got shape ", t.sizes());
+    lr_on_device = t;
     in.lr_device = t.to(at::kDouble).contiguous();
     o.lr_device = in.lr_device.data_ptr<double>();
     o.hyper.lr = 0.0;
@@ -101,6 +104,10 @@ inline void read_step(StepOptions& o, StepInputs& in, pybind11::handle hp, pybin
     // torch.optim.AdamW computes 1 - lr * wd in lr's dtype when lr is a Tensor; a double factor drifts from it by
     // more than fp64 parity allows over a few steps.
     o.decay = at::rsub(in.lr * o.hyper.weight_decay, 1).item<double>();
+  } else if (lr_on_device.defined() && o.wd_mode == WeightDecay::kDecoupled) {
+    // The same factor on the device: stream-ordered ops, captured with the step (no host sync)
+    in.decay_device = at::rsub(lr_on_device * o.hyper.weight_decay, 1).to(at::kDouble).contiguous();
+    o.decay_device = in.decay_device.data_ptr<double>();
   }
   if (amp.is_none()) {
     set_amp(o, in, std::nullopt, std::nullopt, std::nullopt, device, who);

@@ -91,6 +91,7 @@ struct KernelArgs {
   StepScalars<O> scalars;  // kUniform: every tensor's; kPerTensor: the step-independent fields
   AdamHyper hyper;         // kDevice: the block computes its tensor's StepScalars from these and the step
   const double* lr;        // kDevice: lr on the device, or null (hyper.lr)
+  const double* decay;     // kDevice: AdamW's decay factor on the device, or null (from hyper and lr)
   const float* grad_scale;
   const float* found_inf;
   const float* clip_coef;  // or null: no clipping
@@ -369,6 +370,7 @@ __global__ void __launch_bounds__(kBlockThreads, (Layout<P, S, MASTER, SR_PARAM,
         if (args.lr != nullptr) h.lr = *args.lr;
         const float next = *t.step + 1.0f;  // stored by the launch's last block, after every block has read it
         shared_scalars = make_step_scalars<O>(h, static_cast<double>(next));
+        if (args.decay != nullptr) shared_scalars.decay = static_cast<O>(*args.decay);
         shared_step = next;
       }
       __syncthreads();
@@ -416,6 +418,7 @@ cudaError_t run_step(const DeviceTableRef& table, const StepOptions& o, const Ho
   if (!std::isnan(o.decay)) args.scalars.decay = static_cast<O>(o.decay);
   args.hyper = o.hyper;
   args.lr = o.lr_device;
+  args.decay = o.decay_device;
   args.grad_scale = o.grad_scale;
   args.found_inf = o.found_inf;
   args.clip_coef = o.clip_coef;

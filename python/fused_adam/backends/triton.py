@@ -95,7 +95,15 @@ def _interpret() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _load(ptr, mask, MASKED: tl.constexpr, MATH_TY: tl.constexpr):
+    def _load(ptr, mask, MASKED: tl.constexpr, MATH_TY: tl.constexpr, SOFT_BF16: tl.constexpr):
+        if SOFT_BF16 and ptr.dtype.element_ty == tl.bfloat16:
+            # The interpreter's bf16 -> fp32 conversion loses subnormals: the exact one, a 16-bit shift of the bits.
+            bits_ptr = ptr.to(tl.pointer_type(tl.uint16))
+            if MASKED:
+                bits = tl.load(bits_ptr, mask=mask, other=0)
+            else:
+                bits = tl.load(bits_ptr)
+            return (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True).to(MATH_TY)
         if MASKED:
             return tl.load(ptr, mask=mask, other=0.0).to(MATH_TY)
         else:
@@ -190,7 +198,7 @@ if triton is not None:
         elem = elem_base
         if SR:
             elem = elem_base + offs.to(tl.uint32)  # lo32 of the element index
-        g = _load(g_ptr + offs, mask, MASKED, MATH_TY)
+        g = _load(g_ptr + offs, mask, MASKED, MATH_TY, SOFT_BF16)
         if UNSCALE:
             g = _div(g, grad_scale)
             _store(g_ptr + offs, g, mask, MASKED, SOFT_BF16)
@@ -199,20 +207,20 @@ if triton is not None:
         if MAXIMIZE:
             g = -g
         if MASTER:
-            p = _load(w_ptr + offs, mask, MASKED, MATH_TY)
+            p = _load(w_ptr + offs, mask, MASKED, MATH_TY, SOFT_BF16)
         else:
-            p = _load(p_ptr + offs, mask, MASKED, MATH_TY)
+            p = _load(p_ptr + offs, mask, MASKED, MATH_TY, SOFT_BF16)
         if WD_MODE == 2:
             p = p * decay
         if WD_MODE == 1:
             g = tl.fma(weight_decay, p, g)  # grad.add(param, alpha=wd)
-        m = _load(m_ptr + offs, mask, MASKED, MATH_TY)
+        m = _load(m_ptr + offs, mask, MASKED, MATH_TY, SOFT_BF16)
         m = tl.fma(lerp_coeff, g - m, tl.where(lerp_small, m, g))  # at::lerp, one fma
-        v = _load(v_ptr + offs, mask, MASKED, MATH_TY)
+        v = _load(v_ptr + offs, mask, MASKED, MATH_TY, SOFT_BF16)
         v = tl.fma(one_minus_beta2 * g, g, v * beta2)  # v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         second = v
         if AMSGRAD:
-            x = _load(x_ptr + offs, mask, MASKED, MATH_TY)
+            x = _load(x_ptr + offs, mask, MASKED, MATH_TY, SOFT_BF16)
             x = tl.where((x != x) | (x > v), x, v)  # torch.maximum: NaN propagates
             _store(x_ptr + offs, x, mask, MASKED, SOFT_BF16, SR, elem, key_x)
             second = x
