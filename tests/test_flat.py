@@ -518,6 +518,26 @@ def test_what_a_run_cannot_step_steps_as_torch(backend, case):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_string_step_count_raises_as_unflattened(backend):
+    """A saved state whose step count is a string: flattened or not, the step raises naming it and changes nothing
+    (the run does not adopt such a state)."""
+    for flatten in (False, True):
+        model = make_model()
+        if flatten:
+            flatten_parameters(model)
+        opt = FusedAdamW(model.parameters(), lr=LR, backend=backend)
+        backward(model, 0)
+        opt.step()
+        opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # (states of their own now: the run adopts them)
+        for p in model.parameters():  # (equal counts: a run would adopt them)
+            opt.state[p]["step"] = "1"
+        before = [t.clone() for t in model.parameters()]
+        with pytest.raises(ValueError, match=r"state\['step'\] .* is '1'"):
+            opt.step()
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())), flatten
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("victim", ["params", "grads", "state_steps"])
 @pytest.mark.filterwarnings("ignore:fused_adam. the grads of")  # (the grads are not their views: said, as it should)
 def test_flat_buffer_freed_raises_and_changes_nothing(backend, victim):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 import threading
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 
 import pytest
 import torch
@@ -584,6 +584,24 @@ def test_memory_shared_where_no_update_meets_another_steps_as_torch(backend, cas
     shared = [p.grad if case.startswith("grads") else p for p in ours_and_ref[0]]
     assert len({t.untyped_storage().data_ptr() for t in shared}) == 1  # (the case is what it says)
     _run(ours, ref, backend, mutate=lambda opt: None, grads=grads)
+
+
+@pytest.mark.parametrize("backend", backends_here())
+@pytest.mark.parametrize("kind", [OrderedDict, lambda d: defaultdict(None, d)], ids=["OrderedDict", "defaultdict"])
+def test_a_state_given_as_a_dict_subclass_is_watched(backend, kind):
+    """A param's state put back as another kind of dict (an OrderedDict from a user's checkpoint code): an entry
+    of it replaced at a later step is seen, as in a plain dict."""
+    ours, ref = _pair(backend)
+    for s in range(STEPS):
+        for opt in (ours, ref):
+            p = opt.param_groups[0]["params"][2]
+            if s == 2:
+                opt.state[p] = kind({k: v.clone() for k, v in opt.state[p].items()})
+            if s == 3:
+                opt.state[p]["exp_avg"] = torch.full_like(p, 0.3)
+            _set_grads(opt, s)
+            opt.step()
+        _assert_same(ours, ref, backend, where=f"step {s}:")
 
 
 @pytest.mark.parametrize("backend", backends_here())

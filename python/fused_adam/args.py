@@ -124,12 +124,15 @@ def check_hyper(group_index: int, lr, betas, eps, weight_decay) -> tuple:
 
 
 _DEFAULT_EXTENSIONS = tuple(EXTENSIONS.values())
+_EXTENSION_KEYS = frozenset(EXTENSIONS)
 
 
 def check_group_extensions(group_index: int, group: dict, max_grad_norm) -> None:
     """The options beyond torch as a step reads them from a param group (set by hand or by add_param_group after
     construction): the constructor's checks, before any group is stepped or has states made (a state_dtype of int32
     would cast the moments to integers)."""
+    if max_grad_norm is None and _EXTENSION_KEYS.isdisjoint(group):  # (every step: the common case first)
+        return
     values = tuple(group.get(k, v) for k, v in EXTENSIONS.items())
     if values == _DEFAULT_EXTENSIONS and max_grad_norm is None:
         return

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 import operator
 import warnings
 from collections.abc import Iterable
@@ -360,6 +361,8 @@ class FlatRun:
             st = state.get(p) or {}
             if "step" in st:
                 s = st["step"]
+                if not isinstance(s, (Tensor, numbers.Real)) or (torch.is_tensor(s) and s.numel() != 1):
+                    return None  # (state.param_state raises naming it)
                 counts.add(float(s.item() if torch.is_tensor(s) else s))
             elif st:
                 return None

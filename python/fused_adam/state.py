@@ -144,8 +144,8 @@ class StateDict(defaultdict):
         self.generation.record(self, key)
         if key in self:
             self.generation.bump()
-        if type(value) is dict or (isinstance(value, ParamState) and value._generation is not self.generation):
-            value = ParamState(value, generation=self.generation)
+        if isinstance(value, dict) and not (isinstance(value, ParamState) and value._generation is self.generation):
+            value = ParamState(value, generation=self.generation)  # (an OrderedDict too: watched like the others)
         super().__setitem__(key, value)
 
     def __delitem__(self, key):
