@@ -458,6 +458,21 @@ def test_state_entry_of_the_wrong_kind_raises_and_changes_nothing(backend, key, 
 
 
 @pytest.mark.parametrize("backend", backends_here())
+def test_a_master_param_that_is_no_tensor_raises_and_changes_nothing(backend):
+    """master_weights=True and a state['master_param'] set to None: an error naming it (not the binding's signature
+    dump, or an AttributeError), before anything is written."""
+    p = torch.nn.Parameter(torch.linspace(-1, 1, 4, dtype=torch.bfloat16))
+    opt = FusedAdamW([p], master_weights=True, backend=backend)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    opt.state[p]["master_param"] = None
+    before = p.detach().clone()
+    with pytest.raises(TypeError, match=r"state\['master_param'\] of the param of shape \(4,\) is None"):
+        opt.step()
+    assert torch.equal(before, p.detach())
+
+
+@pytest.mark.parametrize("backend", backends_here())
 @pytest.mark.parametrize("case", ["state-is-another-state", "grad-is-its-param", "grad-is-its-param-later"])
 def test_arrays_sharing_memory_raise_and_change_nothing(backend, case):
     """Two arrays of one param in the same memory (a state loaded as the same tensor as another, a grad set to its

@@ -264,6 +264,9 @@ def param_state(state: StateDict, p: Tensor, opts: PartOptions, packed: dict[str
             st["master_param"] = packed["master_param"].copy_(p.detach())
         else:
             st["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
+    elif opts.master and not torch.is_tensor(st["master_param"]):
+        raise TypeError(f"FusedAdam: state['master_param'] of the param of shape {tuple(p.shape)} is "
+                        f"{describe(st['master_param'])}; expected a tensor")
     step = st["step"]
     if not torch.is_tensor(step) or step.dtype != torch.float32 or step.device != step_device or step.dim():
         try:
