@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import numbers
 import operator
 import warnings
 from collections.abc import Iterable
@@ -49,6 +48,8 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+from .state import is_count
 
 if TYPE_CHECKING:
     from .backends import PartOptions
@@ -361,7 +362,7 @@ class FlatRun:
             st = state.get(p) or {}
             if "step" in st:
                 s = st["step"]
-                if not isinstance(s, (Tensor, numbers.Real)) or (torch.is_tensor(s) and s.numel() != 1):
+                if not is_count(s) or (torch.is_tensor(s) and s.numel() != 1):
                     return None  # (state.param_state raises naming it)
                 counts.add(float(s.item() if torch.is_tensor(s) else s))
             elif st:

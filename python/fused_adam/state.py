@@ -75,81 +75,31 @@ class Generation:
         self.bump()
 
 
-class ParamState(dict):
-    """A parameter's state dict. Replacing or removing an entry bumps its optimizer's generation (adding one does
-    not: no plan holds a tensor that is not in the dict, NOTE [state generation])."""
+class _Watched:
+    """What ParamState and StateDict share: each dict method that replaces or removes an entry bumps the generation
+    and each write is journaled (dict's C methods, update and |= included, do not call __setitem__ / __delitem__,
+    so each is routed here). Adding an entry does not bump it: no plan holds a tensor that is not in the dict (NOTE
+    [state generation])."""
 
-    __slots__ = ("_generation",)
+    __slots__ = ()
 
-    def __init__(self, *args, generation: Generation | None = None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._generation = generation
+    def _watch(self) -> Generation | None:
+        raise NotImplementedError
 
     def _bump(self) -> None:
-        if self._generation is not None:
-            self._generation.bump()
+        generation = self._watch()
+        if generation is not None:
+            generation.bump()
 
-    def __setitem__(self, key, value):
-        if self._generation is not None:
-            self._generation.record(self, key)
+    def _record(self, key) -> None:
+        generation = self._watch()
+        if generation is not None:
+            generation.record(self, key)
             if key in self:
-                self._generation.bump()
-        super().__setitem__(key, value)
+                generation.bump()
 
     def __delitem__(self, key):
         self._bump()
-        super().__delitem__(key)
-
-    def update(self, *args, **kwargs):  # dict's C methods do not call __setitem__: each is bumped here
-        self._bump()
-        super().update(*args, **kwargs)
-
-    def __ior__(self, other):
-        self.update(other)
-        return self
-
-    def pop(self, *args):
-        self._bump()
-        return super().pop(*args)
-
-    def popitem(self):
-        self._bump()
-        return super().popitem()
-
-    def clear(self):
-        self._bump()
-        super().clear()
-
-    def __reduce__(self):  # pickles and deep-copies as a plain dict's contents; the optimizer rebinds it
-        return (ParamState, (dict(self),))
-
-
-class StateDict(defaultdict):
-    """optimizer.state: param -> ParamState (other keys and values, as torch allows, are kept as they are).
-    Replacing or removing an entry bumps the generation too, whichever dict method does it."""
-
-    def __init__(self, generation: Generation, items=()) -> None:
-        super().__init__(None)
-        self.generation = generation
-        for k, v in dict(items).items():
-            self[k] = v
-
-    def __missing__(self, key):
-        value = ParamState(generation=self.generation)
-        self.generation.record(self, key)
-        super().__setitem__(key, value)
-        return value
-
-    def __setitem__(self, key, value):
-        self.generation.record(self, key)
-        if key in self:
-            self.generation.bump()
-        if isinstance(value, dict) and not (isinstance(value, ParamState) and value._generation is self.generation):
-            value = ParamState(value, generation=self.generation)  # (an OrderedDict too: watched like the others)
-        super().__setitem__(key, value)
-
-    def __delitem__(self, key):
-        self.generation.bump()
         super().__delitem__(key)
 
     def update(self, *args, **kwargs):
@@ -160,25 +110,77 @@ class StateDict(defaultdict):
         self.update(other)
         return self
 
+    def pop(self, *args):
+        self._bump()
+        return super().pop(*args)
+
+    def popitem(self):
+        self._bump()
+        return super().popitem()
+
+    def clear(self):
+        self._bump()
+        super().clear()
+
+
+class ParamState(_Watched, dict):
+    """A parameter's state dict, watched (_Watched)."""
+
+    __slots__ = ("_generation",)
+
+    def __init__(self, *args, generation: Generation | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._generation = generation
+
+    def _watch(self) -> Generation | None:
+        return self._generation
+
+    def __setitem__(self, key, value):
+        self._record(key)
+        super().__setitem__(key, value)
+
+    def __reduce__(self):  # pickles and deep-copies as a plain dict's contents; the optimizer rebinds it
+        return (ParamState, (dict(self),))
+
+
+class StateDict(_Watched, defaultdict):
+    """optimizer.state: param -> ParamState (other keys and values, as torch allows, are kept as they are), watched
+    (_Watched)."""
+
+    def __init__(self, generation: Generation, items=()) -> None:
+        super().__init__(None)
+        self.generation = generation
+        for k, v in dict(items).items():
+            self[k] = v
+
+    def _watch(self) -> Generation:
+        return self.generation
+
+    def __missing__(self, key):
+        value = ParamState(generation=self.generation)
+        self._record(key)
+        super().__setitem__(key, value)
+        return value
+
+    def __setitem__(self, key, value):
+        self._record(key)
+        if isinstance(value, dict) and not (isinstance(value, ParamState) and value._generation is self.generation):
+            value = ParamState(value, generation=self.generation)  # (an OrderedDict too: watched like the others)
+        super().__setitem__(key, value)
+
     def setdefault(self, key, default=None):
         if key not in self:
             self[key] = default
         return self[key]
 
-    def pop(self, *args):
-        self.generation.bump()
-        return super().pop(*args)
-
-    def popitem(self):
-        self.generation.bump()
-        return super().popitem()
-
-    def clear(self):
-        self.generation.bump()
-        super().clear()
-
     def __reduce__(self):  # a plain defaultdict(dict) for pickle and deepcopy: the optimizer rebinds it
         return (defaultdict, (dict,), None, None, iter(self.items()))
+
+
+def is_count(value) -> bool:
+    """What a state's step count may be before it is made a float32 tensor: a number or a tensor (a string would be
+    read by float())."""
+    return isinstance(value, (Tensor, numbers.Real))
 
 
 def dtensor_type() -> type | tuple:
@@ -270,7 +272,7 @@ def param_state(state: StateDict, p: Tensor, opts: PartOptions, packed: dict[str
     step = st["step"]
     if not torch.is_tensor(step) or step.dtype != torch.float32 or step.device != step_device or step.dim():
         try:
-            if not isinstance(step, (Tensor, numbers.Real)):  # (float() would read a string)
+            if not is_count(step):
                 raise TypeError
             count = float(step)
         except (TypeError, ValueError, RuntimeError):
