@@ -163,7 +163,7 @@ struct Partition {
     check_lists(who, lists, given.has_value() ? &given_list : nullptr, options.amsgrad, options.stochastic_rounding());
     TORCH_CHECK_VALUE(options.master == lists.master(), who, ": ", lists.master_params.size(),
                       " master_params with master=", options.master ? "True" : "False");
-    constexpr int64_t kAligned = 1 << 6, kFlat = 1 << 7, kUniform = 1 << 8;
+    constexpr int64_t kAligned = 1 << 6, kFlat = 1 << 7, kUniform = 1 << 8, kResized = 1 << 9;
     if (n == 0) return py::make_tuple(kAligned | kFlat, py::none());
     const at::Device device = lists.params[0].device();
     const Placement where{device, options.capturable ? device : at::Device(at::kCPU)};
@@ -195,7 +195,8 @@ struct Partition {
         }
       }
     }
-    int64_t mask = static_cast<int64_t>(changed) | (cache.aligned() ? kAligned : 0) | (cache.flat() ? kFlat : 0);
+    int64_t mask = static_cast<int64_t>(changed) | (cache.aligned() ? kAligned : 0) | (cache.flat() ? kFlat : 0) |
+                   (pass.resized ? kResized : 0);
     py::object before = py::none();
     if (counts.has_value()) {  // NOTE [host steps]: read and bumped here, once every check has passed
       float* c = counts->data_ptr<float>();
@@ -360,7 +361,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            "mask -1, nothing written, if grads is None and a param has no grad; else bit r (0..5) set when row r "
            "changed, bit 6 when every address is 16-byte aligned, bit 7 when every tensor's grad, states and "
            "master share its param's dense layout (clear: the caller stages copies), bit 8 when the counts were all "
-           "equal; count: that count (before the increment), else None. grads_written: the caller's kernel writes the "
+           "equal, bit 9 when a param's element count changed since the last call; count: that count (before the increment), else None. grads_written: the caller's kernel writes the "
            "grads back (unscaled), so none may have two elements at one address.",
            py::arg("grads"), py::arg("out"), py::arg("counts") = py::none(), py::kw_only(),
            py::arg("grads_written") = false);
@@ -376,6 +377,28 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "len(a) == len(b) and a[i] is b[i] for every i (the step plan's check that a params list still holds the "
         "same objects).",
         py::arg("a"), py::arg("b"));
+
+  m.def(
+      "first_unreadable",
+      [](py::handle tensors) -> int64_t {
+        const py::object seq = py::reinterpret_steal<py::object>(PySequence_Fast(tensors.ptr(), "takes a list"));
+        if (!seq) throw py::error_already_set();
+        PyObject** items = PySequence_Fast_ITEMS(seq.ptr());
+        for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq.ptr()); ++i) {
+          if (items[i] == Py_None) continue;
+          if (!THPVariable_Check(items[i])) return i;
+          const at::Tensor& t = THPVariable_Unpack(items[i]);
+          if (t.layout() != at::kStrided || !(at::isFloatingType(t.scalar_type()) || at::isComplexType(t.scalar_type()))) {
+            return i;
+          }
+          const auto [need, have] = storage_extent(t);
+          if (need > have) return i;
+        }
+        return -1;
+      },
+      "The index of the first item that is neither None nor a strided floating-point or complex tensor whose storage "
+      "holds its elements (a grad a norm pass may read: args.check_readable words the error), or -1.",
+      py::arg("tensors"));
 
   m.def(
       "cpu_unsupported",

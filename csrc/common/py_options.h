@@ -64,7 +64,9 @@ inline void set_amp(StepOptions& o, StepInputs& in, const std::optional<at::Tens
                     const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& clip_coef,
                     const at::Device& device, const char* who) {
   in.grad_scale = device_scalar(grad_scale, device, "grad_scale", who);
-  in.found_inf = device_scalar(found_inf, device, "found_inf", who);
+  // found_inf as read: nonzero or not (1e-300 in float64 is a skipped step, and 0 in float32)
+  const bool exact = !found_inf.has_value() || !found_inf->defined() || found_inf->scalar_type() == at::kFloat;
+  in.found_inf = device_scalar(exact ? found_inf : std::optional<at::Tensor>(found_inf->ne(0)), device, "found_inf", who);
   in.clip_coef = device_scalar(clip_coef, device, "clip_coef", who);
   o.grad_scale = in.grad_scale.defined() ? in.grad_scale.data_ptr<float>() : nullptr;
   o.found_inf = in.found_inf.defined() ? in.found_inf.data_ptr<float>() : nullptr;

@@ -279,17 +279,22 @@ inline void check_distinct_elements(const char* who, const at::Tensor& t, int ro
 // FSDP does to free a param, would otherwise be read and written out of bounds), and, for an array the step writes
 // (all but the grad), no two elements share an address (an expanded tensor: torch's in-place ops refuse it, and a
 // step would find out only after writing other arrays).
-inline void check_storage(const char* who, const at::Tensor& t, const char* list, size_t i) {
-  if (t.numel() == 0 || t.is_meta()) return;  // (meta tensors have no memory to read)
+// The bytes a strided tensor's elements reach in its storage, and the bytes the storage holds (need <= have, and
+// a storage with memory, or the tensor is read out of bounds). Empty and meta tensors read nothing: {0, 0}.
+inline std::pair<uint64_t, uint64_t> storage_extent(const at::Tensor& t) {
+  if (t.numel() == 0 || t.is_meta()) return {0, 0};  // (meta tensors have no memory to read)
   int64_t last = t.storage_offset();
   const c10::IntArrayRef sizes = t.sizes(), strides = t.strides();
   for (size_t d = 0; d < sizes.size(); ++d) last += (sizes[d] - 1) * strides[d];
-  const uint64_t need = static_cast<uint64_t>(last + 1) * t.element_size();
   const c10::Storage& storage = t.unsafeGetTensorImpl()->unsafe_storage();
-  const uint64_t have = storage.nbytes();
-  TORCH_CHECK(storage.data() != nullptr && need <= have, who, ": ", list, "[", i, "] needs ", need,
-              " bytes of storage for its ", t.numel(), " elements, but its storage holds ", have,
-              " (was the storage resized or freed under it?)");
+  const uint64_t have = storage.data() != nullptr ? storage.nbytes() : 0;
+  return {static_cast<uint64_t>(last + 1) * t.element_size(), have};
+}
+
+inline void check_storage(const char* who, const at::Tensor& t, const char* list, size_t i) {
+  const auto [need, have] = storage_extent(t);
+  TORCH_CHECK(need <= have, who, ": ", list, "[", i, "] needs ", need, " bytes of storage for its ", t.numel(),
+              " elements, but its storage holds ", have, " (was the storage resized or freed under it?)");
 }
 
 inline void check_memory(const char* who, const at::Tensor& t, int row, size_t i) {
@@ -438,7 +443,7 @@ struct PassCache {
     written.clear();
     seen.assign(n, Seen{});
     moved_to.resize(n);
-    numel.assign(n, 0);
+    numel.assign(n, -1);  // (none seen yet: the first pass resizes nothing)
     not_flat.assign(n, 0);
     not_flat_count = misaligned = 0;
   }
@@ -523,6 +528,7 @@ inline void check_arrays_apart(const char* who, const TensorLists& l, const Grad
 struct PassResult {
   bool complete;       // false: a grad was read and a param has none (nothing checked, nothing cached)
   uint32_t moved_rows; // bit r: an address in row r changed (bit kStepRow: a step count's)
+  bool resized;        // a param's element count changed (its address may not have): a chunk table is stale
 };
 
 // The pass: every tensor compared against the cache, the moved arrays checked in full (throwing the first bad
@@ -612,11 +618,11 @@ inline PassResult checked_pass(const char* who, const TensorLists& l, const Grad
   }, kScanTensorsPerThread);
   if (missing_grad) {
     if (grads.hold != nullptr) grads.hold->clear();
-    return {false, 0};
+    return {false, 0, false};
   }
   std::vector<uint64_t> moved;
   for (const auto& m : moved_by_range) moved.insert(moved.end(), m.begin(), m.end());
-  if (moved.empty()) return {true, 0};
+  if (moved.empty()) return {true, 0, false};
   std::sort(moved.begin(), moved.end());  // the first bad tensor's error, whichever thread saw it
   // NOTE [arrays apart]: a grad whose address moved into the storage of an array the step writes is checked in
   // full, and swept. (A loop of its own over the moved grads, each lookup prefetched ahead: in the scan, a lookup
@@ -666,9 +672,11 @@ inline PassResult checked_pass(const char* who, const TensorLists& l, const Grad
 
   // Everything passed: cache the moved arrays (materializing copy-on-write storages, as a write would).
   std::atomic<uint32_t> moved_rows{0};
+  std::atomic<bool> any_resized{false};
   std::atomic<int64_t> d_not_flat{0}, d_misaligned{0};
   over_tensor_ranges(moved.size(), [&](int64_t begin, int64_t end) {
     uint32_t changed = 0;
+    bool resized = false;
     int64_t not_flat = 0, misaligned = 0;
     for (int64_t k = begin; k < end; ++k) {
       const size_t i = moved[k] >> 16;
@@ -706,12 +714,16 @@ inline PassResult checked_pass(const char* who, const TensorLists& l, const Grad
         if (addr != before) changed |= 1u << r;
       }
       if (!full) continue;  // only addresses moved: the same shapes and strides
+      // A param resized in place of its address (`p.data = p.data[:k]`, its states alike) moves no address, but a
+      // chunk table made for the old size would step the wrong elements: it counts as its param row moving.
+      if (c.numel[i] >= 0 && a[kParamRow]->numel() != c.numel[i]) resized = true;
       c.numel[i] = a[kParamRow]->numel();
       const uint8_t nf = c.numel[i] != 0 && !is_flat(a, row_major);
       not_flat += static_cast<int64_t>(nf) - c.not_flat[i];
       c.not_flat[i] = nf;
     }
     moved_rows |= changed;
+    if (resized) any_resized = true;
     d_not_flat += not_flat;
     d_misaligned += misaligned;
   });
@@ -723,7 +735,7 @@ inline PassResult checked_pass(const char* who, const TensorLists& l, const Grad
   bool sweep = !c.apart;
   for (size_t k = 0; k < moved.size() && !sweep; ++k) sweep = (moved[k] & (kAllRows | kLightNotGrad)) != 0;
   if (sweep) check_arrays_apart(who, l, grads, where, c);
-  return {true, moved_rows.load()};
+  return {true, moved_rows.load(), any_resized.load()};
 }
 
 // After checked_pass, for step counts on the host: each a number >= 0, read where it lives before anything is

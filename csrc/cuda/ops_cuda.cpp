@@ -101,10 +101,18 @@ class Partition {
                          state_dtype_, kWho, ": params[0] has dtype ", l_.params[0].scalar_type(), " and exp_avgs[0] ",
                      l_.exp_avgs[0].scalar_type(), ", but the partition was made for ", dtype_name(dtype_), " and ",
                      dtype_name(state_dtype_));
-    for (size_t i = 0; i < n; ++i) {  // the chunk table is built for these sizes
-      TORCH_CHECK_VALUE(cache_.numel[i] == table_.entry(static_cast<int64_t>(i)).numel, kWho, ": params[", i,
-                        "] has ", cache_.numel[i], " elements, but the partition was made for ",
-                        table_.entry(static_cast<int64_t>(i)).numel);
+    bool resized = false;  // the chunk table is built for the sizes the params had
+    for (size_t i = 0; i < n && !resized; ++i) resized = cache_.numel[i] != table_.entry(static_cast<int64_t>(i)).numel;
+    if (resized) {
+      // A param (with its states: the pass compared their shapes) now has another size: the tables follow it, as
+      // torch's for-loop steps the new tensors. Not while capturing: the graph would keep reading the old table.
+      cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+      C10_CUDA_CHECK(cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream(device_.index()).stream(), &capture));
+      TORCH_CHECK(capture == cudaStreamCaptureStatusNone, kWho,
+                  ": a param's size changed under the partition during CUDA graph capture; step once eagerly first");
+      table_ = fc::DeviceTable(cache_.numel, table_.chunk_size());
+      device_table_ = at::empty({static_cast<int64_t>(table_.bytes())},
+                                at::TensorOptions().dtype(at::kByte).device(device_));
     }
 
     StepOptions o = o_;

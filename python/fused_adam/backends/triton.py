@@ -66,7 +66,8 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _P, _G, _M, _V, _X, _W, _STEP, _NUMEL, _TID = range(9)  # table rows, NOTE [triton table]
 _ROWS = 9  # then chunk -> tensor, chunk -> first element
 _ADDRESS_ROWS = 6  # rows 0..5: what the check pass writes
-_LAYOUT_BIT, _ALIGNED_BIT, _UNIFORM_BIT = 1 << 7, 1 << 6, 1 << 8  # the check pass's mask (NOTE [triton host path])
+# the check pass's mask (NOTE [triton host path]); _RESIZED_BIT: a param's size changed, its address maybe not
+_LAYOUT_BIT, _ALIGNED_BIT, _UNIFORM_BIT, _RESIZED_BIT = 1 << 7, 1 << 6, 1 << 8, 1 << 9
 _ROW_BITS = (1 << _ADDRESS_ROWS) - 1
 _GROUP_SLOTS = 8  # scal[0:8]: group scalars and the uniform step's pair; per-tensor pairs follow
 
@@ -460,6 +461,7 @@ class _PyPartition:
         self.lists = (params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params)
         self.steps = state_steps
         self.host_counts = options is None or not options.capturable
+        self.numels = list(map(Tensor.numel, params))  # what the partition's chunk table was made for
 
     def addresses(self, grads: list[Tensor] | None, out: Tensor, counts: Tensor | None = None, *,
                   grads_written: bool = False) -> tuple[int, float | None]:
@@ -508,6 +510,10 @@ class _PyPartition:
             mask |= _ALIGNED_BIT
         if layout:
             mask |= _LAYOUT_BIT
+        numels = list(map(Tensor.numel, params))
+        if numels != self.numels:
+            mask |= _RESIZED_BIT
+            self.numels = numels
         out.copy_(new)
         before = None
         if counts is not None and n:  # NOTE [host steps]
@@ -643,6 +649,7 @@ class _Prepared:
     sr_contiguous: bool = False  # SR: every param was contiguous at the last check (NOTE [triton sr])
     scratch: dict[int, list[Tensor]] = field(default_factory=dict)  # staging: position -> p, g, m, v, x, w copies
     check_out: Tensor | None = None  # check(): the pass's rows, apart from `out`
+    resized: bool = False  # a pass saw a param's size change (it reports that once): the chunk table is stale
     staged_rows: int = 0  # rows where the device holds staging copies' addresses (`out` holds the tensors')
 
 
@@ -715,6 +722,7 @@ class TritonBackend(Backend):
             prep.check_out = torch.zeros_like(prep.out)
         mask, _ = prep.checker.addresses(grads, prep.check_out, None, grads_written=amp.grad_scale is not None)
         if mask >= 0:
+            prep.resized |= bool(mask & _RESIZED_BIT)
             _check_dtypes(part)
         return mask >= 0
 
@@ -795,6 +803,7 @@ def _step(part, prep: _Prepared, grads: list[Tensor] | None, hp: Hyper, amp: Amp
     mask, count = prep.checker.addresses(grads, prep.out, counts, grads_written=grad_scale is not None)
     if mask < 0:
         return False  # a param without a grad: nothing changed, the plan is rebuilt
+    prep.resized |= bool(mask & _RESIZED_BIT)
     try:
         return _checked_step(part, prep, grads, hp, amp, mask, count, counts, skip)
     except BaseException:
@@ -829,7 +838,7 @@ def _checked_step(part, prep: _Prepared, grads, hp: Hyper, amp: Amp, mask: int, 
     device = part.device
     found_inf, grad_scale = amp.found_inf, amp.grad_scale
     rows = mask & _ROW_BITS
-    if rows & (1 << _P) and list(map(Tensor.numel, part.params)) != prep.numels:
+    if prep.resized:
         # A param (and its states: the check pass compared their shapes) now has another size: the chunk table
         # follows it, as torch's for-loop steps the new tensors.
         _check_not_capturing(device, "a param's size")
