@@ -600,6 +600,29 @@ def test_differentiable_step_matches_torch():
     torch.testing.assert_close(ga, gb)
 
 
+@pytest.mark.parametrize("cls_kwargs", [(FusedAdam, {}), (FusedAdamW, {}), (FusedAdam, dict(decoupled_weight_decay=True))],
+                         ids=["Adam", "AdamW", "Adam decoupled"])
+def test_differentiable_step_with_betas_that_require_grad(cls_kwargs):
+    """Tensor betas that require grad: torch raises each beta to a clone of the step count, which the next step bumps
+    in place; raised to the count itself, the backward of three steps failed ("modified by an inplace operation")."""
+    cls, kwargs = cls_kwargs
+    torch_cls = {FusedAdam: torch.optim.Adam, FusedAdamW: torch.optim.AdamW}[cls]
+
+    def stepped(make):
+        p0 = torch.linspace(-1, 1, 5, dtype=torch.float64, requires_grad=True)
+        b1, b2 = (torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in (0.9, 0.99))
+        x = p0.clone()
+        opt = make([x], lr=0.1, betas=(b1, b2), weight_decay=0.1, differentiable=True, **kwargs)
+        for s in range(3):
+            x.grad = torch.linspace(-1, 1 + s, 6, dtype=torch.float64)[1:]  # (no zero: d sqrt(v)/dv at v = 0)
+            opt.step()
+        return x, torch.autograd.grad(x.sum(), (p0, b1, b2))
+
+    (a, ga), (b, gb) = stepped(cls), stepped(torch_cls)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(ga, gb)
+
+
 def test_duplicate_params_warn_like_torch():
     p = torch.nn.Parameter(torch.randn(2))
     with warnings.catch_warnings(record=True) as w:

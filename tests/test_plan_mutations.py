@@ -989,3 +989,286 @@ def test_random_mutation_sequences_step_as_torch(backend, seed):
             return  # torch refuses this sequence (a dtype mixed into one param's states); so may we
         assert errors[0] is None, errors[0]
         _assert_same(ours, ref, backend, where=f"seed {seed} step {s}:")
+
+
+# ---- what the hunts of 2026-12-07 (seventh session) found: each case failed before its fix ----------------------
+
+
+@pytest.mark.parametrize("backend", backends_here())
+def test_a_param_resized_in_place_of_its_address_steps_as_torch(backend):
+    """`p.data = p.data[:4]` (and its states alike) moves no address: the chunk table made for the old size must
+    follow anyway (triton stepped the old 8 elements, reading a 4-element grad out of bounds), and growing back."""
+    buf = {}
+    ours, ref = _pair(backend, shapes=[(8,), (3,)])
+    for opt in (ours, ref):
+        buf[opt] = _params(opt)[0].data
+
+    def shrink(opt):
+        p = _params(opt)[0]
+        p.data = p.data[:4]
+        for k in ("exp_avg", "exp_avg_sq"):
+            opt.state[p][k].data = opt.state[p][k].data[:4]
+
+    def grow(opt):
+        p = _params(opt)[0]
+        p.data = buf[opt]
+        for k in ("exp_avg", "exp_avg_sq"):
+            opt.state[p][k] = torch.zeros(8)
+
+    for s in range(6):
+        for opt in (ours, ref):
+            if s == 2:
+                shrink(opt)
+            if s == 4:
+                grow(opt)
+            _set_grads(opt, s)
+            opt.step()
+        _assert_same(ours, ref, backend, where=f"step {s}:")
+        torch.testing.assert_close(buf[ours], buf[ref], **(dict(atol=0, rtol=0) if backend == "reference" else {}))
+
+
+@pytest.mark.parametrize("backend", backends_here())
+def test_a_flattened_param_listed_in_an_earlier_group_steps_as_torch(backend):
+    """A flat run's param appended to an earlier group: torch steps it twice a step (its count +2). The run's plan
+    was still valid, and its one counter overwrote the count the earlier group had bumped."""
+    from fused_adam import flatten_parameters
+
+    ours, ref = _pair(backend)
+    for opt in (ours, ref):
+        ps = _params(opt)
+        if opt is ours:
+            flatten_parameters(ps[2:])
+        opt.param_groups[0]["params"] = ps[:2]
+        opt.add_param_group({"params": ps[2:]})
+
+    def append(opt):
+        assert opt is ref or ours._plans[1].has_flat  # (the run stepped until now)
+        opt.param_groups[0]["params"].append(opt.param_groups[1]["params"][1])
+
+    def grads_in_place(opt, step):  # (the flat run steps only while every grad is its grad buffer's view)
+        for p, g in zip(_params(opt), make_grads(_params(opt), step)):
+            if p.grad is None:
+                p.grad = g
+            else:
+                p.grad.copy_(g)
+
+    _run(ours, ref, backend, append, grads=grads_in_place)
+
+
+@pytest.mark.parametrize("backend", backends_here())
+def test_stochastic_rounding_ids_follow_an_earlier_groups_params(backend):
+    """Stochastic rounding's bits hash each param's index over all groups: after a param is appended to an earlier
+    group, a later group's params have new indices, so a run resumed from a checkpoint (which builds its plans
+    anew) is bitwise the uninterrupted one only if the uninterrupted one's plans follow too."""
+    def make():
+        ps = [torch.nn.Parameter(torch.randn(64, generator=torch.Generator().manual_seed(i)).bfloat16()) for i in range(4)]
+        opt = FusedAdamW([{"params": ps[:2]}, {"params": ps[2:3]}], lr=0.01, stochastic_rounding=True, backend=backend)
+        return ps, opt
+
+    def grads(ps, s):
+        for i, p in enumerate(ps):
+            p.grad = torch.randn(64, generator=torch.Generator().manual_seed(100 * s + i)).bfloat16()
+
+    ps, opt = make()
+    for s in range(2):
+        grads(ps[:3], s)
+        opt.step()
+    opt.param_groups[0]["params"].append(ps[3])
+    grads(ps, 2)
+    opt.step()
+    resumed_ps, resumed = make()
+    for a, b in zip(resumed_ps, ps):
+        a.data.copy_(b.data)
+    resumed.param_groups[0]["params"].append(resumed_ps[3])
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for s in (3, 4):
+        for x, q in ((opt, ps), (resumed, resumed_ps)):
+            grads(q, s)
+            x.step()
+        for i, (a, b) in enumerate(zip(ps, resumed_ps)):
+            assert torch.equal(a.view(torch.int16), b.view(torch.int16)), f"step {s}: param {i}"
+
+
+@pytest.mark.parametrize("backend", backends_here())
+def test_a_param_without_a_grad_whose_dtype_changed_is_skipped_as_torch(backend):
+    """`a.data = a.data.double()` with its states left float32 and `a.grad = None`: torch skips a and steps the
+    others. The cpu backend's native step refused the dtype pair (a TypeError) before its pass saw the missing grad."""
+    def mutate(opt):
+        p = _params(opt)[0]
+        p.data = p.data.double()
+
+    def grads(opt, step):
+        _set_grads(opt, step)
+        if step >= MUTATE_AT:
+            _params(opt)[0].grad = None
+
+    _run(*_pair(backend), backend, mutate, grads=grads)
+
+
+@pytest.mark.parametrize("backend", backends_here())
+def test_a_grad_scale_of_shape_1_with_a_0_dim_param_steps(backend):
+    """A loss scale of shape (1,) (Megatron's and DeepSpeed's scalers keep one) with a 0-dim param (CLIP's
+    logit_scale): the reference backend divided the 0-dim grad by it in place, which broadcasts to (1,), and failed
+    after stepping the params before it; the retry then stepped them again."""
+    results = []
+    for shape in ((), (1,)):
+        ps = [torch.nn.Parameter(torch.linspace(-1, 1, 12).view(4, 3)), torch.nn.Parameter(torch.tensor(2.0))]
+        opt = FusedAdamW(ps, lr=0.1, backend=backend)
+        for s in range(3):
+            ps[0].grad, ps[1].grad = torch.full((4, 3), 1024.0 * (s + 1)), torch.tensor(512.0)
+            opt.step(grad_scale=torch.full(shape, 1024.0))
+        results.append([p.detach().clone() for p in ps] + [opt.state[p]["step"].clone() for p in ps])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert float(results[1][-1]) == 3
+
+
+@pytest.mark.parametrize("backend", [*backends_here(), "auto"])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+def test_an_integer_param_raises_and_changes_nothing(backend, dtype):
+    """An integer or bool param with a grad (torch's lerp_ fails on it, after stepping the float params before it):
+    an error that names it, before any param is stepped."""
+    ours, _ = _pair(backend)
+    q = torch.ones(3, dtype=dtype)
+    ours.add_param_group({"params": [q]})
+    _set_grads(ours, 0)
+    q.grad = torch.ones(3, dtype=dtype)
+    with pytest.raises((RuntimeError, TypeError), match=rf"{str(dtype).split('.')[1]}|not supported|floating"):
+        tensors = [t.clone() for t in _params(ours)]
+        ours.step()
+    for a, b in zip(tensors, _params(ours)):
+        assert torch.equal(a, b)
+    assert not any(ours.state.get(p) for p in _params(ours))
+
+
+@pytest.mark.parametrize("backend", backends_here())
+@pytest.mark.parametrize("how", ["freed", "sparse"])
+def test_a_bad_grad_under_max_grad_norm_raises_and_changes_nothing(backend, how):
+    """max_grad_norm's norm pass reads every grad before the step's per-tensor checks: a freed grad was read out of
+    bounds (a segfault), a sparse one failed inside torch's norm, naming no param."""
+    ps = [torch.nn.Parameter(p) for p in make_params(torch.float32, SHAPES)]
+    ours = FusedAdamW(ps, lr=0.01, max_grad_norm=1.0, backend=backend)
+    _set_grads(ours, 0)
+    ours.step()
+    _set_grads(ours, 1)
+    p = _params(ours)[2]
+    if how == "freed":
+        p.grad.untyped_storage().resize_(0)
+        match = r"grad of param 2 in group 0 needs \d+ bytes of storage"
+    else:
+        p.grad = p.grad.to_sparse()
+        match = r"sparse gradients \(grad of param 2 in group 0 is sparse\)"
+    _assert_step_raises_and_changes_nothing(ours, RuntimeError, match)
+
+
+@pytest.mark.parametrize("backend", backends_here())
+@pytest.mark.parametrize("what", ["lr", "beta1"])
+@pytest.mark.parametrize("how", ["freed", "meta"])
+def test_a_tensor_hyperparameter_without_a_value_raises_and_changes_nothing(backend, what, how):
+    """A Tensor lr or beta whose storage was freed (read out of bounds: a segfault on the reference backend) or on
+    the meta device (no value: the reference backend wrote part of the step): an error naming it, nothing written."""
+    ours, _ = _pair(backend, lr=torch.tensor(0.01), betas=(torch.tensor(0.9), torch.tensor(0.999)))
+    _set_grads(ours, 0)
+    ours.step()
+    _set_grads(ours, 1)
+    bad = torch.tensor(0.5, device="meta") if how == "meta" else _freed(torch.tensor(0.5))
+    group = ours.param_groups[0]
+    if what == "lr":
+        group["lr"] = bad
+    else:
+        group["betas"] = (bad, group["betas"][1])
+    name = r"\['lr'\]" if what == "lr" else r"\['betas'\]\[0\]"
+    _assert_step_raises_and_changes_nothing(ours, ValueError, rf"{name} is a Tensor .* with no value to read")
+    with pytest.raises(ValueError, match="has no value to read"):
+        FusedAdamW(_params(ours), **({"lr": bad} if what == "lr" else {"betas": (bad, torch.tensor(0.999))}),
+                   backend=backend)
+
+
+@pytest.mark.parametrize("backend", backends_here())
+@pytest.mark.parametrize("case", ["exp_avg_sq deleted", "step deleted", "exp_avg int32", "exp_avg complex"])
+def test_a_state_missing_an_entry_or_of_another_kind_raises_and_changes_nothing(backend, case):
+    """torch's step raises KeyError on a state without step, exp_avg or exp_avg_sq, and a dtype error on an integer
+    moment or a complex one of a real param; we made zeros (an update of 1.34 where Adam's is ~1e-3 after 200 steps)
+    or cast (dropping the imaginary part) and stepped."""
+    ours, _ = _pair(backend)
+    for s in range(2):
+        _set_grads(ours, s)
+        ours.step()
+    st = ours.state[_params(ours)[1]]
+    key = case.split()[0]
+    if case.endswith("deleted"):
+        del st[key]
+        error, match = KeyError, rf"no {key}"
+    else:
+        st[key] = st[key].to(torch.int32 if case.endswith("int32") else torch.complex64)
+        error, match = TypeError, rf"state\['exp_avg'\] .* has dtype torch\.(int32|complex64)"
+    _set_grads(ours, 2)
+    _assert_step_raises_and_changes_nothing(ours, error, match)
+
+
+@pytest.mark.parametrize("backend", backends_here())
+def test_found_inf_nonzero_in_float64_skips_the_step(backend):
+    """found_inf is read as nonzero or not: 1e-300 in float64 is 0 once converted to float32 (the cpu backend
+    stepped)."""
+    ours, _ = _pair(backend)
+    _set_grads(ours, 0)
+    ours.step()
+    _set_grads(ours, 1)
+    tensors = lambda: _params(ours) + [v for p in _params(ours) for v in ours.state[p].values()]  # noqa: E731
+    before = [t.clone() for t in tensors()]
+    ours.step(found_inf=torch.tensor(1e-300, dtype=torch.float64))
+    for i, (a, b) in enumerate(zip(before, tensors())):
+        assert torch.equal(a, b), f"tensor {i} changed"
+
+
+def test_load_state_dict_refuses_one_id_for_two_params():
+    """One saved id listed for two different params: one of them would lose its state (torch fails later, at the
+    step, with a shape error)."""
+    ours, _ = _pair("reference")
+    _set_grads(ours, 0)
+    ours.step()
+    sd = copy.deepcopy(ours.state_dict())
+    sd["param_groups"][0]["params"][2] = sd["param_groups"][0]["params"][1]
+    with pytest.raises(ValueError, match=r"id 1 for two different params: param group 0, param 1 and param group 0, "
+                                         r"param 2"):
+        ours.load_state_dict(sd)
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(seed=True), r"Invalid seed: True"),
+                                           (dict(max_grad_norm=True), r"Invalid max_grad_norm value: True")])
+def test_bools_are_not_numbers_for_the_options_beyond_torch(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        FusedAdamW([torch.nn.Parameter(torch.ones(2))], **kwargs)
+
+
+def test_max_grad_norm_takes_a_numpy_number():
+    np = pytest.importorskip("numpy")
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = FusedAdamW([p], max_grad_norm=np.float32(0.5))
+    p.grad = torch.full((3,), 2.0)
+    opt.step()
+    assert isinstance(opt.max_grad_norm, float)
+    torch.testing.assert_close(opt.grad_norm, torch.tensor(12.0).sqrt())
+
+
+@pytest.mark.parametrize("kind", [set, iter])
+def test_a_params_entry_that_is_no_list_raises_naming_it(kind):
+    ours, _ = _pair("reference")
+    _set_grads(ours, 0)
+    ours.param_groups[0]["params"] = kind(ours.param_groups[0]["params"])
+    with pytest.raises(TypeError, match=r"param_groups\[0\]\['params'\] is a \w+; expected a list of tensors"):
+        ours.step()
+
+
+@pytest.mark.parametrize("backend", backends_here())
+def test_an_error_names_the_param_by_its_group_position(backend):
+    """A group of two dtypes steps as two partitions, each counting its entries from 0: an error names the param by
+    its position in the group too (the native backends' messages named `exp_avgs[1]`, the partition's)."""
+    ours, _ = _pair(backend, shapes=[(4,), (3,), (5,), (2,)])
+    _params(ours)[1].data = _params(ours)[1].data.double()
+    _set_grads(ours, 0)
+    ours.step()
+    _set_grads(ours, 1)
+    ours.state[_params(ours)[2]]["exp_avg"] = torch.zeros(6)
+    with pytest.raises(RuntimeError, match=r"param 2 of group 0"):
+        ours.step()

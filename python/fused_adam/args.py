@@ -2,6 +2,7 @@
 working) and those of the options beyond torch. The constructor and load_state_dict both use them."""
 from __future__ import annotations
 
+import functools
 import numbers
 import reprlib
 
@@ -23,13 +24,15 @@ def check_extensions(master_weights, state_dtype, stochastic_rounding, seed, max
     if state_dtype is not None and state_dtype not in STATE_DTYPES:
         raise ValueError(f"Invalid state_dtype: {state_dtype!r}; expected None (the param's dtype) or one of "
                          f"{STATE_DTYPES}")
-    if not isinstance(seed, int) or not 0 <= seed < 2**64:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
         raise ValueError(f"Invalid seed: {seed!r}; expected an int in [0, 2**64)")
     for name, flag in (("master_weights", master_weights), ("stochastic_rounding", stochastic_rounding)):
         if not isinstance(flag, bool):
             raise ValueError(f"Invalid {name}: {flag!r}; expected True or False")
-    if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and 0.0 < max_grad_norm < float("inf")):
-        raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm}; expected None or a finite number > 0")
+    if max_grad_norm is not None and not (isinstance(max_grad_norm, numbers.Real) and not isinstance(max_grad_norm, bool)
+                                          and 0.0 < max_grad_norm < float("inf")):
+        raise ValueError(f"Invalid max_grad_norm value: {describe(max_grad_norm)}; expected None or a finite number > 0 "
+                         "(a Python or NumPy number)")
     used = [n for n, v in (("master_weights", master_weights), ("state_dtype", state_dtype is not None),
                            ("stochastic_rounding", stochastic_rounding), ("max_grad_norm", max_grad_norm is not None)) if v]
     if differentiable and used:
@@ -46,6 +49,10 @@ def check_args(lr, betas, eps, weight_decay, foreach, capturable, fused, differe
     for i in (0, 1):  # before the range checks, which cannot compare a multi-element tensor
         if isinstance(betas[i], Tensor) and betas[i].numel() != 1:
             raise ValueError(f"Tensor betas[{i}] must be 1-element")
+    for name, value in (("lr", lr), ("betas[0]", betas[0]), ("betas[1]", betas[1])):  # (the range checks read it)
+        if isinstance(value, Tensor) and not _has_value(value):
+            raise ValueError(f"Tensor {name} ({describe(value)} on {value.device}) has no value to read (a meta "
+                             "tensor, or its storage freed)")
     if not 0.0 <= lr:
         raise ValueError(f"Invalid learning rate: {lr}")
     if not 0.0 <= eps:
@@ -90,10 +97,16 @@ def _in_range(value, lo: float, hi: float | None) -> bool:
     """A number in [lo, hi) (NaN is not), or a one-element real tensor (its value is not read: that would be a
     device sync, and under CUDA graph capture an error)."""
     if isinstance(value, Tensor):
-        return value.numel() == 1 and not value.is_complex()
+        return value.numel() == 1 and not value.is_complex() and _has_value(value)
     if not isinstance(value, numbers.Real):  # (numpy's floats too, as a scheduler may write them)
         return False
     return lo <= value if hi is None else lo <= value < hi
+
+
+def _has_value(t: Tensor) -> bool:
+    """A one-element tensor whose value a backend can read (torch's ops and the kernels do not check: a meta tensor
+    has none, a freed storage is read out of bounds)."""
+    return not t.is_meta and (t.storage_offset() + 1) * t.element_size() <= t.untyped_storage().nbytes()
 
 
 def check_hyper(group_index: int, lr, betas, eps, weight_decay) -> tuple:
@@ -116,6 +129,11 @@ def check_hyper(group_index: int, lr, betas, eps, weight_decay) -> tuple:
     for name, value, hi in (("['lr']", lr, None), ("['betas'][0]", b1, 1.0), ("['betas'][1]", b2, 1.0)):
         if not _in_range(value, 0.0, hi):
             want = "a number >= 0" if hi is None else "a number in [0, 1)"
+            if isinstance(value, Tensor):  # (its repr would read a freed storage)
+                lacks = "" if value.numel() != 1 or value.is_complex() else (
+                    " with no value to read (a meta tensor, or its storage freed)")
+                raise ValueError(f"{where}{name} is {describe(value)} on {value.device}{lacks}; expected {want} or "
+                                 "a one-element real tensor")
             raise ValueError(f"{where}{name} is {value!r}; expected {want} or a one-element tensor")
     for name, value in (("['eps']", eps), ("['weight_decay']", weight_decay)):
         if isinstance(value, Tensor) or not _in_range(value, 0.0, None):
@@ -151,6 +169,45 @@ def storage_shortfall(t: Tensor) -> tuple[int, int] | None:
     last = t.storage_offset() + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
     need, have = (last + 1) * t.element_size(), t.untyped_storage().nbytes()
     return (need, have) if need > have else None
+
+
+def _first_unreadable_py(tensors: list) -> int:
+    for i, t in enumerate(tensors):
+        if t is not None and (not isinstance(t, Tensor) or t.layout != torch.strided
+                              or not (t.is_floating_point() or t.is_complex()) or storage_shortfall(t)):
+            return i
+    return -1
+
+
+@functools.lru_cache(maxsize=None)
+def _first_unreadable():
+    try:
+        from ._C import first_unreadable  # ~10 ns a tensor
+    except Exception:  # built without the extension
+        return _first_unreadable_py
+    return first_unreadable
+
+
+def check_readable(group_grads: list[list]) -> None:
+    """Every grad a norm pass reads (max_grad_norm: before the per-tensor checks of the step) is None or a strided
+    floating-point or complex tensor whose storage holds its elements: else an error naming it, as the step would
+    word it (torch's norm would read a freed storage out of bounds, or fail naming no param)."""
+    for gi, grads in enumerate(group_grads):
+        i = _first_unreadable()(grads)
+        if i < 0:
+            continue
+        g = grads[i]
+        where = f"grad of param {i} in group {gi}"
+        if not isinstance(g, Tensor):
+            raise TypeError(f"FusedAdam: the {where} is {describe(g)}; expected a Tensor or None")
+        if g.layout != torch.strided:
+            raise RuntimeError(f"FusedAdam does not support sparse gradients ({where} is sparse), please consider "
+                               "torch.optim.SparseAdam instead")
+        if not (g.is_floating_point() or g.is_complex()):
+            raise RuntimeError(f"FusedAdam: the {where} has dtype {g.dtype}; expected a floating-point or complex grad")
+        need, have = storage_shortfall(g) or (g.numel() * g.element_size(), 0)
+        raise RuntimeError(f"FusedAdam: the {where} needs {need} bytes of storage for its {g.numel()} elements, but its "
+                           f"storage holds {have} (was the storage resized or freed under it?)")
 
 
 def check_amp(name: str, t) -> None:

@@ -274,7 +274,11 @@ def load_state_dict(optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
     owner: dict[Any, tuple[Tensor, dict[str, Any], str]] = {}
     for gi, (group, saved) in enumerate(zip(groups, saved_groups)):
         for i, (p, pid) in enumerate(zip(group["params"], saved["params"])):
-            owner.setdefault(pid, (p, saved, f"param group {gi}, param {i} (state_dict['state'][{pid!r}])"))
+            where = f"param group {gi}, param {i}"
+            first = owner.setdefault(pid, (p, saved, f"{where} (state_dict['state'][{pid!r}])"))
+            if first[0] is not p:  # one saved state for two params: one of them would lose its own
+                raise ValueError(f"loaded state dict lists id {pid!r} for two different params: "
+                                 f"{first[2].split(' (')[0]} and {where}")
     state: defaultdict[Any, Any] = defaultdict(dict)
     for pid, saved in state_dict["state"].items():
         if pid in owner:

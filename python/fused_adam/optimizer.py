@@ -7,6 +7,8 @@ partition to its backend (backends/__init__.py: one interface for all); the stat
 from __future__ import annotations
 
 import functools
+import itertools
+import re
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any, Callable, NamedTuple
@@ -17,8 +19,8 @@ from torch.optim import Optimizer
 
 from . import backends, checkpoint, plan as plans
 from .args import (EXTENSIONS, check_amp, check_args, check_extensions, check_fused_param, check_group_extensions,
-                   check_hyper)
-from .backends import Amp, Hyper, PartOptions
+                   check_hyper, check_readable)
+from .backends import Amp, Hyper, PartialStep, PartOptions
 from .plan import Dispatch, Partition, Plan
 from .state import Generation, dtensor_type, kernel_view, packed_states, param_state, rebind
 
@@ -42,6 +44,13 @@ class _StepInputs:
     clip_coef: Tensor | None = None
     group_grads: list[list[Tensor | None]] | None = None
     moved: dict | None = None  # (id, device) -> the tensor on that device
+    rebuilt: bool = False  # a group's plan was built in this step: another group's params may have changed
+    first_ids: list[int] | None = None  # each group's first param's index over all groups (first_id(), lazily)
+
+    def first_id(self, groups: list[dict], gi: int) -> int:
+        if self.first_ids is None:
+            self.first_ids = [0, *itertools.accumulate(len(g["params"]) for g in groups)]
+        return self.first_ids[gi]
 
     def amp(self, device: torch.device) -> Amp:
         if self.grad_scale is None and self.found_inf is None and self.clip_coef is None:
@@ -57,6 +66,19 @@ class _StepInputs:
         if key not in self.moved:
             self.moved[key] = t.to(device, non_blocking=True)
         return self.moved[key]
+
+
+_ENTRY = re.compile(r"\b(?:params|grads|exp_avgs|exp_avg_sqs|max_exp_avg_sqs|master_params|state_steps)\[(\d+)\]")
+
+
+def _name_in_group(e: BaseException, w: _Work) -> None:
+    """A native backend's error names an entry by its position in the partition (`exp_avgs[1]`): the message gets
+    which param of which group that is (a group of two dtypes has two partitions, each counting from 0)."""
+    msg = e.args[0] if len(e.args) == 1 and isinstance(e.args[0], str) else None
+    m = _ENTRY.search(msg) if msg is not None and w.step_part is w.part and " of group " not in msg else None
+    if m is not None:
+        e.args = (f"{msg} ({m.group(0)} is param {w.part.param_index(int(m.group(1)))} of group "
+                  f"{w.part.group_index})",)
 
 
 class _Work(NamedTuple):
@@ -193,7 +215,7 @@ class FusedAdam(Optimizer):
         self._backend = backend
         self._plans: dict[int, Plan] = {}
         self._generation = Generation()
-        self.max_grad_norm = max_grad_norm
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)  # (a NumPy number too)
         self.grad_norm: Tensor | None = None
         defaults = dict(
             lr=lr,
@@ -311,7 +333,13 @@ class FusedAdam(Optimizer):
         ids = {id(p) for p in params}
         return sum(id(p) in ids for group in self.param_groups for p in group["params"]) == len(ids)
 
+    def _runs_listed_once(self, plan: Plan) -> bool:
+        return all(self._listed_once(part.flat.params) for part in plan.parts if part.flat is not None)
+
     def _build_plan(self, gi: int, group: dict[str, Any], has_grad: list[bool], key: tuple) -> Plan:
+        if not isinstance(group["params"], (list, tuple)):  # (a set has no order to step in, a generator no second pass)
+            raise TypeError(f"FusedAdam: param_groups[{gi}]['params'] is a {type(group['params']).__name__}; expected "
+                            "a list of tensors (as add_param_group makes it)")
         first_id = sum(len(g["params"]) for g in self.param_groups[:gi])  # params' index over all groups
         with torch.no_grad():
             plan = plans.build(gi, group, has_grad, key, first_id, self.max_grad_norm is not None,
@@ -324,6 +352,7 @@ class FusedAdam(Optimizer):
         """torch.nn.utils.clip_grad_norm_'s coefficient over every grad of the optimizer, as a tensor (no host
         synchronisation): one multi-tensor norm pass reads the grads; the Adam pass applies the coefficient."""
         grads = [g for grads in group_grads for g in grads if g is not None]
+        check_readable(group_grads)  # the norm reads them before any per-tensor check
         total = torch.nn.utils.get_total_norm(grads)
         if isinstance(total, dtensor_type()):
             total = total.full_tensor()  # the shards' partial norms, reduced
@@ -364,6 +393,10 @@ class FusedAdam(Optimizer):
         key = self._plan_key(group)
         plan = self._plans.get(gi)
         valid = plan is not None and plan.valid(params, key, self._generation.value, self.state)
+        if valid and (plan.uses_ids and plan.first_id != ctx.first_id(self.param_groups, gi)
+                      or ctx.rebuilt and plan.has_flat and not self._runs_listed_once(plan)):
+            valid = False  # another group's params list changed: stochastic rounding's ids, or a flat run's param
+            # now listed there too, which one counter cannot step (found before any group steps: groups in order)
         clipping = ctx.group_grads is not None
         if valid and not clipping and plan.all_grads and plan.all_flat and all([part.flat.valid() for part in plan.parts]):
             # Flat runs (NOTE [flat run wiring]) read no grad list either, where the plan covers every param.
@@ -375,6 +408,7 @@ class FusedAdam(Optimizer):
         has_grad = [g is not None for g in grads]
         if not valid or plan.has_grad != has_grad:
             plan = self._plans[gi] = self._build_plan(gi, group, has_grad, key)
+            ctx.rebuilt = True
         work = []
         for part in plan.parts:
             amp = ctx.amp(part.device)
@@ -398,15 +432,19 @@ class FusedAdam(Optimizer):
             if w.grads is None:
                 try:
                     read = w.part.backend.check(w.part, None, w.hp, w.amp)
-                except RuntimeError:
-                    read = False  # raised again below, worded as torch's
+                except (RuntimeError, TypeError, ValueError):
+                    read = False  # checked again below with the group's grads (raised again there, or stepped)
                 if read:
                     ready.append(w._replace(checked=True))
                     continue
                 gi = w.part.group_index
                 items = self._group_work(gi, self.param_groups[gi], w.hp, ctx, read_grads=False)
             for x in items:
-                x.part.backend.check(x.step_part, x.grads, x.hp, x.amp)
+                try:
+                    x.part.backend.check(x.step_part, x.grads, x.hp, x.amp)
+                except (RuntimeError, TypeError, ValueError) as e:
+                    _name_in_group(e, x)
+                    raise
                 ready.append(x._replace(checked=True))
         return ready
 
@@ -438,14 +476,21 @@ class FusedAdam(Optimizer):
             try:
                 if part.backend.step(part, None, w.hp, w.amp, w.checked):
                     return
-            except RuntimeError:
-                pass  # raised before writing anything; the path below raises it again, worded as torch's
+            except PartialStep:
+                raise
+            except (RuntimeError, TypeError, ValueError):
+                pass  # raised before writing anything: the path below steps (a param without a grad skipped, the
+                # plan rebuilt) or raises it again, worded as torch's
             gi = part.group_index
             items = self._group_work(gi, self.param_groups[gi], w.hp, ctx, read_grads=False)
             for x in self._all_checked(items, ctx) if len(items) > 1 else items:
                 self._run(x, ctx)
             return
-        part.backend.step(w.step_part, w.grads, w.hp, w.amp, w.checked)
+        try:
+            part.backend.step(w.step_part, w.grads, w.hp, w.amp, w.checked)
+        except (RuntimeError, TypeError, ValueError) as e:
+            _name_in_group(e, w)
+            raise
         if w.step_part is not part:
             part.flat.stepped()
 
@@ -488,6 +533,10 @@ class FusedAdam(Optimizer):
             self._bind_state()
         check_amp("grad_scale", grad_scale)
         check_amp("found_inf", found_inf)
+        if grad_scale is not None and grad_scale.dim():  # (a view: a captured step reads the same memory)
+            grad_scale = grad_scale.reshape(())  # shape (1,) would broadcast a 0-dim grad to (1,)
+        if found_inf is not None and found_inf.dim():
+            found_inf = found_inf.reshape(())
         with torch.set_grad_enabled(self.defaults["differentiable"]):
             hypers = [self._hyper(gi, group) for gi, group in enumerate(self.param_groups)]  # all checked first
             ctx = _StepInputs(grad_scale, found_inf)
@@ -504,6 +553,9 @@ class FusedAdam(Optimizer):
                             work = self._all_checked(work, ctx)
                         if work:
                             self._run(work[0], ctx)
+                    except PartialStep:
+                        self._generation.journal = None  # (the states it made are in use now)
+                        raise
                     except Exception:
                         if retry or not self._forget_moved_plans():
                             self._generation.rollback()

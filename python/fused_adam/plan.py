@@ -121,11 +121,16 @@ class Plan:
     all_grads: bool = False  # every param had a grad when built (has_grad, decided once, not per step)
     all_flat: bool = False  # every partition is a flat run (NOTE [flat run wiring])
     has_views: bool = False  # a partition holds kernel views (complex or DTensor params)
+    has_flat: bool = False  # some partition is a flat run
+    uses_ids: bool = False  # some partition rounds stochastically: its tensor_ids count from first_id
+    first_id: int = 0  # the group's first param's index over all groups, when built
 
     def __post_init__(self):
         self.all_grads = all(self.has_grad)
         self.all_flat = all(part.flat is not None for part in self.parts)
+        self.has_flat = any(part.flat is not None for part in self.parts)
         self.has_views = any(part.view_pos for part in self.parts)
+        self.uses_ids = any(part.options.stochastic_rounding for part in self.parts)
 
     def valid(self, params: list[Tensor], key: tuple, generation: int, state: dict) -> bool:
         return (self.params is params and self.generation == generation and self.key == key
@@ -203,7 +208,7 @@ def build(group_index: int, group: dict[str, Any], has_grad: list[bool], key: tu
             part.flat, part.flat_part = run, run.partition(part)
             part.backend.prepare(part.flat_part)
         parts.append(part)
-    return Plan(params, list(params), has_grad, key, parts)
+    return Plan(params, list(params), has_grad, key, parts, first_id=first_id)
 
 
 def check_tensors(part: Partition, grads: list[Tensor], grads_written: bool = False) -> None:
@@ -216,6 +221,9 @@ def check_tensors(part: Partition, grads: list[Tensor], grads_written: bool = Fa
     if part.options.master:
         arrays.append(("master_params", part.master_params))
     state_dtype = part.options.state_dtype
+    if part.params and not part.dtype.is_floating_point:  # (complex params arrive as their real views)
+        raise RuntimeError(f"{who}: params[0] (param {part.param_index(0)} of group {part.group_index}) has dtype "
+                           f"{part.dtype}; Adam steps floating-point and complex params")
     for pos, p in enumerate(part.params):
         where = f"(param {part.param_index(pos)} of group {part.group_index})"
         if p.dtype != part.dtype:

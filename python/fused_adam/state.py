@@ -240,10 +240,18 @@ def packed_states(state: StateDict, opts: PartOptions, params: list[Tensor]) -> 
     return views
 
 
+_REQUIRED = frozenset(("step", "exp_avg", "exp_avg_sq"))
+
+
 def param_state(state: StateDict, p: Tensor, opts: PartOptions, packed: dict[str, Tensor] | None = None) -> ParamState:
     """p's state, created (lazily, as torch does) or brought to what the partition's options need. `packed`: zeroed
     views to create missing states in (NOTE [packed states]). p is the param itself (complex or DTensor)."""
     st = state[p]
+    if st and not _REQUIRED.issubset(st.keys()):  # torch's step raises KeyError; zeros would step a wrong update
+        missing = sorted(_REQUIRED.difference(st.keys()))
+        raise KeyError(f"FusedAdam: the state of the param of shape {tuple(p.shape)} has {sorted(st.keys())} but no "
+                       f"{', '.join(missing)} (an Adam state holds step, exp_avg and exp_avg_sq; to start it over, "
+                       f"delete the whole entry: del opt.state[p])")
     step_device = p.device if opts.capturable else torch.device("cpu")
     if "step" not in st:
         st["step"] = packed["step"] if packed and "step" in packed else torch.zeros((), dtype=torch.float32, device=step_device)
@@ -260,7 +268,11 @@ def param_state(state: StateDict, p: Tensor, opts: PartOptions, packed: dict[str
             raise TypeError(f"FusedAdam: state[{key!r}] of the param of shape {tuple(p.shape)} is "
                             f"{describe(st[key])}; expected a tensor")
         elif st[key].dtype != state_dtype:
-            st[key] = st[key].to(state_dtype)
+            t = st[key]
+            if not (t.is_floating_point() or t.is_complex()) or t.is_complex() != p.is_complex():
+                raise TypeError(f"FusedAdam: state[{key!r}] of the param of shape {tuple(p.shape)} has dtype {t.dtype}; "
+                                f"expected {state_dtype} (a floating-point state of a real param, complex of a complex)")
+            st[key] = t.to(state_dtype)
     if opts.master and "master_param" not in st:
         if packed and "master_param" in packed:
             st["master_param"] = packed["master_param"].copy_(p.detach())

@@ -33,7 +33,8 @@ The step contract (the same for every backend):
   * amp.grad_scale: grads are divided by it in place, and the update uses the unscaled grad;
   * amp.found_inf: if nonzero, nothing changes at all (params, grads, states and steps);
   * amp.clip_coef (options.clip): a 0-dim fp32 tensor; the unscaled grad is multiplied by it for the update only;
-  * bad input (a shape, dtype, device or layout that does not match) raises before anything is written.
+  * bad input (a shape, dtype, device or layout that does not match) raises before anything is written; an error
+    after a write is raised as PartialStep.
 
 The options beyond torch (PartOptions) are decided once per partition, in one place (PartOptions.of), and
 backends read them: they never re-derive which stores round stochastically or which weight-decay mode applies.
@@ -59,6 +60,12 @@ AUTO_ORDER = {
 }
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+class PartialStep(RuntimeError):
+    """A backend's step failed after it had written part of its partition (the contract above says it raises before
+    anything is written: this is the error of a check that was missing). The optimizer neither retries the step nor
+    undoes the states it made for it: what was written stays, and the message says so."""
 
 
 class WeightDecay(enum.IntEnum):

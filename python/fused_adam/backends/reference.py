@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ..plan import check_tensors
-from . import LOW_PRECISION, Amp, Backend, Hyper, PartOptions
+from . import LOW_PRECISION, Amp, Backend, Hyper, PartialStep, PartOptions
 
 _M32 = 0xFFFFFFFF
 _STREAMS = {"param": 0, "exp_avg": 1, "exp_avg_sq": 2, "max_exp_avg_sq": 3}  # csrc/rounding.h's Stream
@@ -45,8 +45,12 @@ class ReferenceBackend(Backend):
             return True
         if amp.found_inf is not None and bool(amp.found_inf.item()):
             return True
-        _step(part.params, grads, part.exp_avgs, part.exp_avg_sqs, part.max_exp_avg_sqs, part.state_steps,
-              part.options, hp, amp.grad_scale, part.master_params, part.tensor_ids, amp.clip_coef)
+        try:
+            _step(part.params, grads, part.exp_avgs, part.exp_avg_sqs, part.max_exp_avg_sqs, part.state_steps,
+                  part.options, hp, amp.grad_scale, part.master_params, part.tensor_ids, amp.clip_coef)
+        except Exception as e:  # torch's ops raised, tensor by tensor: the earlier tensors are stepped
+            raise PartialStep(f"FusedAdam (reference backend): the step of group {part.group_index} failed after "
+                              f"stepping some of its params: {type(e).__name__}: {e}") from e
         return True
 
 
@@ -118,6 +122,10 @@ def bf16_stochastic(x: Tensor, salt: int) -> Tensor:
     return torch.where(special, x.to(torch.bfloat16), rounded)
 
 
+def _needs_grad(x, opts: PartOptions) -> bool:
+    return opts.differentiable and isinstance(x, Tensor) and x.requires_grad
+
+
 def _update(
     param: Tensor,
     grad: Tensor,
@@ -144,15 +152,16 @@ def _update(
     else:
         beta1_here = beta1
     exp_avg.lerp_(grad, 1 - beta1_here)
-    if opts.differentiable and isinstance(beta2, Tensor) and beta2.requires_grad:
+    if _needs_grad(beta2, opts):
         exp_avg_sq.lerp_(torch.square(grad), weight=1 - beta2)
     else:
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
 
     if opts.capturable or opts.differentiable:
         # Everything stays a tensor: no host synchronisation, and autograd sees the whole step.
-        bias_correction1 = 1 - beta1**step_t
-        bias_correction2 = 1 - beta2**step_t
+        # (a beta that requires grad: autograd saves the step, which the next step bumps in place; torch clones it)
+        bias_correction1 = 1 - beta1**(step_t.clone() if _needs_grad(beta1, opts) else step_t)
+        bias_correction2 = 1 - beta2**(step_t.clone() if _needs_grad(beta2, opts) else step_t)
         step_size_neg = (lr / bias_correction1).neg()
         bias_correction2_sqrt = bias_correction2.sqrt()
         if max_exp_avg_sq is not None:
