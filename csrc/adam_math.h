@@ -13,7 +13,8 @@
 //   v  = fma((1 - beta2) * g, g, v * beta2)      (at::addcmul's form)
 //   vmax = max(vmax, v)                          (amsgrad; the denominator then uses vmax)
 //   p  = p + (-lr / (1 - beta1^t)) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
-// The per-tensor scalars are computed in double, as torch's Python code does, then rounded once to T.
+// The per-tensor scalars are computed in double, as torch's Python code does, then rounded once to T (with a Tensor lr
+// or beta: as torch's tensor ops compute them, NOTE [tensor hyperparameters] in common/options.h).
 // References: Kingma & Ba, "Adam" (arXiv:1412.6980); Loshchilov & Hutter, "Decoupled Weight Decay
 // Regularization" (arXiv:1711.05101); Reddi et al., "On the Convergence of Adam and Beyond" (AMSGrad).
 #pragma once
@@ -50,6 +51,13 @@ struct StepScalars {
   T eps;
 };
 
+// at::lerp's weight w = 1 - beta1, and which of its two forms runs.
+template <typename T>
+FA_HOST_DEVICE void set_lerp_weight(StepScalars<T>& s, T w) {
+  s.lerp_small = (w < T(0.5) && w > T(-0.5));
+  s.lerp_coeff = s.lerp_small ? w : w - T(1);
+}
+
 template <typename T>
 FA_HOST_DEVICE StepScalars<T> make_step_scalars(const AdamHyper& h, double step) {
   const double bias_correction1 = 1.0 - ::pow(h.beta1, step);
@@ -57,14 +65,34 @@ FA_HOST_DEVICE StepScalars<T> make_step_scalars(const AdamHyper& h, double step)
   StepScalars<T> s;
   s.decay = static_cast<T>(1.0 - h.lr * h.weight_decay);
   s.weight_decay = static_cast<T>(h.weight_decay);
-  const T w = static_cast<T>(1.0 - h.beta1);
-  s.lerp_small = (w < T(0.5) && w > T(-0.5));
-  s.lerp_coeff = s.lerp_small ? w : w - T(1);
+  set_lerp_weight(s, static_cast<T>(1.0 - h.beta1));
   s.beta2 = static_cast<T>(h.beta2);
   s.one_minus_beta2 = static_cast<T>(1.0 - h.beta2);
   s.neg_step_size = static_cast<T>(-(h.lr / bias_correction1));
   s.bias_correction2_sqrt = static_cast<T>(::pow(bias_correction2, 0.5));  // Python's `** 0.5` is pow()
   s.eps = static_cast<T>(h.eps);
+  return s;
+}
+
+// The scalars of a step whose counts are on the host (not capturable): make_step_scalars', with AdamW's decay factor
+// and a Tensor lr's or beta's values where the binding computed them as torch does (NOTE [tensor hyperparameters]
+// in common/options.h). Host only. with_pair = false: the caller takes the step-dependent pair (neg_step_size,
+// bias_correction2_sqrt) from elsewhere (per tensor), and `step` is only make_step_scalars' placeholder.
+template <typename T>
+inline StepScalars<T> host_step_scalars(const StepOptions& o, double step, bool with_pair = true) {
+  StepScalars<T> s = make_step_scalars<T>(o.hyper, step);
+  if (!std::isnan(o.decay)) s.decay = static_cast<T>(o.decay);
+  if (const TensorHyperValues* t = o.tensor_hyper) {
+    // torch: exp_avg.lerp_(grad, 1 - beta1.to(param.dtype)), in the dtype the kernel computes in
+    if (t->beta1_tensor) set_lerp_weight(s, T(1) - static_cast<T>(o.hyper.beta1));
+    if (!std::isnan(t->one_minus_beta2)) s.one_minus_beta2 = static_cast<T>(t->one_minus_beta2);
+    if (with_pair) {
+      double neg_step_size = 0, bias_correction2_sqrt = 0;
+      t->step_pair(step, neg_step_size, bias_correction2_sqrt);
+      s.neg_step_size = static_cast<T>(neg_step_size);
+      s.bias_correction2_sqrt = static_cast<T>(bias_correction2_sqrt);
+    }
+  }
   return s;
 }
 

@@ -57,6 +57,20 @@ def _inputs() -> list[OptimizerInput]:
 
 OPTIM_INPUTS = _inputs()
 
+# Tensor lr / betas that torch's for-loop turns into 0-dim tensor math: bias corrections, step size, sqrt(bc2),
+# 1 - beta2 and AdamW's 1 - lr * wd in the tensors' dtype (float32 here, float64 in one case), not in double. Chosen
+# so that computing them in double drifts past assert_close within 20 steps (fp64 params; fp32 with beta2 near 1).
+TENSOR_HYPER_INPUTS = [
+    OptimizerInput({"lr": 0.1, "betas": (torch.tensor(0.5), torch.tensor(0.9999))}, "Tensor betas"),
+    OptimizerInput({"lr": torch.tensor(0.1), "betas": (torch.tensor(0.9), torch.tensor(0.999)), "weight_decay": 0.1},
+                   "Tensor lr and betas, weight_decay"),
+    OptimizerInput({"lr": torch.tensor(2.0), "weight_decay": 0.1}, "Tensor lr 2.0, weight_decay"),
+    OptimizerInput({"lr": torch.tensor(0.1), "betas": (torch.tensor(0.5), torch.tensor(0.9999)), "weight_decay": 0.1,
+                    "amsgrad": True, "maximize": True}, "Tensor lr and betas, amsgrad, maximize"),
+    OptimizerInput({"lr": 0.1, "betas": (torch.tensor(0.9, dtype=torch.float64), torch.tensor(0.3, dtype=torch.float64)),
+                    "weight_decay": 0.1}, "float64 Tensor betas"),
+]
+
 
 def backends_here() -> list[str]:
     """The backends that run CPU tensors in this process: reference, cpu where the extension is built, triton under
@@ -140,6 +154,28 @@ def assert_parity(backend: str, cls_name: str, kwargs: dict, dtype: torch.dtype,
             assert ours_err <= K_LOW_PRECISION * torch_err + floor, (
                 f"{name} of param {i}: error vs fp64 {ours_err:.3g} > {K_LOW_PRECISION} x torch's {torch_err:.3g} + {floor:.3g}"
             )
+
+
+def assert_tensor_hyper_per_tensor_steps(backend: str, dtype: torch.dtype, steps: int = 22):
+    """FusedAdamW on `backend` against torch.optim.AdamW(foreach=False) with Tensor lr and betas and step counts that
+    differ within the partition (the odd params have no grad for the first 4 steps): params and every state."""
+    kwargs = dict(lr=torch.tensor(0.1), betas=(torch.tensor(0.5), torch.tensor(0.9999)), weight_decay=0.1)
+    params0 = make_params(dtype, SHAPES + ((1024,),))
+    results = []
+    for cls, extra in ((FusedAdamW, dict(backend=backend)), (torch.optim.AdamW, dict(foreach=False))):
+        params = [p.detach().clone().requires_grad_() for p in params0]
+        opt = cls(params, **kwargs, **extra)
+        for s in range(steps):
+            for i, (p, g) in enumerate(zip(params, make_grads(params0, s))):
+                p.grad = g if s >= 4 or i % 2 == 0 else None
+            opt.step()
+        results.append((params, opt))
+    (ours_p, ours), (ref_p, ref) = results
+    assert {float(ours.state[p]["step"]) for p in ours_p} == {steps, steps - 4}
+    for i, (a, b) in enumerate(zip(ours_p, ref_p)):
+        torch.testing.assert_close(a.detach(), b.detach(), msg=lambda m: f"param {i}: {m}")
+        for k, v in ref.state[b].items():
+            torch.testing.assert_close(ours.state[a][k], v, msg=lambda m: f"{k} of param {i}: {m}")
 
 
 # ---- the options beyond torch: one table for every backend ------------------------------------------------------

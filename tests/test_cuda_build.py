@@ -35,10 +35,11 @@ import torch
 
 from conftest import requires_nvcc
 from fused_adam import FusedAdam, FusedAdamW, backends
-from fused_adam.backends import PartOptions
+from fused_adam.backends import PartOptions, TensorHyper
 from fused_adam.backends.cuda import CudaBackend
 from fused_adam.plan import dense
-from parity import DTYPES, FEATURE_CASES, OPTIM_INPUTS, assert_parity, bits, feature_id, make_grads, make_params, train
+from parity import (DTYPES, FEATURE_CASES, OPTIM_INPUTS, SHAPES, TENSOR_HYPER_INPUTS, assert_parity,
+                    assert_tensor_hyper_per_tensor_steps, bits, feature_id, make_grads, make_params, train)
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
@@ -460,6 +461,27 @@ struct EmuPartition {
       : table(numels, chunk_size), device((table.bytes() + 15) / 16) {}
 };
 
+// StepOptions::tensor_hyper from what the Python side computed (backends' TensorHyper, as py_options.h's TensorHyper
+// computes it): [beta1 is a Tensor, 1 - beta2 (NaN: a number), k, then k rows of (step, -step_size, sqrt(bc2))].
+struct EmuTensorHyper final : TensorHyperValues {
+  std::vector<double> rows;
+  explicit EmuTensorHyper(const double* t) {
+    beta1_tensor = t[0] != 0;
+    one_minus_beta2 = t[1];
+    rows.assign(t + 3, t + 3 + 3 * static_cast<int64_t>(t[2]));
+  }
+  void step_pair(double step, double& neg_step_size, double& bias_correction2_sqrt) const override {
+    for (size_t r = 0; r < rows.size(); r += 3) {
+      if (rows[r] == step) {
+        neg_step_size = rows[r + 1];
+        bias_correction2_sqrt = rows[r + 2];
+        return;
+      }
+    }
+    throw std::invalid_argument("emulation: no tensor scalars for step " + std::to_string(step));
+  }
+};
+
 void set_error(const std::exception& e, char* err, int err_len) {
   std::strncpy(err, e.what(), static_cast<size_t>(err_len) - 1);
   err[err_len - 1] = 0;
@@ -484,9 +506,11 @@ extern "C" void fa_emu_unsupported(int param_dtype, int state_dtype, int master,
 }
 
 // bufs: n x kNumBufs addresses. new_steps: not capturable, each tensor's step + 1. hyper: lr, beta1, beta2, eps,
-// weight_decay, decay (NaN: none). stats: [grid, chunks, first dirty byte, dirty bytes, step source, tensors].
+// weight_decay, decay (NaN: none). tensor_hyper: EmuTensorHyper's table, or null. stats: [grid, chunks, first dirty
+// byte, dirty bytes, step source, tensors].
 extern "C" int fa_emu_step(void* handle, int param_dtype, int state_dtype, void** bufs, float** device_steps,
                            const double* new_steps, const uint64_t* tensor_ids, const double* hyper,
+                           const double* tensor_hyper,
                            const double* lr_device, const double* decay_device, int wd_mode, int amsgrad, int maximize, int capturable,
                            const float* grad_scale, const float* found_inf, const float* clip_coef, int master,
                            int sr_param, int sr_state, uint64_t seed, int sm_count, int blocks_per_sm,
@@ -498,6 +522,11 @@ extern "C" int fa_emu_step(void* handle, int param_dtype, int state_dtype, void*
     StepOptions o;
     o.hyper = AdamHyper{hyper[0], hyper[1], hyper[2], hyper[3], hyper[4]};
     o.decay = hyper[5];
+    std::unique_ptr<EmuTensorHyper> tensors;
+    if (tensor_hyper != nullptr) {
+      tensors = std::make_unique<EmuTensorHyper>(tensor_hyper);
+      o.tensor_hyper = tensors.get();
+    }
     o.wd_mode = static_cast<WeightDecay>(wd_mode);
     o.amsgrad = amsgrad;
     o.maximize = maximize;
@@ -521,7 +550,7 @@ extern "C" int fa_emu_step(void* handle, int param_dtype, int state_dtype, void*
       void* b[kNumBufs];
       for (int k = 0; k < kNumBufs; ++k) b[k] = bufs[i * kNumBufs + k];
       table.set(i, make_entry(b, table.entry(i).numel, capturable ? device_steps[i] : nullptr, tensor_ids[i],
-                              host.source, o.hyper, capturable ? 0 : new_steps[i]));
+                              host.source, o, capturable ? 0 : new_steps[i]));
     }
     const DType pd = static_cast<DType>(param_dtype), sd = static_cast<DType>(state_dtype);
     DeviceTableRef ref = DeviceTableRef::of(table, part.device.data());
@@ -611,6 +640,8 @@ class EmulatedPartition:
                 decay = (1 - lr * hp.weight_decay).item()  # in lr's dtype, as torch.optim.AdamW computes it
             lr = lr.item()
         beta1, beta2, eps, weight_decay = (float(x) for x in (hp.beta1, hp.beta2, hp.eps, hp.weight_decay))
+        # NOTE [tensor hyperparameters]: not capturable, the scalars torch computes from a Tensor lr or beta
+        tensors = None if self.capturable else TensorHyper.of(hp)
         grad_scale, found_inf, clip_coef = (None, None, None) if amp is None else amp
         if grads is None:
             grads = [p.grad for p in params]
@@ -659,6 +690,13 @@ class EmulatedPartition:
                 bufs.append(t.data_ptr())
         new_steps = None if self.capturable else [float(s.item() + 1) for s in self.state_steps]
         c = ctypes
+        tensor_hyper = None
+        if tensors is not None:
+            table = [float(isinstance(tensors.beta1, torch.Tensor)),
+                     tensors.one_minus_beta2() if isinstance(tensors.beta2, torch.Tensor) else float("nan")]
+            distinct = sorted(set(new_steps))
+            table += [len(distinct)] + [v for step in distinct for v in (step, *tensors.step_pair(step))]
+            tensor_hyper = (c.c_double * len(table))(*table)
         stats, err = (c.c_int64 * 6)(), c.create_string_buffer(512)
         addr = lambda t: c.c_void_p(t.data_ptr() if t is not None else None)  # noqa: E731
         rc = self.lib.fa_emu_step(
@@ -666,6 +704,7 @@ class EmulatedPartition:
             (c.c_void_p * n)(*(s.data_ptr() for s in self.state_steps)),
             (c.c_double * n)(*(new_steps or [0.0] * n)), (c.c_uint64 * n)(*(self.tensor_ids or [0] * n)),
             (c.c_double * 6)(lr, beta1, beta2, eps, weight_decay, float("nan") if decay is None else decay),
+            tensor_hyper,
             addr(lr_device), addr(decay_device),
             self.wd_mode, int(self.amsgrad), int(self.maximize), int(self.capturable),
             addr(scale), addr(inf), addr(clip), int(master), int(self.sr_param), int(self.sr_state), self.seed,
@@ -723,7 +762,8 @@ def emulator_lib(tmp_path_factory):
     handle.fa_emu_step.restype = c.c_int
     handle.fa_emu_step.argtypes = [
         c.c_void_p, c.c_int, c.c_int, c.POINTER(c.c_void_p), c.POINTER(c.c_void_p), c.POINTER(c.c_double),
-        c.POINTER(c.c_uint64), c.POINTER(c.c_double), c.c_void_p, c.c_void_p, c.c_int, c.c_int, c.c_int, c.c_int, c.c_void_p,
+        c.POINTER(c.c_uint64), c.POINTER(c.c_double), c.POINTER(c.c_double), c.c_void_p, c.c_void_p, c.c_int, c.c_int,
+        c.c_int, c.c_int, c.c_void_p,
         c.c_void_p, c.c_void_p, c.c_int, c.c_int, c.c_int, c.c_uint64, c.c_int, c.c_int, c.POINTER(c.c_int64),
         c.c_char_p, c.c_int,
     ]
@@ -760,6 +800,24 @@ def test_emulated_kernel_parity(emulated, optim_input, dtype, cls_name):
     assert_parity("cuda", cls_name, optim_input.kwargs, dtype)
     assert len(native.stats) == 20, native.stats
     _one_launch_each_step(native)
+
+
+@pytest.mark.parametrize("cls_name", ["Adam", "AdamW"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("optim_input", TENSOR_HYPER_INPUTS, ids=repr)
+def test_emulated_tensor_hyper_parity(emulated, optim_input, dtype, cls_name):
+    """Tensor lr / betas (NOTE [tensor hyperparameters]): the scalars the binding computes as torch does reach the
+    kernel, every step at one count (kUniform)."""
+    emulated(chunk_size=8)
+    assert_parity("cuda", cls_name, optim_input.kwargs, dtype, steps=25, shapes=SHAPES + ((1024,),))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_emulated_tensor_hyper_per_tensor_steps(emulated, dtype):
+    """Tensor lr / betas with counts that differ within the partition (kPerTensor: each entry carries its pair)."""
+    native = emulated(chunk_size=8)
+    assert_tensor_hyper_per_tensor_steps("cuda", dtype)
+    assert 1 in {s[4] for s in native.stats}, native.stats
     assert native.stats[-1][1] > native.sm_count * native.blocks_per_sm  # more chunks than blocks: they stride
 
 
@@ -891,15 +949,20 @@ def test_emulated_transposed_grad(emulated):
     _assert_same_training(*results)
 
 
+# The host path computes lr / bias_correction1 in the Tensor lr's dtype, as torch's for-loop does (NOTE [tensor
+# hyperparameters]), the device path in double: they agree bitwise for a float64 lr, or with beta1 = 0
+# (bias_correction1 = 1), where a float32 lr still tells AdamW's factor in its dtype from one in double.
+@pytest.mark.parametrize("hyper", [dict(lr=torch.tensor(0.01, dtype=torch.float64), betas=(0.8, 0.95)),
+                                   dict(lr=torch.tensor(0.01), betas=(0.0, 0.95))], ids=["lr-fp64", "lr-fp32-beta1-0"])
 @pytest.mark.parametrize("cls", [FusedAdam, FusedAdamW], ids=lambda c: c.__name__)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-def test_emulated_capturable_matches_host_scalars(emulated, dtype, cls):
+def test_emulated_capturable_matches_host_scalars(emulated, dtype, cls, hyper):
     """capturable: step and lr read "on the device" (*step + 1), every step counted once by the launch's last block
     (empty tensors too); the same make_step_scalars on the same values, and AdamW's 1 - lr * wd in the Tensor lr's
     dtype on the device as on the host (torch's), so bitwise the non-capturable result."""
     native = emulated(chunk_size=8)
     params0 = make_params(dtype, [(1,), (7,), (0,), (67,), (3, 5)] * 8)
-    kwargs = dict(lr=torch.tensor(0.01), weight_decay=0.1, amsgrad=True, betas=(0.8, 0.95), cls=cls)
+    kwargs = dict(weight_decay=0.1, amsgrad=True, cls=cls, **hyper)
     ours = train("cuda", params0, steps=4, capturable=True, **kwargs)
     _assert_same_training(ours, train("cuda", params0, steps=4, **kwargs), exact=True)
     assert all(float(ours[1].state[p]["step"]) == 4 for p in ours[0])

@@ -25,11 +25,34 @@ struct AdamHyper {
   double weight_decay;
 };
 
+// NOTE [tensor hyperparameters]: with a Tensor lr, beta1 or beta2, torch's for-loop (torch/optim/adam.py
+// _single_tensor_adam, capturable=False) computes the step's scalars as 0-dim tensor math in the tensors' dtype
+// where a Tensor enters them, not in double as with Python floats: bias_correction{1,2} = 1 - beta ** step,
+// step_size = lr / bias_correction1 (float / Tensor is Tensor.reciprocal() * float), bias_correction2 ** 0.5,
+// addcmul's value 1 - beta2, AdamW's 1 - lr * weight_decay (StepOptions::decay), and lerp's weight
+// 1 - beta1.to(param dtype). fp64 parity needs those values (and fp32 parity with beta2 near 1). The binding
+// computes them with torch's ops on the host (csrc/common/py_options.h: TensorHyper; the triton backend:
+// backends/__init__.py's TensorHyper) and the kernels take them in place of make_step_scalars' double ones
+// (host_step_scalars in adam_math.h). Not with float hyperparameters (StepOptions::tensor_hyper is null: the double
+// path, unchanged), nor capturable steps (their scalars are computed on the device, in double).
+struct TensorHyperValues {
+  bool beta1_tensor = false;     // beta1 is a Tensor: lerp's weight is 1 - beta1 in opmath (torch: in the param's dtype)
+  double one_minus_beta2 = NAN;  // 1 - beta2 in beta2's dtype (addcmul's value), or NaN: beta2 is a number
+  // This step's -lr / (1 - beta1 ** step) and (1 - beta2 ** step) ** 0.5, as torch's ops compute them.
+  virtual void step_pair(double step, double& neg_step_size, double& bias_correction2_sqrt) const = 0;
+
+ protected:
+  ~TensorHyperValues() = default;
+};
+
 struct StepOptions {
   AdamHyper hyper{};
   // AdamW's decay factor 1 - lr * weight_decay when the caller computed it (with a Tensor lr torch computes it in
   // the lr's dtype, and fp64 parity needs that value); NaN: computed from `hyper` in double.
   double decay = NAN;
+  // Not capturable, a Tensor lr or beta: the scalars torch computes from it (NOTE [tensor hyperparameters]); read on
+  // the host only. Null: every scalar from `hyper` (and `decay`), in double.
+  const TensorHyperValues* tensor_hyper = nullptr;
 
   // The partition's options (PartOptions), the same every step.
   WeightDecay wd_mode = WeightDecay::kNone;

@@ -13,12 +13,41 @@
 
 namespace fused_adam {
 
+// NOTE [tensor hyperparameters] (common/options.h): a Tensor lr, beta1 or beta2 of a step that is not capturable,
+// and the scalars torch's for-loop computes from it, with its ops (torch/optim/adam.py _single_tensor_adam, the
+// lines quoted). The tensors are 0-dim, detached, on the host; an undefined one is the number beside it.
+struct TensorHyper final : TensorHyperValues {
+  at::Tensor lr, beta1, beta2;
+  double lr_value = 0, beta1_value = 0, beta2_value = 0;
+
+  void step_pair(double step, double& neg_step_size, double& bias_correction2_sqrt) const override {
+    // bias_correction{1,2} = 1 - beta ** step: a Tensor where beta is one, else Python's float math
+    at::Tensor bc1_t, bc2_t;
+    double bc1 = 0, bc2 = 0;
+    if (beta1.defined()) bc1_t = at::rsub(at::pow(beta1, step), 1); else bc1 = 1.0 - std::pow(beta1_value, step);
+    if (beta2.defined()) bc2_t = at::rsub(at::pow(beta2, step), 1); else bc2 = 1.0 - std::pow(beta2_value, step);
+    // step_size = lr / bias_correction1 (a float over a Tensor is Tensor.__rtruediv__: reciprocal() * float)
+    double step_size;
+    if (lr.defined()) {
+      step_size = (bc1_t.defined() ? at::div(lr, bc1_t) : at::div(lr, bc1)).item<double>();
+    } else if (bc1_t.defined()) {
+      step_size = (at::reciprocal(bc1_t) * lr_value).item<double>();
+    } else {
+      step_size = lr_value / bc1;
+    }
+    neg_step_size = -step_size;  // addcdiv_'s value=-step_size
+    // bias_correction2_sqrt = bias_correction2 ** 0.5
+    bias_correction2_sqrt = bc2_t.defined() ? at::pow(bc2_t, 0.5).item<double>() : std::pow(bc2, 0.5);
+  }
+};
+
 // The tensors a StepOptions' pointers point into (converted to float32 where they were not), alive for the step.
 struct StepInputs {
   at::Tensor grad_scale, found_inf, clip_coef;
   at::Tensor lr;         // Hyper.lr when it is a Tensor read on the host
   at::Tensor lr_device;  // Hyper.lr as float64 on the device, read there by a capturable step
   at::Tensor decay_device;  // with lr_device, AdamW's 1 - lr * weight_decay (float64, on the device)
+  TensorHyper tensor_hyper;  // StepOptions::tensor_hyper, when set
 };
 
 // The partition's options (PartOptions: wd_mode, amsgrad, maximize, capturable, master, sr_param, sr_state, seed).
@@ -97,8 +126,9 @@ inline void read_step(StepOptions& o, StepInputs& in, pybind11::handle hp, pybin
   } else {
     o.hyper.lr = host_number(lr, "lr", &in.lr);
   }
-  o.hyper.beta1 = host_number(hp.attr("beta1"), "beta1");
-  o.hyper.beta2 = host_number(hp.attr("beta2"), "beta2");
+  at::Tensor beta1, beta2;
+  o.hyper.beta1 = host_number(hp.attr("beta1"), "beta1", &beta1);
+  o.hyper.beta2 = host_number(hp.attr("beta2"), "beta2", &beta2);
   o.hyper.eps = host_number(hp.attr("eps"), "eps");
   o.hyper.weight_decay = host_number(hp.attr("weight_decay"), "weight_decay");
   o.decay = NAN;
@@ -110,6 +140,20 @@ inline void read_step(StepOptions& o, StepInputs& in, pybind11::handle hp, pybin
     // The same factor on the device: stream-ordered ops, captured with the step (no host sync)
     in.decay_device = at::rsub(lr_on_device * o.hyper.weight_decay, 1).to(at::kDouble).contiguous();
     o.decay_device = in.decay_device.data_ptr<double>();
+  }
+  if (!o.capturable && (in.lr.defined() || beta1.defined() || beta2.defined())) {
+    // NOTE [tensor hyperparameters]: the scalars as torch's ops compute them from the Tensors (numbers: as before)
+    TensorHyper& t = in.tensor_hyper;
+    const auto host = [](const at::Tensor& x) { return x.defined() ? x.detach().to(at::kCPU).reshape({}) : x; };
+    t.lr = host(in.lr);
+    t.beta1 = host(beta1);
+    t.beta2 = host(beta2);
+    t.lr_value = o.hyper.lr;
+    t.beta1_value = o.hyper.beta1;
+    t.beta2_value = o.hyper.beta2;
+    t.beta1_tensor = beta1.defined();
+    t.one_minus_beta2 = beta2.defined() ? at::rsub(t.beta2, 1).item<double>() : NAN;
+    o.tensor_hyper = &t;
   }
   if (amp.is_none()) {
     set_amp(o, in, std::nullopt, std::nullopt, std::nullopt, device, who);

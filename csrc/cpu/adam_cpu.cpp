@@ -193,7 +193,6 @@ bool step_with_opmath(const TensorLists& l, const Grads& grads, const StepOption
   // Every step moves on by one; each tensor's scalars come from its own count (they usually agree, so the
   // pow() calls are made once per distinct step, not once per tensor).
   std::vector<StepScalars<T>> scalars(n);
-  const bool given_decay = !std::isnan(o.decay);
   auto count_steps = [&](int64_t begin, int64_t end) {
     float last_step = -1.0f;
     for (int64_t i = begin; i < end; ++i) {
@@ -201,8 +200,7 @@ bool step_with_opmath(const TensorLists& l, const Grads& grads, const StepOption
       float* step = cache.step(i);
       *step += 1.0f;
       if (i == begin || *step != last_step) {
-        scalars[i] = make_step_scalars<T>(o.hyper, static_cast<double>(*step));
-        if (given_decay) scalars[i].decay = static_cast<T>(o.decay);
+        scalars[i] = host_step_scalars<T>(o, static_cast<double>(*step));
         last_step = *step;
       } else {
         scalars[i] = scalars[i - 1];

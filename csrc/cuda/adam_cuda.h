@@ -75,8 +75,8 @@ inline HostSteps host_steps(const std::vector<double>& steps) {
   return HostSteps{StepSource::kUniform, steps.empty() ? 0.0 : steps[0]};
 }
 
-inline void set_step(TensorEntry& e, const AdamHyper& h, double step) {
-  const StepScalars<double> s = make_step_scalars<double>(h, step);
+inline void set_step(TensorEntry& e, const StepOptions& o, double step) {
+  const StepScalars<double> s = host_step_scalars<double>(o, step);  // the pair in double (or a Tensor's values)
   e.neg_step_size = s.neg_step_size;
   e.bias_correction2_sqrt = s.bias_correction2_sqrt;
   e.host_step = step;
@@ -86,13 +86,13 @@ inline void set_step(TensorEntry& e, const AdamHyper& h, double step) {
 // host step (kPerTensor). Everything else stays zero, so an entry is the same bytes from step to step unless a
 // buffer moved or the steps are per tensor (DeviceTable::set patches only what changed).
 inline TensorEntry make_entry(void* const (&bufs)[kNumBufs], int64_t numel, float* device_step, uint64_t tensor_id,
-                              StepSource steps, const AdamHyper& h, double host_step) {
+                              StepSource steps, const StepOptions& o, double host_step) {
   TensorEntry e{};
   for (int b = 0; b < kNumBufs; ++b) e.buf[b] = bufs[b];
   e.numel = numel;
   e.tensor_id = tensor_id;
   if (steps == StepSource::kDevice) e.step = device_step;
-  if (steps == StepSource::kPerTensor) set_step(e, h, host_step);
+  if (steps == StepSource::kPerTensor) set_step(e, o, host_step);
   return e;
 }
 

@@ -414,8 +414,10 @@ cudaError_t run_step(const DeviceTableRef& table, const StepOptions& o, const Ho
   args.num_tensors = table.num_tensors;
   args.num_chunks = table.num_chunks;
   args.chunk_size = table.chunk_size;
-  args.scalars = make_step_scalars<O>(o.hyper, steps == StepSource::kUniform ? host.step : 1.0);
-  if (!std::isnan(o.decay)) args.scalars.decay = static_cast<O>(o.decay);
+  // kPerTensor: the entries carry the step-dependent pair; kDevice: the block computes the scalars (o.decay and
+  // o.tensor_hyper are not set for capturable steps)
+  const bool uniform = steps == StepSource::kUniform;
+  args.scalars = host_step_scalars<O>(o, uniform ? host.step : 1.0, /*with_pair=*/uniform);
   args.hyper = o.hyper;
   args.lr = o.lr_device;
   args.decay = o.decay_device;

@@ -155,7 +155,7 @@ class Partition {
       float* device_step = o.capturable ? cache_.step(i) : nullptr;
       const uint64_t id = l_.tensor_ids.empty() ? 0 : static_cast<uint64_t>(l_.tensor_ids[i]);
       table_.set(static_cast<int64_t>(i), fc::make_entry(bufs, cache_.numel[i], device_step, id, host.source,
-                                                         o.hyper, o.capturable ? 0.0 : new_steps[i]));
+                                                         o, o.capturable ? 0.0 : new_steps[i]));
     }
 
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream(device_.index()).stream();

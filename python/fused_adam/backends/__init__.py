@@ -87,6 +87,53 @@ class Hyper(NamedTuple):  # (a NamedTuple: made every step, a third of a frozen 
     weight_decay: float
 
 
+class TensorHyper(NamedTuple):
+    """NOTE [tensor hyperparameters] (csrc/common/options.h): with a Tensor lr, beta1 or beta2, torch's for-loop
+    (torch/optim/adam.py _single_tensor_adam, capturable=False) computes the step's scalars as 0-dim tensor math in
+    the tensors' dtype where a Tensor enters them, not in double as with floats. These are those scalars, computed
+    with torch's own expressions on the host, for a backend that hands its kernel the values (triton; the native
+    bindings do the same in C++, csrc/common/py_options.h's TensorHyper). lr, beta1, beta2: numbers, or 0-dim
+    tensors, detached, on the CPU."""
+
+    lr: float | torch.Tensor
+    beta1: float | torch.Tensor
+    beta2: float | torch.Tensor
+
+    @staticmethod
+    def of(hp: Hyper) -> TensorHyper | None:
+        """The step's Tensor hyperparameters, or None when lr and betas are numbers (the double path, as before)."""
+        lr, beta1, beta2 = hp.lr, hp.beta1, hp.beta2
+        if not (isinstance(lr, torch.Tensor) or isinstance(beta1, torch.Tensor) or isinstance(beta2, torch.Tensor)):
+            return None
+        host = lambda x: x.detach().to("cpu").reshape(()) if isinstance(x, torch.Tensor) else x  # noqa: E731
+        return TensorHyper(host(lr), host(beta1), host(beta2))
+
+    def lerp_weight(self, math_dtype: torch.dtype) -> float:
+        """exp_avg.lerp_(grad, 1 - beta1): torch's weight is 1 - beta1.to(param.dtype); here in the math dtype."""
+        beta1 = self.beta1
+        return (1 - beta1.to(math_dtype)).item() if isinstance(beta1, torch.Tensor) else 1.0 - beta1
+
+    def one_minus_beta2(self) -> float:
+        """addcmul_'s value=1 - beta2, in beta2's dtype."""
+        beta2 = self.beta2
+        return (1 - beta2).item() if isinstance(beta2, torch.Tensor) else 1.0 - beta2
+
+    def decay(self, weight_decay: float) -> float:
+        """AdamW's param.mul_(1 - lr * weight_decay), in lr's dtype."""
+        lr = self.lr
+        return (1 - lr * weight_decay).item() if isinstance(lr, torch.Tensor) else 1.0 - lr * weight_decay
+
+    def step_pair(self, step: float) -> tuple[float, float]:
+        """This step's (-step_size, bias_correction2_sqrt), torch's lines as they are (step: a float, as torch's
+        _get_value(step_t))."""
+        lr, beta1, beta2 = self
+        bias_correction1 = 1 - beta1**step
+        bias_correction2 = 1 - beta2**step
+        step_size = lr / bias_correction1
+        bias_correction2_sqrt = bias_correction2**0.5
+        return -float(step_size), float(bias_correction2_sqrt)
+
+
 class Amp(NamedTuple):
     """What a step takes beyond the hyperparameters, each on the partition's device or None."""
 

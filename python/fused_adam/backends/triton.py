@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from . import Amp, Backend, Hyper
+from . import Amp, Backend, Hyper, TensorHyper
 from ..plan import check_apart, check_arrays_apart, check_memory, dense
 from .reference import sr_seed_part
 
@@ -872,14 +872,20 @@ def _checked_step(part, prep: _Prepared, grads, hp: Hyper, amp: Amp, mask: int, 
         _capturable_scalars(prep, hp, found_inf, device, T)
         scal, scalars = prep.scal, 2
     else:
-        lr, beta1, beta2 = _float(hp.lr), _float(hp.beta1), _float(hp.beta2)
         wd = float(hp.weight_decay)
-        # torch.optim.AdamW computes 1 - lr * wd in lr's dtype when lr is a Tensor (options.h's StepOptions::decay)
-        decay = (1 - hp.lr * wd).item() if isinstance(hp.lr, Tensor) and o.decoupled else 1.0 - lr * wd
-        group = [1.0 - beta1, beta2, 1.0 - beta2, decay, float(hp.eps), wd]
+        tensors = TensorHyper.of(hp)
+        if tensors is None:
+            lr, beta1, beta2 = float(hp.lr), float(hp.beta1), float(hp.beta2)
+            group = [1.0 - beta1, beta2, 1.0 - beta2, 1.0 - lr * wd, float(hp.eps), wd]
+            step_pair = lambda step: _host_scalars(lr, beta1, beta2, step)  # noqa: E731
+        else:  # NOTE [tensor hyperparameters]: the scalars torch computes from the Tensors, as it computes them
+            decay = tensors.decay(wd) if o.decoupled else 1.0
+            group = [tensors.lerp_weight(prep.math), float(tensors.beta2), tensors.one_minus_beta2(), decay,
+                     float(hp.eps), wd]  # (exp_avg_sq.mul_(beta2): the Tensor's value, rounded once to the math dtype)
+            step_pair = tensors.step_pair
         if count is not None:
             sr_step = count + 1.0
-            pair = _host_scalars(lr, beta1, beta2, sr_step)
+            pair = step_pair(sr_step)
             if prep.math == torch.float32:
                 scal, scalars = table, 0
                 args = (*pair, *group)
@@ -888,7 +894,7 @@ def _checked_step(part, prep: _Prepared, grads, hp: Hyper, amp: Amp, mask: int, 
         else:
             after_counts = prep.counts + _ONE
             uniq, inv = torch.unique(after_counts, return_inverse=True)
-            pairs = torch.tensor([_host_scalars(lr, beta1, beta2, s) for s in uniq.tolist()], dtype=torch.float64)
+            pairs = torch.tensor([step_pair(s) for s in uniq.tolist()], dtype=torch.float64)
             host = torch.cat([torch.tensor(group + [0.0, 0.0], dtype=torch.float64), pairs[inv].reshape(-1),
                               after_counts.double()])
             scal, scalars = _to_device(host.to(prep.math), device), 2
