@@ -111,17 +111,17 @@ class TensorHyper(NamedTuple):
     def lerp_weight(self, math_dtype: torch.dtype) -> float:
         """exp_avg.lerp_(grad, 1 - beta1): torch's weight is 1 - beta1.to(param.dtype); here in the math dtype."""
         beta1 = self.beta1
-        return (1 - beta1.to(math_dtype)).item() if isinstance(beta1, torch.Tensor) else 1.0 - beta1
+        return (1 - beta1.to(math_dtype)).item() if isinstance(beta1, torch.Tensor) else 1.0 - float(beta1)
 
     def one_minus_beta2(self) -> float:
         """addcmul_'s value=1 - beta2, in beta2's dtype."""
         beta2 = self.beta2
-        return (1 - beta2).item() if isinstance(beta2, torch.Tensor) else 1.0 - beta2
+        return (1 - beta2).item() if isinstance(beta2, torch.Tensor) else 1.0 - float(beta2)
 
     def decay(self, weight_decay: float) -> float:
         """AdamW's param.mul_(1 - lr * weight_decay), in lr's dtype."""
         lr = self.lr
-        return (1 - lr * weight_decay).item() if isinstance(lr, torch.Tensor) else 1.0 - lr * weight_decay
+        return (1 - lr * weight_decay).item() if isinstance(lr, torch.Tensor) else 1.0 - float(lr) * weight_decay
 
     def step_pair(self, step: float) -> tuple[float, float]:
         """This step's (-step_size, bias_correction2_sqrt), torch's lines as they are (step: a float, as torch's
