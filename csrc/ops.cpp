@@ -388,6 +388,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           if (items[i] == Py_None) continue;
           if (!THPVariable_Check(items[i])) return i;
           const at::Tensor& t = THPVariable_Unpack(items[i]);
+          // A wrapper subclass (DTensor) holds no memory of its own: its local tensor is checked by the step.
+          if (t.unsafeGetTensorImpl()->key_set().has(c10::DispatchKey::Python)) continue;
           if (t.layout() != at::kStrided || !(at::isFloatingType(t.scalar_type()) || at::isComplexType(t.scalar_type()))) {
             return i;
           }
@@ -396,8 +398,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         }
         return -1;
       },
-      "The index of the first item that is neither None nor a strided floating-point or complex tensor whose storage "
-      "holds its elements (a grad a norm pass may read: args.check_readable words the error), or -1.",
+      "The index of the first item that is neither None, a tensor subclass with Python dispatch (DTensor), nor a "
+      "strided floating-point or complex tensor whose storage holds its elements (a grad a norm pass may read: "
+      "args.check_readable words the error), or -1.",
       py::arg("tensors"));
 
   m.def(

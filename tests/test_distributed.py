@@ -133,7 +133,7 @@ def fsdp2(rank):
     assert len(osd["state"]) == len(list(model.parameters()))
 
 
-def dtensor(rank):
+def dtensor(rank, max_grad_norm=None):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -144,19 +144,26 @@ def dtensor(rank):
     full = [torch.randn(6, 3, generator=g), torch.randn(5, generator=g)]  # 5 rows over 2 ranks: uneven shards
     params = [torch.nn.Parameter(distribute_tensor(t.clone(), mesh, [Shard(0)])) for t in full]
     ref = [torch.nn.Parameter(t.clone()) for t in full]
-    ours, theirs = FusedAdamW(params, **KW), torch.optim.AdamW(ref, **KW)
+    ours, theirs = FusedAdamW(params, **KW, max_grad_norm=max_grad_norm), torch.optim.AdamW(ref, **KW)
     for step in range(STEPS):
         grads = [torch.randn(t.shape, generator=g) for t in full]
         for p, q, gr in zip(params, ref, grads):
             p.grad = distribute_tensor(gr, mesh, [Shard(0)])
             q.grad = gr.clone()
         ours.step()
+        if max_grad_norm is not None:  # the norm over the whole (unsharded) grads
+            torch.nn.utils.clip_grad_norm_(ref, max_grad_norm)
         theirs.step()
     for p, q in zip(params, ref):
         torch.testing.assert_close(p.detach().full_tensor(), q.detach(), atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(ours.state[p]["exp_avg_sq"].full_tensor(), theirs.state[q]["exp_avg_sq"], atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["ddp", "zero", "fsdp2", "dtensor"])
+def dtensor_clipped(rank):
+    """max_grad_norm over DTensor grads: the norm of the shards, reduced (their memory is their local tensors')."""
+    dtensor(rank, max_grad_norm=1.0)
+
+
+@pytest.mark.parametrize("case", ["ddp", "zero", "fsdp2", "dtensor", "dtensor_clipped"])
 def test_distributed_matches_single_process_adamw(case):
     _spawn(case)

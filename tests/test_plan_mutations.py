@@ -1186,12 +1186,17 @@ def test_a_tensor_hyperparameter_without_a_value_raises_and_changes_nothing(back
 
 
 @pytest.mark.parametrize("backend", backends_here())
+@pytest.mark.parametrize("flat", [False, True], ids=["", "flattened"])
 @pytest.mark.parametrize("case", ["exp_avg_sq deleted", "step deleted", "exp_avg int32", "exp_avg complex"])
-def test_a_state_missing_an_entry_or_of_another_kind_raises_and_changes_nothing(backend, case):
+def test_a_state_missing_an_entry_or_of_another_kind_raises_and_changes_nothing(backend, case, flat):
     """torch's step raises KeyError on a state without step, exp_avg or exp_avg_sq, and a dtype error on an integer
     moment or a complex one of a real param; we made zeros (an update of 1.34 where Adam's is ~1e-3 after 200 steps)
-    or cast (dropping the imaginary part) and stepped."""
+    or cast (dropping the imaginary part) and stepped. Flattened, the flat run copied the integers into its view."""
     ours, _ = _pair(backend)
+    if flat:
+        from fused_adam import flatten_parameters
+
+        flatten_parameters(_params(ours))
     for s in range(2):
         _set_grads(ours, s)
         ours.step()
@@ -1199,10 +1204,10 @@ def test_a_state_missing_an_entry_or_of_another_kind_raises_and_changes_nothing(
     key = case.split()[0]
     if case.endswith("deleted"):
         del st[key]
-        error, match = KeyError, rf"no {key}"
+        error, match = KeyError, rf"no {key} .*\(param 1 of group 0\)"
     else:
         st[key] = st[key].to(torch.int32 if case.endswith("int32") else torch.complex64)
-        error, match = TypeError, rf"state\['exp_avg'\] .* has dtype torch\.(int32|complex64)"
+        error, match = TypeError, rf"state\['exp_avg'\] .* has dtype torch\.(int32|complex64).*\(param 1 of group 0\)"
     _set_grads(ours, 2)
     _assert_step_raises_and_changes_nothing(ours, error, match)
 
@@ -1273,3 +1278,19 @@ def test_an_error_names_the_param_by_its_group_position(backend):
     ours.state[_params(ours)[2]]["exp_avg"] = torch.zeros(6)
     with pytest.raises(RuntimeError, match=r"param 2 of group 0"):
         ours.step()
+
+
+@pytest.mark.parametrize("backend", backends_here())
+def test_an_error_naming_two_entries_names_both_params(backend):
+    """A grad set to another param's memory names two entries; each gets its group position (the second one was
+    left as the partition's position, which a param without a grad shifts)."""
+    ours, _ = _pair(backend, shapes=[(4,), (3,), (3,), (3,)])
+    _set_grads(ours, 0)
+    ours.step()
+    ps = _params(ours)
+    _set_grads(ours, 1)
+    ps[0].grad = None  # the partition: params 1, 2, 3 of the group at positions 0, 1, 2
+    ps[3].grad = ps[2].detach()
+    with pytest.raises(RuntimeError, match=r"param 2\b.*param 3\b|param 3\b.*param 2\b") as info:
+        ours.step()
+    assert backend == "reference" or "is param 2" in str(info.value) and "is param 3" in str(info.value), info.value

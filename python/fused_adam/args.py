@@ -173,6 +173,8 @@ def storage_shortfall(t: Tensor) -> tuple[int, int] | None:
 
 def _first_unreadable_py(tensors: list) -> int:
     for i, t in enumerate(tensors):
+        if isinstance(t, Tensor) and type(t) not in (Tensor, torch.nn.Parameter):
+            continue  # a subclass (DTensor) may hold no memory of its own: its local tensor is checked by the step
         if t is not None and (not isinstance(t, Tensor) or t.layout != torch.strided
                               or not (t.is_floating_point() or t.is_complex()) or storage_shortfall(t)):
             return i

@@ -369,8 +369,9 @@ class FlatRun:
                 return None
             for key in keys:
                 v = st.get(key)
-                if v is not None and not (torch.is_tensor(v) and v.shape == p.shape and v.layout == torch.strided):
-                    return None
+                if v is not None and not (torch.is_tensor(v) and v.shape == p.shape and v.layout == torch.strided
+                                          and v.is_floating_point()):
+                    return None  # (state.param_state raises naming it, or converts a float of another width)
         if len(counts) > 1 or (counts and any(not state.get(p) for p in params)):
             return None
         o = self.options

@@ -75,10 +75,12 @@ def _name_in_group(e: BaseException, w: _Work) -> None:
     """A native backend's error names an entry by its position in the partition (`exp_avgs[1]`): the message gets
     which param of which group that is (a group of two dtypes has two partitions, each counting from 0)."""
     msg = e.args[0] if len(e.args) == 1 and isinstance(e.args[0], str) else None
-    m = _ENTRY.search(msg) if msg is not None and w.step_part is w.part and " of group " not in msg else None
-    if m is not None:
-        e.args = (f"{msg} ({m.group(0)} is param {w.part.param_index(int(m.group(1)))} of group "
-                  f"{w.part.group_index})",)
+    if msg is None or w.step_part is not w.part or " of group " in msg:
+        return
+    named = dict.fromkeys((m.group(0), int(m.group(1))) for m in _ENTRY.finditer(msg))  # each entry once, in order
+    if named:
+        which = "; ".join(f"{entry} is param {w.part.param_index(pos)}" for entry, pos in named)
+        e.args = (f"{msg} ({which} of group {w.part.group_index})",)
 
 
 class _Work(NamedTuple):
@@ -325,7 +327,17 @@ class FusedAdam(Optimizer):
         packed = run.states(self.state) if run is not None else None  # NOTE [flat run wiring]
         if packed is None:
             packed = packed_states(self.state, opts, members)
-        return [param_state(self.state, p, opts, packed[i]) for i, p in enumerate(members)]
+        states = []
+        for i, p in enumerate(members):
+            try:
+                states.append(param_state(self.state, p, opts, packed[i]))
+            except (KeyError, TypeError, ValueError) as e:  # (the error path: which param of which group, looked up)
+                gi = next(k for k, g in enumerate(self.param_groups) if g is group)
+                pi = next(k for k, q in enumerate(group["params"]) if q is p)
+                if len(e.args) == 1 and isinstance(e.args[0], str):
+                    e.args = (f"{e.args[0]} (param {pi} of group {gi})",)
+                raise
+        return states
 
     def _listed_once(self, params: list[Tensor]) -> bool:
         """No param of `params` is listed again, in its group or another (O(params of the optimizer), at a plan
