@@ -105,23 +105,25 @@ class TensorHyper(NamedTuple):
         lr, beta1, beta2 = hp.lr, hp.beta1, hp.beta2
         if not (isinstance(lr, torch.Tensor) or isinstance(beta1, torch.Tensor) or isinstance(beta2, torch.Tensor)):
             return None
-        host = lambda x: x.detach().to("cpu").reshape(()) if isinstance(x, torch.Tensor) else x  # noqa: E731
+        # (a number is a Python float, as the native bindings read it: a NumPy float32 beside a Tensor is not
+        # computed in float32, as torch's for-loop would)
+        host = lambda x: x.detach().to("cpu").reshape(()) if isinstance(x, torch.Tensor) else float(x)  # noqa: E731
         return TensorHyper(host(lr), host(beta1), host(beta2))
 
     def lerp_weight(self, math_dtype: torch.dtype) -> float:
         """exp_avg.lerp_(grad, 1 - beta1): torch's weight is 1 - beta1.to(param.dtype); here in the math dtype."""
         beta1 = self.beta1
-        return (1 - beta1.to(math_dtype)).item() if isinstance(beta1, torch.Tensor) else 1.0 - float(beta1)
+        return (1 - beta1.to(math_dtype)).item() if isinstance(beta1, torch.Tensor) else 1.0 - beta1
 
     def one_minus_beta2(self) -> float:
         """addcmul_'s value=1 - beta2, in beta2's dtype."""
         beta2 = self.beta2
-        return (1 - beta2).item() if isinstance(beta2, torch.Tensor) else 1.0 - float(beta2)
+        return (1 - beta2).item() if isinstance(beta2, torch.Tensor) else 1.0 - beta2
 
     def decay(self, weight_decay: float) -> float:
         """AdamW's param.mul_(1 - lr * weight_decay), in lr's dtype."""
         lr = self.lr
-        return (1 - lr * weight_decay).item() if isinstance(lr, torch.Tensor) else 1.0 - float(lr) * weight_decay
+        return (1 - lr * weight_decay).item() if isinstance(lr, torch.Tensor) else 1.0 - lr * weight_decay
 
     def step_pair(self, step: float) -> tuple[float, float]:
         """This step's (-step_size, bias_correction2_sqrt), torch's lines as they are (step: a float, as torch's
