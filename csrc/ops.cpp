@@ -361,7 +361,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            "mask -1, nothing written, if grads is None and a param has no grad; else bit r (0..5) set when row r "
            "changed, bit 6 when every address is 16-byte aligned, bit 7 when every tensor's grad, states and "
            "master share its param's dense layout (clear: the caller stages copies), bit 8 when the counts were all "
-           "equal, bit 9 when a param's element count changed since the last call; count: that count (before the increment), else None. grads_written: the caller's kernel writes the "
+           "equal, bit 9 when a param's element count changed since the last call; count: that count (before the "
+           "increment), else None. grads_written: the caller's kernel writes the "
            "grads back (unscaled), so none may have two elements at one address.",
            py::arg("grads"), py::arg("out"), py::arg("counts") = py::none(), py::kw_only(),
            py::arg("grads_written") = false);

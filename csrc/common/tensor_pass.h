@@ -715,7 +715,7 @@ inline PassResult checked_pass(const char* who, const TensorLists& l, const Grad
       }
       if (!full) continue;  // only addresses moved: the same shapes and strides
       // A param resized in place of its address (`p.data = p.data[:k]`, its states alike) moves no address, but a
-      // chunk table made for the old size would step the wrong elements: it counts as its param row moving.
+      // chunk table made for the old size would step the wrong elements: PassResult::resized says so.
       if (c.numel[i] >= 0 && a[kParamRow]->numel() != c.numel[i]) resized = true;
       c.numel[i] = a[kParamRow]->numel();
       const uint8_t nf = c.numel[i] != 0 && !is_flat(a, row_major);

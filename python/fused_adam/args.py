@@ -103,12 +103,6 @@ def _in_range(value, lo: float, hi: float | None) -> bool:
     return lo <= value if hi is None else lo <= value < hi
 
 
-def _has_value(t: Tensor) -> bool:
-    """A one-element tensor whose value a backend can read (torch's ops and the kernels do not check: a meta tensor
-    has none, a freed storage is read out of bounds)."""
-    return not t.is_meta and (t.storage_offset() + 1) * t.element_size() <= t.untyped_storage().nbytes()
-
-
 def check_hyper(group_index: int, lr, betas, eps, weight_decay) -> tuple:
     """A group's hyperparameters as a step reads them: the constructor's ranges (torch's), because param_groups
     entries may be changed after construction (a scheduler, or by hand) and a step on a string, a NaN or a beta of
@@ -171,6 +165,19 @@ def storage_shortfall(t: Tensor) -> tuple[int, int] | None:
     return (need, have) if need > have else None
 
 
+def storage_error(what: str, t: Tensor, lack: tuple[int, int]) -> RuntimeError:
+    """The error for `what` (a tensor named as its check names it), whose storage_shortfall is `lack`."""
+    need, have = lack
+    return RuntimeError(f"{what} needs {need} bytes of storage for its {t.numel()} elements, but its storage holds "
+                        f"{have} (was the storage resized or freed under it?)")
+
+
+def sparse_grad_error(param_index: int, group_index: int) -> RuntimeError:
+    """torch's words for a sparse grad (its Adam raises them), naming the param."""
+    return RuntimeError(f"FusedAdam does not support sparse gradients (grad of param {param_index} in group "
+                        f"{group_index} is sparse), please consider torch.optim.SparseAdam instead")
+
+
 def _first_unreadable_py(tensors: list) -> int:
     for i, t in enumerate(tensors):
         if isinstance(t, Tensor) and type(t) not in (Tensor, torch.nn.Parameter):
@@ -203,13 +210,16 @@ def check_readable(group_grads: list[list]) -> None:
         if not isinstance(g, Tensor):
             raise TypeError(f"FusedAdam: the {where} is {describe(g)}; expected a Tensor or None")
         if g.layout != torch.strided:
-            raise RuntimeError(f"FusedAdam does not support sparse gradients ({where} is sparse), please consider "
-                               "torch.optim.SparseAdam instead")
+            raise sparse_grad_error(i, gi)
         if not (g.is_floating_point() or g.is_complex()):
             raise RuntimeError(f"FusedAdam: the {where} has dtype {g.dtype}; expected a floating-point or complex grad")
-        need, have = storage_shortfall(g) or (g.numel() * g.element_size(), 0)
-        raise RuntimeError(f"FusedAdam: the {where} needs {need} bytes of storage for its {g.numel()} elements, but its "
-                           f"storage holds {have} (was the storage resized or freed under it?)")
+        raise storage_error(f"FusedAdam: the {where}", g, storage_shortfall(g) or (g.numel() * g.element_size(), 0))
+
+
+def _has_value(t: Tensor) -> bool:
+    """A tensor whose values a backend can read (torch's ops and the kernels do not check: a meta tensor has none, a
+    freed storage is read out of bounds)."""
+    return not t.is_meta and storage_shortfall(t) is None
 
 
 def check_amp(name: str, t) -> None:
@@ -222,7 +232,7 @@ def check_amp(name: str, t) -> None:
         raise TypeError(f"FusedAdam: {name} must be a Tensor or None, got {describe(t)}")
     if t.numel() != 1 or t.is_complex() or not (t.is_floating_point() or t.dtype == torch.bool):
         raise ValueError(f"FusedAdam: {name} must be a one-element real tensor, got {describe(t)}")
-    if t.is_meta or storage_shortfall(t):
+    if not _has_value(t):
         raise ValueError(f"FusedAdam: {name} ({describe(t)} on {t.device}) has no value to read (a meta tensor, or "
                          "its storage freed)")
 

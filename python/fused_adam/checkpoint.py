@@ -272,13 +272,14 @@ def load_state_dict(optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
         _check_group(gi, group, max_grad_norm)
     # saved id -> (param, its saved group, where): the first occurrence of a param listed twice
     owner: dict[Any, tuple[Tensor, dict[str, Any], str]] = {}
+    listed: dict[Any, str] = {}  # saved id -> where it is first listed
     for gi, (group, saved) in enumerate(zip(groups, saved_groups)):
         for i, (p, pid) in enumerate(zip(group["params"], saved["params"])):
-            where = f"param group {gi}, param {i}"
+            where = listed.setdefault(pid, f"param group {gi}, param {i}")
             first = owner.setdefault(pid, (p, saved, f"{where} (state_dict['state'][{pid!r}])"))
             if first[0] is not p:  # one saved state for two params: one of them would lose its own
-                raise ValueError(f"loaded state dict lists id {pid!r} for two different params: "
-                                 f"{first[2].split(' (')[0]} and {where}")
+                raise ValueError(f"loaded state dict lists id {pid!r} for two different params: {where} and "
+                                 f"param group {gi}, param {i}")
     state: defaultdict[Any, Any] = defaultdict(dict)
     for pid, saved in state_dict["state"].items():
         if pid in owner:

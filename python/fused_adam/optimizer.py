@@ -19,7 +19,7 @@ from torch.optim import Optimizer
 
 from . import backends, checkpoint, plan as plans
 from .args import (EXTENSIONS, check_amp, check_args, check_extensions, check_fused_param, check_group_extensions,
-                   check_hyper, check_readable)
+                   check_hyper, check_readable, sparse_grad_error)
 from .backends import Amp, Hyper, PartialStep, PartOptions
 from .plan import Dispatch, Partition, Plan
 from .state import Generation, dtensor_type, kernel_view, packed_states, param_state, rebind
@@ -386,10 +386,7 @@ class FusedAdam(Optimizer):
         if any(g.layout != torch.strided for g in gs):
             for pos, g in enumerate(gs):
                 if g.layout != torch.strided:
-                    raise RuntimeError(
-                        f"FusedAdam does not support sparse gradients (grad of param {part.param_index(pos)} in group "
-                        f"{part.group_index} is sparse), please consider torch.optim.SparseAdam instead"
-                    )
+                    raise sparse_grad_error(part.param_index(pos), part.group_index)
         if part.view_pos:
             gs = list(gs)
             for pos in part.view_pos:

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from . import flat
-from .args import storage_shortfall
+from .args import storage_error, storage_shortfall
 from .backends import Backend, PartOptions
 from .state import kernel_view, needs_view
 
@@ -264,9 +264,7 @@ def check_memory(who: str, name: str, pos: int, t: Tensor, where: str = "", grad
     where = f" {where}" if where else ""
     lack = storage_shortfall(t)
     if lack:
-        need, have = lack
-        raise RuntimeError(f"{who}: {name}[{pos}]{where} needs {need} bytes of storage for its {t.numel()} "
-                           f"elements, but its storage holds {have} (was the storage resized or freed under it?)")
+        raise storage_error(f"{who}: {name}[{pos}]{where}", t, lack)
     if (name != "grads" or grads_written) and torch._debug_has_internal_overlap(t) == 1:  # (1: MemOverlap::Yes)
         raise RuntimeError(f"{who}: {name}[{pos}]{where} has elements that share memory (shape {tuple(t.shape)}, "
                            f"strides {t.stride()}): the step writes it, so each element needs its own")

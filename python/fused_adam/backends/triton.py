@@ -637,7 +637,6 @@ class _Prepared:
     out: Tensor  # (6, T) int64 host: the address rows as uploaded to table[:6T]
     table: Tensor  # NOTE [triton table], on the device
     n_chunks: int
-    numels: list[int]  # the chunk table's sizes (a param's .data may be replaced by one of another size)
     grid: int
     math: torch.dtype
     constexprs: dict  # the launch's structure, fixed for the partition
@@ -700,7 +699,7 @@ class TritonBackend(Backend):
         )
         prep = _Prepared(
             checker=_partition_checker(part), out=torch.zeros(_ADDRESS_ROWS, n, dtype=torch.int64),
-            table=_to_device(host, device), n_chunks=n_chunks, numels=numels, grid=_grid(device, n_chunks), math=math,
+            table=_to_device(host, device), n_chunks=n_chunks, grid=_grid(device, n_chunks), math=math,
             constexprs=constexprs, counts=None if o.capturable else torch.empty(n, dtype=torch.float32),
             options={a: _compile_options(device, o.master, o.stochastic_rounding, a) for a in (False, True)},
         )
