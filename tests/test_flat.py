@@ -21,7 +21,7 @@ from parity import backends_here, bits
 
 from fused_adam import FusedAdamW, backends
 from fused_adam.backends import Amp, Hyper, PartOptions
-from fused_adam.flat import ATTR, _Tag, find_run, flatten_parameters
+from fused_adam.flat import ATTR, FlatRun, _Tag, find_run, flatten_parameters
 from fused_adam.plan import Partition
 from fused_adam.state import Generation, StateDict, param_state
 
@@ -108,13 +108,16 @@ class FlatDriver:
 def assert_same(a_params, b_params, a_state, b_state, exact: bool = True, msg: str = "") -> None:
     for i, (a, b) in enumerate(zip(a_params, b_params)):
         pairs = [("param", a.detach(), b.detach())]
-        pairs += [(k, a_state[a][k], b_state[b][k]) for k in b_state[b] if k != "step"]
+        pairs += [(k, a_state[a][k], b_state[b][k]) for k in b_state.get(b, ()) if k != "step"]
         for name, x, y in pairs:
             if exact:
                 assert torch.equal(bits(x), bits(y)), f"{msg}{name} of param {i} differs bitwise"
             else:
                 torch.testing.assert_close(x, y, msg=lambda m: f"{msg}{name} of param {i}: {m}")
-        assert float(a_state[a]["step"]) == float(b_state[b]["step"]), f"{msg}step of param {i}"
+        if not b_state.get(b):  # a param torch never stepped has no state with us either
+            assert not a_state.get(a), f"{msg}param {i} has a state, torch's none"
+        else:
+            assert float(a_state[a]["step"]) == float(b_state[b]["step"]), f"{msg}step of param {i}"
 
 
 # ---- flatten_parameters ---------------------------------------------------------------------------------------
@@ -132,11 +135,20 @@ def test_flatten_keeps_the_model():
         assert torch.equal(a, b), k
     covered = torch.zeros(flat.param_buffer.numel(), dtype=torch.bool)
     for i, p in enumerate(model.parameters()):
-        assert p.data_ptr() % 64 == 0 and p.is_contiguous() and flat.params_in_place(i) and flat.grads_in_place(i)
+        assert p.data_ptr() % 64 == 0 and p.is_contiguous() and flat.params_in_place(i)
         assert getattr(p, ATTR).flat is flat and getattr(p, ATTR).index == i
         covered[flat.offsets[i]: flat.offsets[i] + p.numel()] = True
-        assert torch.equal(p.grad, torch.zeros_like(p))
+        assert p.grad is None  # none before, none after: a zero grad would be stepped where torch skips the param
     assert not flat.param_buffer[~covered].any() and not flat.grad_buffer.any()  # padding zero
+    # The first backward's grads are moved into their slots (NOTE [grad adoption]), the next ones accumulate there.
+    for _ in range(2):
+        backward(model, 0)
+        backward(ref, 0)
+        assert flat.grads_in_place()
+        for p, q in zip(model.parameters(), ref.parameters()):
+            assert torch.equal(p.grad, q.grad)
+    assert not flat.grad_buffer[~covered].any()
+    model.zero_grad(set_to_none=False)
     assert flat.param_buffer.numel() == sum(-(-p.numel() // 16) * 16 for p in model.parameters())
     # Loading a state_dict writes into the slots.
     model.load_state_dict(make_model(seed=1).state_dict())
@@ -185,6 +197,21 @@ def test_flatten_errors():
 
     with pytest.raises(TypeError, match="param 0 is a Sub"):
         flatten_parameters([torch.randn(2).as_subclass(Sub).requires_grad_()])
+    # What stays where it is may not share memory with what moves: a frozen param or a buffer that is a view of a
+    # trainable param would stop following it.
+    m = torch.nn.Module()
+    m.w = torch.nn.Parameter(torch.randn(8))
+    m.head = torch.nn.Parameter(m.w.data[:3], requires_grad=False)
+    with pytest.raises(ValueError, match="param 0 and param 'head' .*does not require grad.* share memory"):
+        flatten_parameters(m)
+    del m.head
+    m.register_buffer("mask", m.w.data[5:])
+    with pytest.raises(ValueError, match="param 0 and buffer 'mask' share memory"):
+        flatten_parameters(m)
+    frozen = torch.nn.Parameter(tied[0].data[1:3], requires_grad=False)
+    with pytest.raises(ValueError, match="param 0 and item 1 .* share memory"):
+        flatten_parameters([tied[0], frozen])
+    assert m.w.data_ptr() == m.mask.data_ptr() - 20 and tied[0].data_ptr() == a.data_ptr()  # nothing moved
 
 
 def test_backward_accumulates_into_the_grad_buffer():
@@ -355,9 +382,12 @@ def test_broken_flatness_steps_as_torch(backend, mutation):
 def test_the_check_sees_a_change_anywhere_among_thousands(native):
     """NOTE [flat slot check] over 3,000 params (both threads' ranges in C++): a param's `.data`, a state's `.data`
     (a copy, or its own memory as another dtype), a step's `.data` replaced, or a grad replaced or set to None, at
-    the first, a middle or the last param, makes FlatRun.valid() False (a grad: with the warning, once); the view
-    put back, True again. The Python check (built without the extension) the same."""
+    the first, a middle or the last param, makes FlatRun.valid() False (with a warning the first time, one for a
+    grad, one for a param or state); the view put back, True again. The Python check (built without the
+    extension) the same."""
     params = [torch.randn(3).requires_grad_() for _ in range(3000)]
+    for p in params:
+        p.grad = torch.zeros_like(p)
     (flat,) = flatten_parameters(params)
     driver = FlatDriver(params, "reference", amsgrad=True)
     run = driver.run
@@ -367,7 +397,7 @@ def test_the_check_sees_a_change_anywhere_among_thousands(native):
         pytest.skip("the extension is not built")
     flat.zero_grad()
     assert run.valid()
-    warned = False
+    warned = set()  # each kind of break is said once
     for where in (0, 1501, 2999):
         p = params[where]
         st = driver.state[p]
@@ -385,8 +415,9 @@ def test_the_check_sees_a_change_anywhere_among_thousands(native):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 assert not run.valid(), (where, what)
-            assert bool(caught) == (what.startswith("grad") and not warned), (where, what)
-            warned |= what.startswith("grad")
+            kind = "set_to_none=False" if what.startswith("grad") else "no longer a view of its slot"
+            assert [kind in str(w.message) for w in caught] == ([] if kind in warned else [True]), (where, what)
+            warned.add(kind)
             if what == "param":
                 p.data = view
             elif what.startswith("grad"):
@@ -515,6 +546,148 @@ def test_what_a_run_cannot_step_steps_as_torch(backend, case):
             opt.zero_grad(set_to_none=False)
     assert_same(list(model.parameters()), list(oracle.parameters()), opts[0].state, opts[1].state,
                 exact=backend == "reference")
+
+
+class Branches(torch.nn.Module):
+    """Two layers, of which a forward pass uses one, or both: a param without a grad in the middle of the buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = torch.nn.Linear(7, 5), torch.nn.Linear(7, 5), torch.nn.Linear(5, 3)
+
+    def forward(self, x, use_b: bool):
+        return self.c(self.a(x) + (self.b(x) if use_b else 0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("b_from", [None, 2], ids=["never-used", "used-from-step-2"])
+def test_a_param_without_a_grad_is_not_stepped(backend, b_from):
+    """A param that has had no grad is skipped, as torch skips it: flattening gives no param a grad it did not have
+    (a zero grad view would be stepped: its weight decayed, its count bumped, a state made), and the first grad
+    autograd gives one is moved into its slot (NOTE [grad adoption]). Against torch.optim.AdamW(foreach=False)."""
+    model, oracle = Branches(), Branches()
+    (flat,) = flatten_parameters(model)
+    assert all(p.grad is None for p in model.parameters())
+    opt = FusedAdamW(model.parameters(), lr=LR, weight_decay=WD, backend=backend)
+    oracle_opt = torch.optim.AdamW(oracle.parameters(), lr=LR, weight_decay=WD, foreach=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (a param without a grad splits the slots: said, as it should)
+        for step in range(5):
+            use_b = b_from is not None and step >= b_from
+            for m, o in ((model, opt), (oracle, oracle_opt)):
+                m(batch(step), use_b).square().sum().backward()
+                o.step()
+                o.zero_grad(set_to_none=False)
+            assert (model.b.weight.grad is None) == (not use_b)
+            assert flat.grads_in_place(0) and (flat.grads_in_place(2) == use_b)  # a.weight, b.weight
+    assert_same(list(model.parameters()), list(oracle.parameters()), opt.state, oracle_opt.state,
+                exact=backend == "reference")
+    assert (model.b.weight in opt.state) == (b_from is not None)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["frozen", "grad set to None, unused", "data replaced", "flattened again"])
+def test_flat_buffer_zero_grad_as_torch(backend, case):
+    """FlatBuffer.zero_grad() zeroes what torch's zero_grad(set_to_none=False) zeroes and nothing more: a param
+    frozen (or whose grad was set to None) after flattening keeps no grad, and is not stepped; a param that left
+    its slot keeps its own grad, zeroed (not accumulated step after step)."""
+    model, oracle = make_model(), make_model()
+    flats = flatten_parameters(model)
+    opt = FusedAdamW(model.parameters(), lr=LR, weight_decay=WD, backend=backend)
+    oracle_opt = torch.optim.AdamW(oracle.parameters(), lr=LR, weight_decay=WD, foreach=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the layout broken, or params without grads: said, as it should)
+        for step in range(5):
+            for m, o in ((model, opt), (oracle, oracle_opt)):
+                if step == 2:
+                    victim = m[0].weight
+                    if case == "frozen":
+                        victim.requires_grad_(False)
+                        victim.grad = None
+                    elif case == "grad set to None, unused":
+                        m[4].weight.grad = None
+                        m[4].weight.register_hook(lambda g: None if g is None else torch.zeros_like(g))
+                    elif case == "data replaced":  # (out of its slot: its grad is its own from now on)
+                        victim.data = victim.data.clone()
+                        victim.grad = None
+                    elif case == "flattened again" and m is model:
+                        flatten_parameters(m)
+                if case == "grad set to None, unused" and step >= 2:
+                    m[4].weight.grad = None  # (the hook gave it a zero grad: it is never stepped again)
+                backward(m, step)
+                if case == "grad set to None, unused" and step >= 2:
+                    m[4].weight.grad = None
+                o.step()
+                if m is model:
+                    flats[0].zero_grad()
+                else:
+                    o.zero_grad(set_to_none=False)
+            for p, q in zip(model.parameters(), oracle.parameters()):
+                assert (p.grad is None) == (q.grad is None) and (p.grad is None or not p.grad.any()), step
+    assert_same(list(model.parameters()), list(oracle.parameters()), opt.state, oracle_opt.state,
+                exact=backend == "reference")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["after the first step", "twice"])
+def test_flattening_later_rebuilds_the_plan(backend, case):
+    """flatten_parameters after the optimizer has stepped (or a second time) moves the params into new slots: the
+    next step builds the plan again, finds the run, moves the existing states into flat state buffers, and steps
+    flat, as torch's for-loop steps."""
+    model, oracle = make_model(), make_model()
+    if case == "twice":
+        flatten_parameters(model)
+    opt = FusedAdamW(model.parameters(), lr=LR, weight_decay=WD, amsgrad=True, backend=backend)
+    oracle_opt = torch.optim.AdamW(oracle.parameters(), lr=LR, weight_decay=WD, amsgrad=True, foreach=False)
+    flat_steps = []
+    stepped = FlatRun.stepped
+    with mock.patch.object(FlatRun, "stepped", autospec=True, side_effect=stepped) as counted:
+        for step in range(5):
+            if step == 2:
+                (flat,) = flatten_parameters(model)
+            for m, o in ((model, opt), (oracle, oracle_opt)):
+                backward(m, step)
+                o.step()
+                o.zero_grad(set_to_none=False)
+            flat_steps.append(counted.call_count)
+    assert flat_steps == ([1, 2, 3, 4, 5] if case == "twice" else [0, 0, 1, 2, 3])
+    assert flat.params_in_place() and flat.grads_in_place()
+    run = opt._plans[0].parts[0].flat
+    assert opt.state[model[0].weight]["exp_avg"].data_ptr() == run.buffers["exp_avg"].data_ptr()
+    assert_same(list(model.parameters()), list(oracle.parameters()), opt.state, oracle_opt.state,
+                exact=backend == "reference")
+
+
+def test_a_lost_flat_step_is_said():
+    """Where flattened params stop being stepped as one range for good, a warning says why, once: a param's .data
+    replaced; states that one counter cannot step (a checkpoint where one param had no state)."""
+    model = make_model()
+    flatten_parameters(model)
+    opt = FusedAdamW(model.parameters(), lr=LR, backend="reference")
+    for step in range(4):
+        if step == 2:
+            model[0].weight.data = model[0].weight.data.clone()
+        backward(model, step)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.step()
+        assert [w.filename for w in caught] == ([__file__] if step == 2 else [])  # the user's line, not ours
+        assert step != 2 or "no longer a view of its slot" in str(caught[0].message)
+        opt.zero_grad(set_to_none=False)
+
+    oracle = make_model()
+    torch_opt = torch.optim.AdamW(oracle.parameters(), foreach=False)
+    backward(oracle, 0)
+    oracle[4].weight.grad = None  # no state for it
+    torch_opt.step()
+    model = make_model()
+    flatten_parameters(model)
+    opt = FusedAdamW(model.parameters(), backend="reference")
+    opt.load_state_dict(torch_opt.state_dict())
+    backward(model, 1)
+    with pytest.warns(UserWarning, match="states are not alike"):
+        opt.step()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

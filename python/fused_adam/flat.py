@@ -8,14 +8,22 @@
         opt.zero_grad(set_to_none=False)                 # or: for b in buffers: b.zero_grad()
 
 NOTE [flat buffers]: flatten_parameters moves each param's values into a slot of a contiguous buffer (slots aligned
-to `align` bytes, the padding zero) and makes `p.data` a view of its slot, and p.grad a view of the same slot of a
-second, zeroed buffer. The Parameter objects stay the same objects, so modules, autograd, hooks, state_dict and
-checkpoints see nothing new (as with Megatron's param-and-grad buffers and apex's contiguous buffers). Autograd
-accumulates into an existing dense grad in place (AccumulateGrad's "existing grad, grad mode off" case), so a
-backward writes into the grad buffer; zero_grad(set_to_none=True), torch's default, breaks that: it sets p.grad
-to None and the next backward makes fresh grads (as does a backward with create_graph=True, out of place). Use
-zero_grad(set_to_none=False), or FlatBuffer.zero_grad() (one memset, and the views put back where a grad was set
-to None or replaced).
+to `align` bytes, the padding zero) and makes `p.data` a view of its slot, and p.grad (where it has one) a view of
+the same slot of a second, zeroed buffer. The Parameter objects stay the same objects, so modules, autograd, hooks,
+state_dict and checkpoints see nothing new (as with Megatron's param-and-grad buffers and apex's contiguous
+buffers). Autograd accumulates into an existing dense grad in place (AccumulateGrad's "existing grad, grad mode off"
+case), so a backward writes into the grad buffer. A param without a grad keeps none (torch skips it: a zero grad
+would be stepped, its weight decayed, its count bumped): the first grad autograd gives it is moved into its slot
+by a one-shot post-accumulate-grad hook (NOTE [grad adoption]). zero_grad(set_to_none=True), torch's default, sets
+p.grad to None, and the next backward makes fresh grads that are not the views (as does a backward with
+create_graph=True, out of place): each such step runs per tensor. Use zero_grad(set_to_none=False), or
+FlatBuffer.zero_grad() (one memset; a replaced grad becomes its zeroed view again, a param whose grad is None keeps
+none until its next grad is adopted).
+
+NOTE [grad adoption]: the hook runs once, after autograd gave a param its first grad (p.grad was None): it copies
+the grad into the slot and makes p.grad the view, so that later backwards accumulate in place. It leaves the grad
+alone where the param left its slot, or the grad is not a plain dense grad of the param's shape and dtype, or it
+has a graph (create_graph=True). Its cost is once per param, not per step.
 
 The optimizer side (find_run, FlatRun): when a partition's params are consecutive slots of one buffer, the
 optimizer keeps their states as views of flat state buffers of the same layout (state_dict is torch's layout) and
@@ -41,6 +49,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import operator
+import os
+import sys
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -59,6 +69,10 @@ __all__ = ["FlatBuffer", "FlatRun", "flatten_parameters", "find_run"]
 # The attribute a flattened param carries (a _Tag). A plain attribute, not a registry keyed by id(): it lives and
 # dies with the param.
 ATTR = "_fused_adam_flat"
+
+# How many times flatten_parameters has run: part of every step plan's key (plan.py), so that a plan built before
+# a flattening is built again (its runs found, existing states moved into flat state buffers).
+EPOCH = [0]
 
 
 class _Tag:
@@ -105,6 +119,7 @@ class FlatBuffer:
     param_ptrs: list[int] = dataclasses.field(init=False)  # where each param's slot starts (what a check compares)
     grad_ptrs: list[int] = dataclasses.field(init=False)
     dtypes: list[torch.dtype] = dataclasses.field(init=False)  # dtype, once a slot (a grad has its param's)
+    _adopting: dict = dataclasses.field(init=False, default_factory=dict)  # slot -> its adoption hook's handle
 
     def __post_init__(self) -> None:
         self.numels = [s.numel() for s in self.shapes]
@@ -121,6 +136,28 @@ class FlatBuffer:
     def grad_view(self, i: int) -> Tensor:
         return _slot(self.grad_buffer, self.offsets[i], self.shapes[i])
 
+    def adopt_next_grad(self, i: int) -> None:
+        """NOTE [grad adoption]: the next grad autograd gives params[i] (whose grad is None) becomes its slot's view."""
+        p = self.params[i]
+        if i in self._adopting or not p.requires_grad:
+            return
+        handle = None
+
+        def adopt(param: Tensor) -> None:
+            handle.remove()
+            self._adopting.pop(i, None)
+            g = param.grad
+            if (g is None or g.grad_fn is not None or g.layout != torch.strided or g.shape != self.shapes[i]
+                    or g.dtype != self.dtype or g.device != self.device or not self.params_in_place(i)):
+                return
+            view = self.grad_view(i)
+            with torch.no_grad():
+                view.copy_(g)
+            param.grad = view
+
+        handle = p.register_post_accumulate_grad_hook(adopt)
+        self._adopting[i] = handle
+
     def params_in_place(self, i: int | None = None) -> bool:
         """Every param (or params[i]) is still a view of its slot: its .data not replaced."""
         sl = slice(None) if i is None else slice(i, i + 1)
@@ -133,14 +170,28 @@ class FlatBuffer:
 
     @torch.no_grad()
     def zero_grad(self) -> None:
-        """Zero every grad in one op, and make a grad that was set to None or replaced the view of its slot again
-        (what zero_grad(set_to_none=True) undoes). Params whose .data was replaced are left alone."""
+        """Zero every grad: the grad buffer in one op; a grad that replaced its view becomes the zeroed view again
+        (what zero_grad(set_to_none=True) undoes); a param whose grad is None keeps none (torch skips it), and its
+        next grad is moved into its slot (NOTE [grad adoption]); a param whose .data was replaced keeps its own grad,
+        zeroed as torch's zero_grad(set_to_none=False) does."""
         self.grad_buffer.zero_()
         if self.grads_in_place():
             return
         for i, p in enumerate(self.params):
-            if not self.grads_in_place(i) and self.params_in_place(i):
+            if self.grads_in_place(i):
+                continue
+            g = p.grad
+            if g is None:
+                if self.params_in_place(i):
+                    self.adopt_next_grad(i)
+            elif self.params_in_place(i) and g.layout == torch.strided:
                 p.grad = self.grad_view(i)
+            else:
+                if g.grad_fn is not None:
+                    g.detach_()
+                else:
+                    g.requires_grad_(False)
+                g.zero_()
 
     def __repr__(self) -> str:
         return (f"FlatBuffer({len(self.params)} params, {self.param_buffer.numel()} elements of {self.dtype} on "
@@ -192,8 +243,10 @@ def _params_of(module_or_params) -> list[Tensor]:
     return params
 
 
-def _check(params: list[Tensor]) -> None:
-    """Raise, before anything is moved, for a param whose memory cannot become a slot."""
+def _check(params: list[Tensor], others: list[tuple[Tensor, str]]) -> None:
+    """Raise, before anything is moved, for a param whose memory cannot become a slot. others: the tensors that
+    stay where they are, with their names (params that do not require grad, a module's buffers): none may share
+    memory with a param that moves, which would untie them."""
     for i, p in enumerate(params):
         if type(p) not in (Tensor, torch.nn.Parameter):
             raise TypeError(f"flatten_parameters: param {i} is a {type(p).__name__}; only plain Tensors and "
@@ -206,12 +259,19 @@ def _check(params: list[Tensor]) -> None:
             raise ValueError(f"flatten_parameters: the grad of param {i} has layout {p.grad.layout}; "
                              "expected torch.strided")
     # Params that share memory (one a view of another) would stop sharing it: refuse, naming both.
-    spans = sorted((p.untyped_storage().data_ptr(), p.data_ptr(), p.data_ptr() + _extent(p), i)
-                   for i, p in enumerate(params) if p.numel() and p.device.type != "meta")
-    for (s0, _, end0, i0), (s1, begin1, _, i1) in zip(spans, spans[1:]):
-        if s0 == s1 and begin1 < end0:
-            raise ValueError(f"flatten_parameters: params {min(i0, i1)} and {max(i0, i1)} share memory (one is a "
-                             "view of the other, e.g. tied weights through a view); flattening would untie them")
+    tensors = params + [t for t, _ in others]
+    spans = sorted((t.untyped_storage().data_ptr(), t.data_ptr(), t.data_ptr() + _extent(t), i)
+                   for i, t in enumerate(tensors)
+                   if type(t) in (Tensor, torch.nn.Parameter) and t.numel() and t.device.type != "meta")
+    moved, end, last = len(params), None, -1  # end: (storage, end) of the span reaching furthest so far, last's
+    for storage, begin, stop, i in spans:
+        if end is not None and storage == end[0] and begin < end[1] and min(i, last) < moved:
+            a, b = sorted((i, last))
+            what = f"params {a} and {b}" if b < moved else f"param {a} and {others[b - moved][1]}"
+            raise ValueError(f"flatten_parameters: {what} share memory (one is a view of the other, e.g. tied "
+                             "weights through a view); flattening would untie them")
+        if end is None or storage != end[0] or stop > end[1]:
+            end, last = (storage, stop), i
 
 
 def _extent(p: Tensor) -> int:
@@ -227,13 +287,22 @@ def flatten_parameters(module_or_params, *, align: int = 64) -> list[FlatBuffer]
     holds them in that order (give the params of each param group one after the other, so that each group's
     partition is one run of slots). Only params that require grad are moved. Each param's slot starts on an
     `align`-byte boundary; the padding is zero. p.data becomes a view of the slot (contiguous), and p.grad a view
-    of the same slot of a zeroed grad buffer (holding the grad's values if it had one). Returns one FlatBuffer per
-    (device, dtype), in order of first appearance. Do it before the optimizer has state (states made before keep
-    their own memory and are moved into flat state buffers when the optimizer next builds its step plan)."""
+    of the same slot of a zeroed grad buffer where it had a grad (holding its values; a param without one gets
+    its first grad moved there, NOTE [grad adoption]). Returns one FlatBuffer per
+    (device, dtype), in order of first appearance. Best before the optimizer has state: states made before are
+    moved into flat state buffers at its next step (flattening makes every optimizer build its step plan again)."""
     if isinstance(align, bool) or not isinstance(align, int) or align < 1 or align & (align - 1):
         raise ValueError(f"flatten_parameters: align must be a positive power of two (bytes), got {align!r}")
-    params = [p for p in _params_of(module_or_params) if p.requires_grad]
-    _check(params)
+    given = _params_of(module_or_params)
+    params = [p for p in given if p.requires_grad]
+    if isinstance(module_or_params, torch.nn.Module):
+        others = [(p, f"param {name!r} (it does not require grad)")
+                  for name, p in module_or_params.named_parameters() if not p.requires_grad]
+        others += [(b, f"buffer {name!r}") for name, b in module_or_params.named_buffers()]
+    else:
+        others = [(p, f"item {i} (it does not require grad)") for i, p in enumerate(given) if not p.requires_grad]
+    _check(params, others)
+    EPOCH[0] += 1  # the optimizers' step plans are rebuilt (plan.py): runs found, states moved into flat buffers
     by_key: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for p in params:
         by_key.setdefault((p.device, p.dtype), []).append(p)
@@ -249,12 +318,16 @@ def flatten_parameters(module_or_params, *, align: int = 64) -> list[FlatBuffer]
         for i, p in enumerate(members):
             slot = _slot(flat.param_buffer, offsets[i], p.shape)
             slot.copy_(p.data)
-            grad = flat.grad_view(i)
-            if p.grad is not None:
+            had_grad = p.grad is not None
+            if had_grad:
+                grad = flat.grad_view(i)
                 grad.copy_(p.grad)
             p.data = slot
-            p.grad = grad
+            if had_grad:
+                p.grad = grad
             setattr(p, ATTR, _Tag(flat, i))
+            if not had_grad:
+                flat.adopt_next_grad(i)
         buffers.append(flat)
     return buffers
 
@@ -272,11 +345,29 @@ def _native_slot_check():
 
 
 
-def find_run(params: list[Tensor], options: PartOptions) -> FlatRun | None:
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_TORCH = os.path.dirname(os.path.abspath(torch.__file__))
+
+
+def warn(message: str) -> None:
+    """A warning that points at the caller's line (its opt.step() or scaler.step()), not at this package's."""
+    frame, level = sys._getframe(1), 2  # stacklevel 2: warn's caller
+    while frame is not None and frame.f_code.co_filename.startswith((_HERE, _TORCH)):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(f"fused_adam: {message}", stacklevel=level)
+
+
+def declined(where: str, count: int, why: str) -> None:
+    """Say that flattened params are stepped per tensor (correct, but not the one range flattening is for)."""
+    warn(f"the {count} flattened params of {where} are stepped per tensor, not as one range: {why}")
+
+
+def find_run(params: list[Tensor], options: PartOptions, where: str = "a partition") -> FlatRun | None:
     """The flat run these params (one partition's, in its order) form, or None: they must be consecutive slots of
     one FlatBuffer, in buffer order, each still a view of its slot. `options`: the partition's PartOptions
     (stochastic rounding draws its bits per tensor and element index, so a range would round differently: declined;
-    so is differentiable, which only the reference backend's per-tensor autograd runs)."""
+    so is differentiable, which only the reference backend's per-tensor autograd runs). Flattened params that form
+    no run are said (declined), once per plan build."""
     if not params or options.stochastic_rounding or options.differentiable:
         return None
     tag = getattr(params[0], ATTR, None)
@@ -287,8 +378,13 @@ def find_run(params: list[Tensor], options: PartOptions) -> FlatRun | None:
         return None
     last = first + len(params)
     if last > len(flat) or not all(map(operator.is_, params, flat.params[first:last])):
+        declined(where, len(params), "they are not consecutive slots of one buffer (a param without a grad, e.g. "
+                 "unused by the backward pass, is skipped as torch skips it, and splits the slots; so do params "
+                 "listed in another order than flattened)")
         return None
     if not _all_at(params, flat.param_ptrs[first:last], flat.numels[first:last], flat.dtypes[first:last]):
+        declined(where, len(params), "a param's .data was replaced after flattening (call flatten_parameters "
+                 "again to move it back into a buffer)")
         return None
     return FlatRun(flat, first, len(params), options)
 
@@ -313,7 +409,7 @@ class FlatRun:
     _tensors: list[Tensor] = dataclasses.field(default_factory=list)
     _params: list[Tensor] = dataclasses.field(default_factory=list)
     _slots: tuple = ()  # (param_ptrs, grad_ptrs, numels, dtypes) of the run's slots
-    _warned: bool = False
+    _warned: set = dataclasses.field(default_factory=set)  # what valid() has said (once each)
     _steps_version: int = -1
     _steps_pairs: tuple = ()  # (steps[1:], steps[:-1]) where the counts live on the host
     _native: tuple | None = None  # _C.SlotCheck of params, grads, states (NOTE [flat slot check]), where built
@@ -440,21 +536,26 @@ class FlatRun:
         params, (p_ptrs, g_ptrs, numels, dtypes) = self._params, self._slots
         if self._native is not None:
             params_at, grads_at, states_at = self._native
-            if not params_at() or not states_at():
-                return False
-            grads_in_place = grads_at()
+            in_place = params_at() and states_at()
+            grads_in_place = in_place and grads_at()
         else:
-            if not _all_at(params, p_ptrs, numels, dtypes) or not _all_at(self._tensors, *self._expected):
-                return False
-            grads_in_place = _all_at(list(map(_grad, params)), g_ptrs, numels, dtypes)
+            in_place = _all_at(params, p_ptrs, numels, dtypes) and _all_at(self._tensors, *self._expected)
+            grads_in_place = in_place and _all_at(list(map(_grad, params)), g_ptrs, numels, dtypes)
+        # Said once each, else a training loop would run per tensor, unaware, step after step.
+        if not in_place:
+            if "slots" not in self._warned:
+                self._warned.add("slots")
+                warn(f"a param of {self.count} flattened params, or one of their state tensors, is no longer a view of "
+                     "its slot (its .data replaced, e.g. by module.to(), .half() or a load with assign=True): they "
+                     "are stepped per tensor from now on. Call flatten_parameters again to step them as one range.")
+            return False
         if not grads_in_place:
-            if not self._warned:  # else a training loop would run per tensor, unaware, step after step
-                self._warned = True
-                warnings.warn(
-                    f"fused_adam: the grads of {self.count} flattened params are not their grad buffer's views "
-                    "(set to None by zero_grad(set_to_none=True), torch's default, or replaced): this step and every "
-                    "one like it runs per tensor. Zero them with zero_grad(set_to_none=False) or "
-                    "FlatBuffer.zero_grad() to keep the flat step.", stacklevel=4)
+            if "grads" not in self._warned:
+                self._warned.add("grads")
+                warn(f"the grads of {self.count} flattened params are not their grad buffer's views (set to None by "
+                     "zero_grad(set_to_none=True), torch's default, or replaced): this step and every one like it "
+                     "runs per tensor. Zero them with zero_grad(set_to_none=False) or FlatBuffer.zero_grad() to keep "
+                     "the flat step.")
             return False
         if self._steps_pairs:
             # Every count, every step (a few microseconds): one written where the version counter does not see it

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import backends, checkpoint, plan as plans
+from . import backends, checkpoint, flat, plan as plans
 from .args import (EXTENSIONS, check_amp, check_args, check_extensions, check_fused_param, check_group_extensions,
                    check_hyper, check_readable, sparse_grad_error)
 from .backends import Amp, Hyper, PartialStep, PartOptions
@@ -315,7 +315,7 @@ class FusedAdam(Optimizer):
         get = group.get
         return (group["amsgrad"], group["capturable"], group["differentiable"], group["maximize"],
                 group["decoupled_weight_decay"], group["weight_decay"] != 0, isinstance(group["lr"], Tensor),
-                self.max_grad_norm is not None, *[get(k, v) for k, v in _EXTENSION_ITEMS])
+                self.max_grad_norm is not None, flat.EPOCH[0], *[get(k, v) for k, v in _EXTENSION_ITEMS])
 
     def _make_states(self, group: dict[str, Any], opts, members: list[Tensor], run=None) -> list[dict[str, Tensor]]:
         if group["fused"]:
@@ -325,6 +325,11 @@ class FusedAdam(Optimizer):
         if run is not None and not self._listed_once(members):
             run = None  # its slots would be stepped once, with one counter: per tensor, in listing order, as torch
         packed = run.states(self.state) if run is not None else None  # NOTE [flat run wiring]
+        if run is not None and packed is None:
+            gi = next(k for k, g in enumerate(self.param_groups) if g is group)
+            flat.declined(f"param group {gi}", len(members), "their states are not alike (step counts that differ, "
+                          "some params with state and some without, e.g. resumed from a checkpoint where a param "
+                          "had none): one counter cannot step them")
         if packed is None:
             packed = packed_states(self.state, opts, members)
         states = []

@@ -7,7 +7,8 @@ changed is either seen by that check or by the backend's per-tensor checks, at O
   * the group's params list: the same list object, the same length, and the same items (one identity compare per
     item, in C++ where the extension is built);
   * the options that shape the plan (the plan key: amsgrad, capturable, the options beyond torch, weight decay on
-    or off, a Tensor lr or not);
+    or off, a Tensor lr or not), and flatten_parameters' epoch (flattening moves params into slots: a plan built
+    before has no flat run);
   * the optimizer's state: a StateDict bumps its optimizer's generation when a tensor in it is replaced or removed
     (NOTE [state generation]); add_param_group, load_state_dict and a dict put in place of `opt.state` drop every
     plan;
@@ -177,7 +178,7 @@ def build(group_index: int, group: dict[str, Any], has_grad: list[bool], key: tu
     for (device, dtype, occurrence), index in by_key.items():
         opts = PartOptions.of(group, dtype, clip)
         members = [params[i] for i in index]
-        run = flat.find_run(members, opts)  # (declined by make_states where a param is listed twice)
+        run = flat.find_run(members, opts, f"param group {group_index}")  # (make_states may decline it)
         packed = make_states(group, opts, members, run)
         if run is not None and not run.bind(packed):
             run = None
