@@ -65,9 +65,9 @@ def _reference_params():
     return model, opt
 
 
-def _train_sharded_batch(model, opt, rank):
+def _train_sharded_batch(model, opt, rank, set_to_none=True):
     for x, y in _batches():
-        opt.zero_grad()
+        opt.zero_grad(set_to_none=set_to_none)
         half = slice(rank * 4, rank * 4 + 4)
         torch.nn.functional.mse_loss(model(x[half]), y[half]).backward()  # mean over the half; DDP/FSDP average
         opt.step()
@@ -86,6 +86,29 @@ def ddp(rank):
     _train_sharded_batch(model, opt, rank)
     ref, _ = _reference_params()
     _check(model.module.parameters(), ref)
+
+
+def ddp_flat(rank, bucket_views=False):
+    """Flattened params under DDP: with gradient_as_bucket_view=True DDP's bucket views replace the grad views
+    (said once, stepped per tensor), never adopted (they are DDP's); without it, flat steps."""
+    import warnings
+
+    from fused_adam import FusedAdamW, flatten_parameters
+
+    module = _model()
+    flatten_parameters(module)
+    model = torch.nn.parallel.DistributedDataParallel(module, gradient_as_bucket_view=bucket_views)
+    opt = FusedAdamW(model.parameters(), **KW)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _train_sharded_batch(model, opt, rank, set_to_none=False)
+    assert len([w for w in caught if "grad buffer's views" in str(w.message)]) == int(bucket_views)
+    ref, _ = _reference_params()
+    _check(module.parameters(), ref)
+
+
+def ddp_flat_bucket_views(rank):
+    ddp_flat(rank, bucket_views=True)
 
 
 def zero(rank):
@@ -164,6 +187,7 @@ def dtensor_clipped(rank):
     dtensor(rank, max_grad_norm=1.0)
 
 
-@pytest.mark.parametrize("case", ["ddp", "zero", "fsdp2", "dtensor", "dtensor_clipped"])
+@pytest.mark.parametrize("case", ["ddp", "ddp_flat", "ddp_flat_bucket_views", "zero", "fsdp2", "dtensor",
+                                  "dtensor_clipped"])
 def test_distributed_matches_single_process_adamw(case):
     _spawn(case)

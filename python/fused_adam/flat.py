@@ -22,8 +22,9 @@ none until its next grad is adopted).
 
 NOTE [grad adoption]: the hook runs once, after autograd gave a param its first grad (p.grad was None): it copies
 the grad into the slot and makes p.grad the view, so that later backwards accumulate in place. It leaves the grad
-alone where the param left its slot, or the grad is not a plain dense grad of the param's shape and dtype, or it
-has a graph (create_graph=True). Its cost is once per param, not per step.
+alone where the param left its slot, or the grad is not a plain dense grad of the param's shape and dtype owning its
+memory (a view of a bucket of DDP's is DDP's), or it has a graph (create_graph=True). Its cost is once per param,
+not per step.
 
 The optimizer side (find_run, FlatRun): when a partition's params are consecutive slots of one buffer, the
 optimizer keeps their states as views of flat state buffers of the same layout (state_dict is torch's layout) and
@@ -148,8 +149,9 @@ class FlatBuffer:
             self._adopting.pop(i, None)
             g = param.grad
             if (g is None or g.grad_fn is not None or g.layout != torch.strided or g.shape != self.shapes[i]
-                    or g.dtype != self.dtype or g.device != self.device or not self.params_in_place(i)):
-                return
+                    or g.dtype != self.dtype or g.device != self.device or not self.params_in_place(i)
+                    or g.untyped_storage().nbytes() != g.numel() * g.element_size()):
+                return  # (a view of other memory, e.g. DDP's bucket with gradient_as_bucket_view: its owner's)
             view = self.grad_view(i)
             with torch.no_grad():
                 view.copy_(g)
