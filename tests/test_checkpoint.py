@@ -13,6 +13,7 @@ import copy
 import math
 import pickle
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -301,12 +302,24 @@ def _assert_loaded_as_saved(opt, sd: dict) -> None:
                 _same(_freeze(value), group[key], f"group[{key!r}]", identity=False)
 
 
+def _master_in_use(master, p, group):
+    """NOTE [loaded masters]: a loaded master that does not round to its param (to nearest, or to one of the two
+    neighbours with stochastic rounding) is made again from the param at the next step."""
+    if master is None:
+        return None
+    near = master.to(p.dtype)
+    fits = p == near
+    if group.get("stochastic_rounding", False):
+        fits |= p == torch.nextafter(near, torch.where(master > near.float(), math.inf, -math.inf).to(p.dtype))
+    return master if bool(fits.all()) else p.detach().float()
+
+
 def _assert_steps_as_torch(opt, backend: str) -> None:
     """One step of opt against torch.optim.AdamW(foreach=False) loaded with opt's loaded values in fp32."""
     params = _params(opt)
     groups = [g for g in opt.param_groups for _ in g["params"]]
-    masters = [opt.state.get(p, {}).get("master_param") if PartOptions.of(g, p.dtype, False).master else None
-               for p, g in zip(params, groups)]
+    masters = [_master_in_use(opt.state.get(p, {}).get("master_param"), p, g)
+               if PartOptions.of(g, p.dtype, False).master else None for p, g in zip(params, groups)]
     wide = [(p if m is None else m).detach().float().clone().requires_grad_() for p, m in zip(params, masters)]
     index = {id(p): i for i, p in enumerate(params)}
     torch_sd = {
@@ -518,3 +531,120 @@ def test_plain_adam_loads_torch_checkpoint():
         opt.step()
     for p, q in zip(ours, theirs):
         assert torch.equal(p, q)
+
+
+# ---- what a step would refuse, refused at load; masters that belong to other params; torch's checkpoints --------
+
+LOAD_DAMAGE = {
+    "expanded moment": lambda sd, ps: sd["state"][0].update(exp_avg=torch.zeros(1).expand(5)),
+    "one tensor for two moments": lambda sd, ps: sd["state"][0].update(exp_avg=sd["state"][0]["exp_avg_sq"]),
+    "one moment for two params": lambda sd, ps: sd["state"][1].update(exp_avg=sd["state"][0]["exp_avg"]),
+    "one step for two params": lambda sd, ps: sd["state"][1].update(step=sd["state"][0]["step"]),
+    "a moment that is its param": lambda sd, ps: sd["state"][0].update(exp_avg=ps[0].detach()),
+    "a meta step": lambda sd, ps: sd["state"][0].update(step=torch.tensor(1.0, device="meta")),
+    "a meta moment": lambda sd, ps: sd["state"][1].update(exp_avg_sq=torch.zeros(5, device="meta")),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("damage", list(LOAD_DAMAGE))
+def test_load_refuses_what_a_step_would_refuse(backend, damage):
+    """A state the step would refuse (memory it writes twice, a tensor without values) is refused by the load,
+    naming it; the optimizer is as it was and steps as its untouched twin. torch's loader takes them: its step
+    then raises, or updates one tensor twice."""
+    ps = [torch.randn(5, generator=torch.Generator().manual_seed(i)).requires_grad_() for i in range(2)]
+    opt = FusedAdam(ps, lr=0.01, backend=backend)
+    for p, grad in zip(ps, _grads(ps, 1)):
+        p.grad = grad
+    opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    LOAD_DAMAGE[damage](sd, ps)
+    before = _snapshot(opt)
+    twin = copy.deepcopy(opt)
+    with pytest.raises((ValueError, TypeError), match=r"param group 0, param [01]"):
+        opt.load_state_dict(sd)
+    _assert_unchanged(before, opt)
+    for p, q, grad in zip(ps, _params(twin), _grads(ps, 2)):
+        p.grad, q.grad = grad, grad.clone()
+    opt.step()
+    twin.step()
+    for p, q in zip(ps, _params(twin)):
+        assert torch.equal(p.detach(), q.detach())
+
+
+def _bf16_run(backend: str, **options):
+    p = torch.randn(300, generator=torch.Generator().manual_seed(0)).bfloat16().requires_grad_()
+    return p, FusedAdamW([p], lr=1e-2, backend=backend, master_weights=True, **options)
+
+
+def _train(opt, steps):
+    (p,) = opt.param_groups[0]["params"]
+    for s in steps:
+        p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(s)).to(p.dtype)
+        opt.step()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sr", [False, True], ids=["nearest", "stochastic"])
+def test_a_master_that_is_not_its_params_is_made_again(backend, sr):
+    """NOTE [loaded masters]: ours (bf16, fp32 masters) -> torch's AdamW, which carries master_param along unread for
+    20 steps -> ours: the loaded master no longer rounds to the param. It is made from the param, as for a param
+    without one (a warning says so): the step does not put the param back where it was 20 steps before. A master
+    that does round to its param (our own checkpoint, nearest or stochastic rounding) is kept, bit for bit."""
+    options = dict(stochastic_rounding=True, seed=5) if sr else {}
+    p, ours = _bf16_run(backend, **options)
+    _train(ours, range(3))
+    # Our own checkpoint, loaded into a fresh optimizer on a copy of the param: no warning, the same steps.
+    q = p.detach().clone().requires_grad_()
+    resumed = FusedAdamW([q], lr=1e-2, backend=backend, master_weights=True, **options)
+    resumed.load_state_dict(copy.deepcopy(ours.state_dict()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _train(resumed, range(3, 6))
+    _train(ours, range(3, 6))
+    assert torch.equal(p, q) and torch.equal(ours.state[p]["master_param"], resumed.state[q]["master_param"])
+    # Through torch.
+    t = p.detach().clone().requires_grad_()
+    theirs = torch.optim.AdamW([t], lr=1e-2, foreach=False)
+    theirs.load_state_dict(copy.deepcopy(ours.state_dict()))
+    for s in range(6, 26):
+        t.grad = torch.randn(t.shape, generator=torch.Generator().manual_seed(s)).bfloat16()
+        theirs.step()
+    sd = copy.deepcopy(theirs.state_dict())
+    assert "master_param" in sd["state"][0]  # (carried, stale)
+    back_p, back = _bf16_run(backend, **options)
+    expected_p, expected = _bf16_run(backend, **options)
+    with torch.no_grad():
+        back_p.copy_(t)
+        expected_p.copy_(t)
+    back.load_state_dict(copy.deepcopy(sd))
+    del sd["state"][0]["master_param"]
+    expected.load_state_dict(sd)  # no master: made from the param
+    with pytest.warns(UserWarning, match="master weights loaded for 1 params .* do not round"):
+        _train(back, [26])
+    _train(expected, [26])
+    assert torch.equal(back_p, expected_p)
+    assert torch.equal(back.state[back_p]["master_param"], expected.state[expected_p]["master_param"])
+    assert (back_p.float() - t.float()).abs().max() < 0.05  # one step from torch's, not 20 steps back
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_torch_checkpoint_keeps_the_options_beyond_torch(backend):
+    """torch's state_dict has no master_weights, state_dtype, stochastic_rounding or seed: loading one keeps the
+    options the optimizer was made with (a user moving a torch run onto master weights gets them), as torch keeps
+    param_names; a checkpoint that has them sets them."""
+    options = dict(master_weights=True, state_dtype=torch.float32, stochastic_rounding=True, seed=3)
+    p, ours = _bf16_run(backend, **{k: v for k, v in options.items() if k != "master_weights"})
+    t = p.detach().clone().requires_grad_()
+    theirs = torch.optim.AdamW([t], lr=1e-2, foreach=False)
+    t.grad = torch.ones_like(t)
+    theirs.step()
+    ours.load_state_dict(copy.deepcopy(theirs.state_dict()))
+    assert {k: ours.param_groups[0][k] for k in options} == options
+    _train(ours, [1])
+    assert {k: v.dtype for k, v in ours.state[p].items()} == dict.fromkeys(
+        ("step", "exp_avg", "exp_avg_sq", "master_param"), torch.float32)
+    saved = copy.deepcopy(ours.state_dict())
+    saved["param_groups"][0]["seed"] = 7
+    ours.load_state_dict(saved)
+    assert ours.param_groups[0]["seed"] == 7

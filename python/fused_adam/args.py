@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import functools
 import numbers
+import os
 import reprlib
+import sys
+import warnings
 
 import torch
 from torch import Tensor
@@ -247,3 +250,16 @@ def check_fused_param(p: Tensor) -> None:
     elif not (p.device.type in ("cpu", "cuda") and torch.is_floating_point(p)):
         raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices: "
                            f"['cpu', 'cuda'] but {p.dtype} and {p.device.type}")
+
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_TORCH = os.path.dirname(os.path.abspath(torch.__file__))
+
+
+def warn(message: str) -> None:
+    """A warning that points at the caller's line (its opt.step(), scaler.step() or flatten_parameters()), not at
+    this package's or torch's."""
+    frame, level = sys._getframe(1), 2  # stacklevel 2: warn's caller
+    while frame is not None and frame.f_code.co_filename.startswith((_HERE, _TORCH)):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(f"fused_adam: {message}", stacklevel=level)

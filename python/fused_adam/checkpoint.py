@@ -16,7 +16,12 @@ What a valid state is, per param (the saved group's options decide what is requi
     absent: the step then makes it from the param. Entries beyond these are carried as torch carries them.
 The stored dtypes are what the step uses: the moments in the partition's state dtype (PartOptions.of: the param's
 dtype unless the group says otherwise), a master in fp32. torch's loader casts every floating state to the param's
-dtype, which would round an fp32 master or fp32 moments of a bf16 param.
+dtype, which would round an fp32 master or fp32 moments of a bf16 param. What a step would refuse in their memory
+is refused here (an expanded moment, one tensor for two entries or two params, a moment that is its param; torch's
+loader takes them and its step raises or updates one tensor twice), and so is a meta tensor for a param with values.
+A saved group without the options beyond torch (torch's checkpoints) keeps the optimizer's own (master_weights,
+state_dtype, stochastic_rounding, seed), as torch keeps param_names. A loaded master is checked against its param
+at the next step (NOTE [loaded masters] in optimizer.py).
 
 optimizer.state may also hold entries that are not a param's (torch allows `optimizer.state["test"] = 1`); they go
 into state_dict()["state"] under their own key and come back from load_state_dict as they were.
@@ -36,6 +41,7 @@ from torch.optim import Optimizer
 
 from .args import EXTENSIONS, check_args, check_extensions, describe, short, storage_shortfall
 from .backends import PartOptions
+from .plan import check_apart, check_arrays_apart, check_memory
 
 # Group keys torch.optim.Adam's __setstate__ fills in for checkpoints written before they existed.
 GROUP_DEFAULTS = {
@@ -154,10 +160,17 @@ def _check_tensor(where: str, key: str, value: Any, p: Tensor) -> None:
         raise TypeError(f"{where}: '{key}' is a {value.layout} Tensor; expected {expected}")
     if value.shape != p.shape:
         raise ValueError(f"{where}: '{key}' has shape {tuple(value.shape)}; expected {expected}")
+    _check_meta(where, key, value, p)
     _check_storage(where, key, value)
     ok = value.dtype == p.dtype if p.is_complex() and key != "master_param" else value.is_floating_point()
     if not ok:
         raise TypeError(f"{where}: '{key}' has dtype {value.dtype}; expected {expected}")
+
+
+def _check_meta(where: str, key: str, value: Tensor, p: Tensor) -> None:
+    """A meta tensor has no values: a state of one for a param that has them cannot be loaded."""
+    if value.is_meta and not p.is_meta:
+        raise TypeError(f"{where}: '{key}' is a meta Tensor (no values); expected one with values, as its param has")
 
 
 def _check_storage(where: str, key: str, value: Tensor) -> None:
@@ -185,6 +198,7 @@ def _load_step(where: str, value: Any, p: Tensor, group: dict[str, Any]) -> Tens
     if isinstance(value, Tensor):
         if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
             raise TypeError(f"{where}: 'step' is {describe(value)}; expected {expected}")
+        _check_meta(where, "step", value, p)
         _check_storage(where, "step", value)
         number = float(value) if _readable(value) else 0.0
     elif _is_number(value):
@@ -238,6 +252,35 @@ def _load_param_state(where: str, saved: Any, p: Tensor, group: dict[str, Any]) 
     return loaded
 
 
+_ARRAYS = (("exp_avg", "exp_avgs"), ("exp_avg_sq", "exp_avg_sqs"), ("max_exp_avg_sq", "max_exp_avg_sqs"),
+           ("master_param", "master_params"), ("step", "state_steps"))
+
+
+def _check_apart(loaded: list[tuple[Tensor, dict[str, Any], str]]) -> None:
+    """The memory of the loaded states, as a step checks it (plan.check_memory, check_apart, check_arrays_apart): no
+    state written by a step with two elements at one address (an expanded moment), no two entries of a param in one
+    memory (exp_avg saved as exp_avg_sq, a moment that is its param), none in another param's state (one moment or
+    step tensor for two params). torch's loader takes them, then its step raises or updates one tensor twice; here
+    the load raises, naming them, and nothing changes. loaded: (param, its loaded state, where), each param once."""
+    who = "load_state_dict"
+    empty = torch.empty(0)
+    rows = {name: [] for _, name in _ARRAYS}
+    try:
+        for pos, (p, st, where) in enumerate(loaded):
+            named = [("params", _local(p))]
+            for key, name in _ARRAYS:
+                t = st.get(key)
+                t = _local(t) if isinstance(t, Tensor) and not t.is_meta else empty
+                rows[name].append(t)
+                if t.numel():
+                    check_memory(who, name, pos, t, f"({where}, '{key}')")
+                    named.append((name, t))
+            check_apart(who, named, pos, f"({where})")
+        check_arrays_apart(who, list(rows.items()), lambda pos: f"({loaded[pos][2]})")
+    except RuntimeError as e:
+        raise ValueError(str(e)) from None
+
+
 @torch._disable_dynamo
 def load_state_dict(optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
     """torch's Optimizer.load_state_dict, with every saved group and param state checked (and the new state built)
@@ -268,6 +311,10 @@ def load_state_dict(optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
 
     max_grad_norm = getattr(optimizer, "max_grad_norm", None)
     fill_group_defaults(saved_groups)
+    for group, saved in zip(groups, saved_groups):
+        for key in EXTENSIONS:  # a checkpoint without them (torch's) keeps the options the optimizer was made with
+            if key in group and key not in saved:
+                saved[key] = group[key]
     for gi, group in enumerate(saved_groups):
         _check_group(gi, group, max_grad_norm)
     # saved id -> (param, its saved group, where): the first occurrence of a param listed twice
@@ -281,12 +328,16 @@ def load_state_dict(optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
                 raise ValueError(f"loaded state dict lists id {pid!r} for two different params: {where} and "
                                  f"param group {gi}, param {i}")
     state: defaultdict[Any, Any] = defaultdict(dict)
+    loaded: dict[int, tuple[Tensor, dict[str, Any], str]] = {}
     for pid, saved in state_dict["state"].items():
         if pid in owner:
             p, group, where = owner[pid]
             state[p] = _load_param_state(where, saved, p, group)
+            if state[p]:
+                loaded[id(p)] = (p, state[p], where)
         else:
             state[pid] = saved  # not a param's: kept as it is, as torch does
+    _check_apart(list(loaded.values()))
 
     def update_group(group: dict[str, Any], new_group: dict[str, Any]) -> dict[str, Any]:
         new_group["params"] = group["params"]

@@ -50,9 +50,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import operator
-import os
-import sys
-import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -60,6 +57,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from .args import warn
 from .state import is_count
 
 if TYPE_CHECKING:
@@ -345,18 +343,6 @@ def _native_slot_check():
         return None
     return getattr(_C, "SlotCheck", None)
 
-
-
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_TORCH = os.path.dirname(os.path.abspath(torch.__file__))
-
-
-def warn(message: str) -> None:
-    """A warning that points at the caller's line (its opt.step() or scaler.step()), not at this package's."""
-    frame, level = sys._getframe(1), 2  # stacklevel 2: warn's caller
-    while frame is not None and frame.f_code.co_filename.startswith((_HERE, _TORCH)):
-        frame, level = frame.f_back, level + 1
-    warnings.warn(f"fused_adam: {message}", stacklevel=level)
 
 
 def declined(where: str, count: int, why: str) -> None:

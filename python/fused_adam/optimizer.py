@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import re
 from dataclasses import dataclass
 from itertools import chain
@@ -19,7 +20,7 @@ from torch.optim import Optimizer
 
 from . import backends, checkpoint, flat, plan as plans
 from .args import (EXTENSIONS, check_amp, check_args, check_extensions, check_fused_param, check_group_extensions,
-                   check_hyper, check_readable, sparse_grad_error)
+                   check_hyper, check_readable, sparse_grad_error, warn)
 from .backends import Amp, Hyper, PartialStep, PartOptions
 from .plan import Dispatch, Partition, Plan
 from .state import Generation, dtensor_type, kernel_view, packed_states, param_state, rebind
@@ -216,6 +217,7 @@ class FusedAdam(Optimizer):
                 )
         self._backend = backend
         self._plans: dict[int, Plan] = {}
+        self._loaded_masters: set[int] = set()  # ids of params whose master weights came from load_state_dict
         self._generation = Generation()
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)  # (a NumPy number too)
         self.grad_norm: Tensor | None = None
@@ -258,6 +260,7 @@ class FusedAdam(Optimizer):
         self.__dict__.setdefault("max_grad_norm", None)
         self.__dict__.setdefault("grad_norm", None)
         self._plans = {}
+        self._loaded_masters = set()
         self._generation = Generation()
         self._bind_state()
         checkpoint.fill_group_defaults(self.param_groups)
@@ -276,6 +279,8 @@ class FusedAdam(Optimizer):
         """torch's, except that everything is checked before anything changes (checkpoint.py), and fp32 masters
         and states kept in a state dtype are not cast to the param's dtype on the way in."""
         checkpoint.load_state_dict(self, state_dict)
+        self._loaded_masters = {id(p) for p, st in self.state.items()
+                                if isinstance(p, Tensor) and isinstance(st, dict) and "master_param" in st}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -322,6 +327,8 @@ class FusedAdam(Optimizer):
             for p in members:
                 if not self.state.get(p):
                     check_fused_param(p)
+        if self._loaded_masters:
+            self._check_loaded_masters(group, opts, members)
         if run is not None and not self._listed_once(members):
             run = None  # its slots would be stepped once, with one counter: per tensor, in listing order, as torch
         packed = run.states(self.state) if run is not None else None  # NOTE [flat run wiring]
@@ -343,6 +350,39 @@ class FusedAdam(Optimizer):
                     e.args = (f"{e.args[0]} (param {pi} of group {gi})",)
                 raise
         return states
+
+    def _check_loaded_masters(self, group: dict[str, Any], opts: PartOptions, members: list[Tensor]) -> None:
+        """NOTE [loaded masters]: with master weights a param is its master rounded (to nearest, or stochastically:
+        one of the two neighbours). A loaded master that does not round to its param belongs to other values: the
+        params were changed after the checkpoint was saved (trained on by torch's AdamW, which carries the entry
+        along unread, or loaded from another checkpoint). Stepping it would put the params back where they were
+        when saved; the master is made from the param instead, as for a param without one, and a warning says so.
+        Once per param, at the first plan build after a load."""
+        stale = []
+        for p in members:
+            if id(p) not in self._loaded_masters:
+                continue
+            self._loaded_masters.discard(id(p))
+            st = self.state.get(p)
+            master = st.get("master_param") if isinstance(st, dict) else None
+            if (not opts.master or not isinstance(master, Tensor) or type(p) not in (Tensor, torch.nn.Parameter)
+                    or p.is_meta or master.is_meta or master.shape != p.shape or master.device != p.device):
+                continue
+            with torch.no_grad():
+                near = master.to(p.dtype)
+                fits = p == near
+                if opts.stochastic_rounding:
+                    away = torch.where(master > near.float(), math.inf, -math.inf).to(p.dtype)
+                    fits |= p == torch.nextafter(near, away)
+                if not bool(fits.all()):
+                    st["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
+                    stale.append(p)
+        if stale:
+            gi = next(k for k, g in enumerate(self.param_groups) if g is group)
+            first = next(k for k, q in enumerate(group["params"]) if q is stale[0])
+            warn(f"the master weights loaded for {len(stale)} params (param {first} of group {gi} the first) do not "
+                 "round to what the params hold: the params changed after the checkpoint was saved (trained on "
+                 "without master weights, or loaded from another checkpoint). Their masters are made from the params.")
 
     def _listed_once(self, params: list[Tensor]) -> bool:
         """No param of `params` is listed again, in its group or another (O(params of the optimizer), at a plan
