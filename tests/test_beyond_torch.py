@@ -276,3 +276,39 @@ def test_max_grad_norm_and_backend_survive_deepcopy():
     opt = FusedAdam([p], max_grad_norm=0.5, backend="reference")
     twin = copy.deepcopy(opt)
     assert twin.max_grad_norm == 0.5 and twin.backend == "reference"
+
+
+@pytest.mark.parametrize("backend", backends_here())
+def test_stochastic_rounding_ids_count_over_all_groups(backend):
+    """Stochastic rounding draws its bits from (seed, step, param index over all groups, element index): the same
+    params split into two groups (same options) round bit for bit as in one group, and identical params in two
+    groups round differently. Kills: plan.build's tensor_ids without first_id (a later group reusing the streams of
+    the first: its roundings correlated with theirs, and not those of the documented index)."""
+    shapes = [(7,), (3, 5), (67,)]
+    params0 = make_params(torch.bfloat16, shapes)
+    kw = dict(lr=1e-3, weight_decay=0.1, stochastic_rounding=True, seed=1234, backend=backend)
+    one_p = [torch.nn.Parameter(p.clone()) for p in params0]
+    two_p = [torch.nn.Parameter(p.clone()) for p in params0]
+    one = FusedAdamW(one_p, **kw)
+    two = FusedAdamW([{"params": two_p[:1]}, {"params": two_p[1:]}], **kw)
+    for s in range(3):
+        for opt, ps in ((one, one_p), (two, two_p)):
+            for p, g in zip(ps, make_grads(params0, s)):
+                p.grad = g
+            opt.step()
+    for i, (a, b) in enumerate(zip(one_p, two_p)):
+        assert torch.equal(a.detach().view(torch.int16), b.detach().view(torch.int16)), f"param {i}"
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(one.state[a][k].view(torch.int16), two.state[b][k].view(torch.int16)), f"{k} of param {i}"
+
+
+def test_stochastic_rounding_keeps_every_nan_a_nan():
+    """inf and NaN round to nearest under stochastic rounding (csrc/rounding.h): a NaN whose payload fills the low
+    16 bits (0x7FFFFFFF, 0xFFFFFFFF) must not carry into the exponent and wrap to a number. Kills:
+    reference.bf16_stochastic without its `special` rule (0xFFFFFFFF plus the random bits wraps to +0.0)."""
+    bits = torch.tensor([0x7FFFFFFF, -1, 0x7FC00000, 0x7F80FFFF, 0x7F800000, -0x00800000], dtype=torch.int32)
+    x = bits.view(torch.float32)
+    for step in range(64):
+        out = bf16_stochastic(x, sr_salt(seed=3, step=step, tensor=0, stream=0))
+        assert out[:4].isnan().all(), out
+        assert torch.equal(out[4:].float(), x[4:])  # +inf, -inf

@@ -25,6 +25,7 @@ from conftest import requires_native, requires_triton_interpreter
 from fused_adam import FusedAdam, FusedAdamW
 from fused_adam.args import EXTENSIONS
 from fused_adam.backends import PartOptions
+from parity import make_grads, make_params
 
 BACKENDS = [
     pytest.param("reference"),
@@ -648,3 +649,83 @@ def test_a_torch_checkpoint_keeps_the_options_beyond_torch(backend):
     saved["param_groups"][0]["seed"] = 7
     ours.load_state_dict(saved)
     assert ours.param_groups[0]["seed"] == 7
+
+
+_TORCH_GROUP_KEYS = ("amsgrad", "maximize", "foreach", "capturable", "differentiable", "decoupled_weight_decay",
+                     "fused")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unpickling_an_older_optimizer_fills_the_group_keys_torch_fills(backend):
+    """An optimizer pickled before torch had these group keys (torch.optim.Adam.__setstate__ fills them with their
+    defaults): unpickled, it has torch's param_groups and steps as torch's does. Kills: FusedAdam.__setstate__
+    without checkpoint.fill_group_defaults (the next step raises KeyError 'amsgrad')."""
+    params0 = make_params(torch.float32, [(5,), (2, 3)])
+    ours_p = [torch.nn.Parameter(p.clone()) for p in params0]
+    ref_p = [torch.nn.Parameter(p.clone()) for p in params0]
+    ours = FusedAdam(ours_p, lr=0.01, weight_decay=0.1, backend=backend)
+    ref = torch.optim.Adam(ref_p, lr=0.01, weight_decay=0.1, foreach=False)
+    restored = []
+    for opt, ps, cls in ((ours, ours_p, FusedAdam), (ref, ref_p, torch.optim.Adam)):
+        for p, g in zip(ps, make_grads(ps, 0)):
+            p.grad = g
+        opt.step()
+        state = dict(opt.__getstate__())
+        state["param_groups"] = [{k: v for k, v in g.items() if k not in _TORCH_GROUP_KEYS} for g in opt.param_groups]
+        old = cls.__new__(cls)
+        old.__setstate__(state)
+        restored.append(old)
+    ours, ref = restored
+    assert [sorted(g) for g in ours.param_groups] == [sorted(g) for g in ref.param_groups]
+    assert all(g[k] == ref.param_groups[0][k] for g in ours.param_groups for k in _TORCH_GROUP_KEYS)
+    for s in (1, 2):
+        for opt, ps in ((ours, ours_p), (ref, ref_p)):
+            for p, g in zip(ps, make_grads(ps, s)):
+                p.grad = g
+            opt.step()
+    tol = dict(atol=0, rtol=0) if backend == "reference" else {}
+    for a, b in zip(ours_p, ref_p):
+        torch.testing.assert_close(a.detach(), b.detach(), **tol)
+
+
+def test_load_state_dict_without_param_names_keeps_the_groups_names_as_torch():
+    """An optimizer made from named_parameters() has param_names in its groups; loading a state_dict saved without
+    them (an optimizer made from parameters(), or an older checkpoint) keeps them, as torch's loader does. Kills:
+    checkpoint.load_state_dict's update_group without its param_names rule (the names are lost: a later
+    state_dict() has none, and torch's own loader then refuses a mix of named and unnamed groups)."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+    ours, ref = FusedAdam(model.named_parameters()), torch.optim.Adam(model.named_parameters())
+    unnamed = FusedAdam(model.parameters()).state_dict()
+    ours.load_state_dict(copy.deepcopy(unnamed))
+    ref.load_state_dict(copy.deepcopy(unnamed))
+    assert ours.param_groups[0]["param_names"] == ref.param_groups[0]["param_names"] == [
+        "0.weight", "0.bias", "1.weight", "1.bias"]
+    assert ours.state_dict()["param_groups"] == ref.state_dict()["param_groups"]
+
+
+def test_load_state_dict_casts_extra_tensor_entries_as_torch():
+    """Entries of a param's saved state that the step does not read (a user's own, e.g. an EMA) are copied as
+    torch's loader copies them: tensors to the param's device and, for a floating param, its dtype, in containers
+    too. Kills: checkpoint._cast_other returning the tensor as it is (a float64 entry stays float64 where torch's
+    optimizer holds float32)."""
+    params0 = make_params(torch.float32, [(5,), (2, 3)])
+    ours_p = [torch.nn.Parameter(p.clone()) for p in params0]
+    ref_p = [torch.nn.Parameter(p.clone()) for p in params0]
+    ours, ref = FusedAdam(ours_p), torch.optim.Adam(ref_p, foreach=False)
+    for opt, ps in ((ours, ours_p), (ref, ref_p)):
+        for p, g in zip(ps, make_grads(ps, 0)):
+            p.grad = g
+        opt.step()
+    sd = copy.deepcopy(ref.state_dict())
+    for s in sd["state"].values():
+        s["ema"] = s["exp_avg"].double() * 0.5
+        s["history"] = [s["exp_avg"].double(), {"last": s["exp_avg_sq"].double()}]
+    ours.load_state_dict(copy.deepcopy(sd))
+    ref.load_state_dict(copy.deepcopy(sd))
+    for a, b in zip(ours_p, ref_p):
+        sa, sb = ours.state[a], ref.state[b]
+        assert sa["ema"].dtype == sb["ema"].dtype == torch.float32
+        torch.testing.assert_close(sa["ema"], sb["ema"], atol=0, rtol=0)
+        assert type(sa["history"]) is type(sb["history"]) is list
+        assert sa["history"][0].dtype == sb["history"][0].dtype == torch.float32
+        assert sa["history"][1]["last"].dtype == sb["history"][1]["last"].dtype == torch.float32

@@ -689,6 +689,8 @@ BAD_HYPERPARAMETERS = [("lr", "0.1", r"\['lr'\] is '0.1'"), ("lr", float("nan"),
                        ("lr", torch.tensor([0.1, 0.2]), r"\['lr'\] is a Tensor of shape \(2,\)"),
                        ("betas", (0.9,), r"\['betas'\] is \(0.9,\)"),
                        ("betas", (0.9, 1.0), r"\['betas'\]\[1\] is 1.0"),
+                       ("betas", (1.0, 0.999), r"\['betas'\]\[0\] is 1.0"),
+                       ("betas", (-0.1, 0.999), r"\['betas'\]\[0\] is -0.1"),
                        ("betas", (None, 0.9), r"\['betas'\]\[0\] is None"),
                        ("eps", None, r"\['eps'\] is None"), ("eps", -1e-8, r"\['eps'\] is -1e-08"),
                        ("weight_decay", float("nan"), r"\['weight_decay'\] is nan"),
@@ -1294,3 +1296,99 @@ def test_an_error_naming_two_entries_names_both_params(backend):
     with pytest.raises(RuntimeError, match=r"param 2\b.*param 3\b|param 3\b.*param 2\b") as info:
         ours.step()
     assert backend == "reference" or "is param 2" in str(info.value) and "is param 3" in str(info.value), info.value
+
+
+def _weight_decay_on(opt):
+    opt.param_groups[0]["weight_decay"] = 0.1
+
+
+@pytest.mark.parametrize("backend", backends_here())
+@pytest.mark.parametrize("cls", ["adamw", "adam"])
+def test_weight_decay_switched_on_after_steps_is_applied(backend, cls):
+    """A group built without weight decay (the plan's options: none), then given one (a scheduler, or by hand): the
+    next step decays, as torch's for-loop does. Kills: the plan key without `weight_decay != 0` (optimizer.py
+    _plan_key), where the stale PartOptions.wd_mode NONE steps on without decay, silently."""
+    if cls == "adamw":
+        ours, ref = _pair(backend, weight_decay=0.0)
+    else:
+        params0 = make_params(torch.float32, [(7,), (3, 5), (4,)])
+        ours = FusedAdam([torch.nn.Parameter(p.clone()) for p in params0], lr=0.01, backend=backend)
+        ref = torch.optim.Adam([torch.nn.Parameter(p.clone()) for p in params0], lr=0.01, foreach=False)
+    _run(ours, ref, backend, _weight_decay_on)
+
+
+@pytest.mark.parametrize("backend", backends_here())
+@pytest.mark.parametrize("victim", ["grad", "exp_avg", "exp_avg_sq"])
+def test_a_grad_or_state_of_another_dtype_raises_and_changes_nothing(backend, victim):
+    """A grad (`p.grad.data = ...double()`; torch's for-loop raises on it in lerp_) or a state whose `.data` became
+    another dtype: an error naming the entry, before anything is written (step counts included). Kills: plan.py
+    check_tensors without its dtype check (the reference backend then raises PartialStep for the grad, having
+    stepped the params before it and every step count, and steps a float64 state on silently)."""
+    ours, _ = _pair(backend)
+    for s in range(2):
+        _set_grads(ours, s)
+        ours.step()
+    _set_grads(ours, 2)
+    p = ours.param_groups[0]["params"][3]
+    t = p.grad if victim == "grad" else ours.state[p][victim]
+    t.data = t.data.double()
+    _assert_step_raises_and_changes_nothing(ours, (RuntimeError, TypeError), r"dtype|Double")
+    assert all(ours.state[q]["step"].item() == 2 for q in _params(ours))
+
+
+@pytest.mark.parametrize("backend", backends_here())
+@pytest.mark.parametrize("key", ["lr", "beta1", "beta2"])
+def test_a_complex_tensor_hyperparameter_set_after_construction_raises_and_changes_nothing(backend, key):
+    """A one-element complex Tensor lr or beta (a scheduler writing into a tensor of the wrong dtype) is no
+    hyperparameter: ValueError naming the entry, before anything is written. Kills: args._in_range without
+    `not value.is_complex()` (the step then fails after writing, or steps with a complex lr)."""
+    ours, _ = _pair(backend, lr=torch.tensor(0.01), betas=(torch.tensor(0.9), torch.tensor(0.999)))
+    _set_grads(ours, 0)
+    ours.step()
+    _set_grads(ours, 1)
+    g = ours.param_groups[0]
+    if key == "lr":
+        g["lr"] = torch.tensor(0.01 + 0j)
+        match = r"\['lr'\] is a Tensor of shape \(\) and dtype torch.complex64"
+    else:
+        i = int(key[-1]) - 1
+        betas = list(g["betas"])
+        betas[i] = torch.tensor(0.9 + 0j)
+        g["betas"] = tuple(betas)
+        match = rf"\['betas'\]\[{i}\] is a Tensor of shape \(\) and dtype torch.complex64"
+    _assert_step_raises_and_changes_nothing(ours, ValueError, r"param_groups\[0\]" + match)
+
+
+class _HalvedGrad(torch.nn.Parameter):
+    """A Parameter subclass with a .grad property of its own (as wrapper subclasses may define): torch's for-loop
+    reads p.grad through it."""
+
+    @property
+    def grad(self):
+        g = torch.Tensor.grad.__get__(self)
+        return None if g is None else g * 0.5
+
+    @grad.setter
+    def grad(self, value):
+        torch.Tensor.grad.__set__(self, value)
+
+
+@pytest.mark.parametrize("backend", backends_here())
+def test_a_param_subclass_with_its_own_grad_property_steps_as_torch(backend):
+    """A backend that reads .grad natively (grads=None, plan.Partition.reads_grads) must not be offered a group
+    holding a subclass whose .grad is a Python property: the step uses what p.grad returns, as torch's. Kills:
+    plan.build's reads_grads without `all(type(p) in _PLAIN ...)` (the cpu kernel then reads the raw grad)."""
+    params0 = make_params(torch.float32, [(5,), (2, 3)])
+    ours_p = [_HalvedGrad(p.clone()) for p in params0]
+    ref_p = [_HalvedGrad(p.clone()) for p in params0]
+    ours = FusedAdam(ours_p, lr=0.01, backend=backend)
+    ref = torch.optim.Adam(ref_p, lr=0.01, foreach=False)
+    tol = dict(atol=0, rtol=0) if backend == "reference" else {}
+    for s in range(3):
+        for opt, ps in ((ours, ours_p), (ref, ref_p)):
+            for p, g in zip(ps, make_grads(params0, s)):
+                p.grad = g
+            opt.step()
+        for a, b in zip(ours_p, ref_p):
+            torch.testing.assert_close(a.detach(), b.detach(), **tol)
+            torch.testing.assert_close(ours.state[a]["exp_avg"], ref.state[b]["exp_avg"], **tol)
