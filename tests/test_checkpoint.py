@@ -621,8 +621,13 @@ def test_a_master_that_is_not_its_params_is_made_again(backend, sr):
     back.load_state_dict(copy.deepcopy(sd))
     del sd["state"][0]["master_param"]
     expected.load_state_dict(sd)  # no master: made from the param
+    back_p.grad = torch.zeros_like(back_p)
+    back_p.grad.data = torch.zeros(3, dtype=torch.bfloat16)  # a first step that raises restores the loaded master ...
     with pytest.warns(UserWarning, match="master weights loaded for 1 params .* do not round"):
-        _train(back, [26])
+        with pytest.raises(RuntimeError, match="shape"):
+            back.step()
+    with pytest.warns(UserWarning, match="master weights loaded for 1 params .* do not round"):
+        _train(back, [26])  # ... and the next one checks it again
     _train(expected, [26])
     assert torch.equal(back_p, expected_p)
     assert torch.equal(back.state[back_p]["master_param"], expected.state[expected_p]["master_param"])

@@ -218,6 +218,7 @@ class FusedAdam(Optimizer):
         self._backend = backend
         self._plans: dict[int, Plan] = {}
         self._loaded_masters: set[int] = set()  # ids of params whose master weights came from load_state_dict
+        self._masters_checked: set[int] = set()  # those of them this step checked (settled once it writes)
         self._generation = Generation()
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)  # (a NumPy number too)
         self.grad_norm: Tensor | None = None
@@ -261,6 +262,7 @@ class FusedAdam(Optimizer):
         self.__dict__.setdefault("grad_norm", None)
         self._plans = {}
         self._loaded_masters = set()
+        self._masters_checked = set()
         self._generation = Generation()
         self._bind_state()
         checkpoint.fill_group_defaults(self.param_groups)
@@ -357,12 +359,13 @@ class FusedAdam(Optimizer):
         params were changed after the checkpoint was saved (trained on by torch's AdamW, which carries the entry
         along unread, or loaded from another checkpoint). Stepping it would put the params back where they were
         when saved; the master is made from the param instead, as for a param without one, and a warning says so.
-        Once per param, at the first plan build after a load."""
+        At the plan builds after a load until a step writes (a step that raises before restores the loaded master,
+        as it restores every state entry it made: the next one checks it again)."""
         stale = []
         for p in members:
             if id(p) not in self._loaded_masters:
                 continue
-            self._loaded_masters.discard(id(p))
+            self._masters_checked.add(id(p))
             st = self.state.get(p)
             master = st.get("master_param") if isinstance(st, dict) else None
             if (not opts.master or not isinstance(master, Tensor) or type(p) not in (Tensor, torch.nn.Parameter)
@@ -609,6 +612,7 @@ class FusedAdam(Optimizer):
                             self._run(work[0], ctx)
                     except PartialStep:
                         self._generation.journal = None  # (the states it made are in use now)
+                        self._loaded_masters -= self._masters_checked
                         raise
                     except Exception:
                         if retry or not self._forget_moved_plans():
@@ -616,11 +620,13 @@ class FusedAdam(Optimizer):
                             raise
                         continue
                     self._generation.journal = None
+                    self._loaded_masters -= self._masters_checked
                     for w in work[1:]:
                         self._run(w, ctx)
                     break
             finally:
                 self._generation.journal = None
+                self._masters_checked.clear()
         return loss
 
 
