@@ -1259,6 +1259,17 @@ def test_max_grad_norm_takes_a_numpy_number():
     torch.testing.assert_close(opt.grad_norm, torch.tensor(12.0).sqrt())
 
 
+def test_seed_takes_a_numpy_integer():
+    np = pytest.importorskip("numpy")
+    ps = [torch.nn.Parameter(torch.randn(9, generator=torch.Generator().manual_seed(0)).bfloat16()) for _ in range(2)]
+    opts = [FusedAdamW([p], stochastic_rounding=True, seed=seed) for p, seed in zip(ps, (np.int64(7), 7))]
+    assert type(opts[0].param_groups[0]["seed"]) is int
+    for p, opt in zip(ps, opts):
+        p.grad = torch.ones_like(p)
+        opt.step()
+    assert torch.equal(ps[0], ps[1])
+
+
 @pytest.mark.parametrize("kind", [set, iter])
 def test_a_params_entry_that_is_no_list_raises_naming_it(kind):
     ours, _ = _pair("reference")

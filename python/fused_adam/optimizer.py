@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import numbers
 import re
 from dataclasses import dataclass
 from itertools import chain
@@ -206,6 +207,8 @@ class FusedAdam(Optimizer):
         max_grad_norm: float | None = None,
     ) -> None:
         check_args(lr, betas, eps, weight_decay, foreach, capturable, fused, differentiable)
+        if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
+            seed = int(seed)  # (a NumPy integer too; stored as the int the kernels read)
         check_extensions(master_weights, state_dtype, stochastic_rounding, seed, max_grad_norm, differentiable)
         backends.check_name(backend)
         if backend != "auto":
