@@ -808,3 +808,31 @@ def test_a_flattened_param_stepping_for_the_first_time_beside_stepped_ones_start
             assert set(ours.state.get(a, {})) == set(ref.state.get(b, {}))
             if b in ref.state:
                 assert ours.state[a]["step"].item() == ref.state[b]["step"].item(), (s, i)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
+def test_a_sparse_grad_on_a_flattened_param(native):
+    """A grad made sparse (by a hook or by hand): FlatBuffer.zero_grad() zeroes it as torch's
+    zero_grad(set_to_none=False) does, and the step raises torch's sparse-grad error, naming it, with nothing
+    written; the check in Python (a build without the extension) says "not in place" instead of failing on the
+    sparse tensor's missing data pointer."""
+    model, ref = make_model(), make_model()
+    (flat,) = flatten_parameters(model)
+    opt = FusedAdamW(model.parameters(), lr=LR, backend="reference")
+    backward(model, 0)
+    opt.step()
+    if not native:
+        opt._plans[0].parts[0].flat._native = None
+    for m in (model, ref):
+        backward(m, 1)
+        m[0].bias.grad = m[0].bias.grad.to_sparse()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (the grads are not their views: said)
+            opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    flat.zero_grad()
+    ref.zero_grad(set_to_none=False)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert p.grad.layout == q.grad.layout and not p.grad.to_dense().any()

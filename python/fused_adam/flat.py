@@ -210,7 +210,7 @@ def _all_at(tensors: list, ptrs: list[int], numels: list[int], dtypes: list[torc
     try:
         return (list(map(_ptr, tensors)) == ptrs and list(map(_numel, tensors)) == numels
                 and list(map(_dtype, tensors)) == dtypes and all(map(_contiguous, tensors)))
-    except TypeError:  # a None among them (a grad set to None)
+    except (TypeError, RuntimeError):  # a None among them (a grad set to None), or one without a data pointer (sparse)
         return False
 
 
