@@ -836,3 +836,16 @@ def test_a_sparse_grad_on_a_flattened_param(native):
     ref.zero_grad(set_to_none=False)
     for p, q in zip(model.parameters(), ref.parameters()):
         assert p.grad.layout == q.grad.layout and not p.grad.to_dense().any()
+
+
+def test_a_first_grad_that_is_a_view_of_other_memory_is_not_adopted():
+    """NOTE [grad adoption]: a param's first grad is moved into its slot only where it owns its memory; one that is
+    a view of another buffer (DDP's bucket with gradient_as_bucket_view) stays its owner's. A grad of its own is
+    adopted."""
+    owned, viewed = torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(5))
+    (flat,) = flatten_parameters([owned, viewed])
+    bucket = torch.zeros(16)
+    viewed.register_hook(lambda g: bucket[3:8].copy_(g))  # autograd keeps the hook's result: a view of the bucket
+    (owned.sum() + viewed.sum()).backward()
+    assert flat.grads_in_place(0) and not flat.grads_in_place(1)
+    assert viewed.grad.data_ptr() == bucket[3:].data_ptr() and torch.equal(viewed.grad, torch.ones(5))
