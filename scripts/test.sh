@@ -2,8 +2,9 @@
 # The tests, as CI runs them (after scripts/setup.sh): the whole suite, and the triton backend's tests under the
 # interpreter (its own file, and its cases of the plan-mutation, flat-buffer, checkpoint and Tensor hyperparameter
 # parity tables). The interpreter runs need processes of their own (TRITON_INTERPRET=1 must be set before triton is
-# first imported) and are single-threaded Python, so they run beside the main suite, on the other core. Exits non-zero when any run fails,
-# pytest's exit code 5 (no test ran) included; the interpreter runs' output is printed after the main suite's.
+# first imported) and are single-threaded Python, so they run beside the main suite, on the other core. Exits
+# non-zero when any run fails, pytest's exit code 5 (no test ran) included; the interpreter runs' output is printed
+# after the main suite's.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python

@@ -53,6 +53,14 @@ def _assert_same(ours, ref, backend, where=""):
             torch.testing.assert_close(x, y, **tol, msg=lambda m: f"{where} {k} of param {i}: {m}")
 
 
+def _stepped(*opts, steps: int = 2) -> None:
+    """Each optimizer stepped `steps` times on _set_grads' grads (states made, plans built)."""
+    for s in range(steps):
+        for opt in opts:
+            _set_grads(opt, s)
+            opt.step()
+
+
 def _run(ours, ref, backend, mutate, steps=STEPS, grads=_set_grads):
     for s in range(steps):
         if s == MUTATE_AT:
@@ -358,9 +366,7 @@ def _assert_step_raises_and_changes_nothing(opt, errors, match):
 def test_param_data_of_another_shape_raises_and_changes_nothing(backend):
     """torch's for-loop raises on a param whose states have another shape; so do we, before writing anything."""
     ours, _ = _pair(backend)
-    for s in range(2):
-        _set_grads(ours, s)
-        ours.step()
+    _stepped(ours)
     p = ours.param_groups[0]["params"][0]
     p.data = torch.randn(8)
     _set_grads(ours, 2)
@@ -386,9 +392,7 @@ def test_storage_freed_under_a_tensor_raises_and_changes_nothing(backend, victim
     names the list and index and writes nothing, where torch's kernels would read and write out of bounds. The step
     counts too (read, then bumped: the shared count buffer shrunk to its first count leaves the others outside)."""
     ours, _ = _pair(backend)
-    for s in range(2):
-        _set_grads(ours, s)
-        ours.step()
+    _stepped(ours)
     _set_grads(ours, 2)
     p = ours.param_groups[0]["params"][1]
     victim_tensor = {"params": p, "grads": p.grad, "exp_avgs": ours.state[p]["exp_avg"]}.get(victim)
@@ -414,10 +418,7 @@ def test_written_array_with_shared_elements_raises_and_changes_nothing(backend, 
     address, and torch's in-place ops refuse it only once other arrays are written: the step names it first. A grad
     is written only when unscaled (grad_scale); without it an expanded grad is read like any other, as by torch."""
     ours, ref = _pair(backend)
-    for s in range(2):
-        for opt in (ours, ref):
-            _set_grads(opt, s)
-            opt.step()
+    _stepped(ours, ref)
     row, column = torch.randn(1, 3), torch.randn(2, 1) * 1e-2
     for opt in (ours, ref):
         _set_grads(opt, 2)
@@ -522,10 +523,7 @@ def test_arrays_of_two_params_sharing_memory_raise_and_change_nothing(backend, c
     memory is apart again, after which the step is torch's."""
     change, names = TWO_PARAMS_SHARING[case]
     ours, ref = _pair(backend, shapes=SHAPES + [(4,)])  # (param 5 is like param 2)
-    for s in range(2):
-        for opt in (ours, ref):
-            _set_grads(opt, s)
-            opt.step()
+    _stepped(ours, ref)
     _set_grads(ours, 2)
     ps = _params(ours)
     undo = {k: (p.grad, p.data) for k, p in enumerate(ps)}
@@ -803,10 +801,7 @@ def test_a_failed_step_leaves_every_state_entry_as_it_was(backend):
 @pytest.mark.parametrize("backend", backends_here())
 def test_deepcopy_stepped_beside_the_original(backend):
     ours, ref = _pair(backend)
-    for s in range(2):
-        for opt in (ours, ref):
-            _set_grads(opt, s)
-            opt.step()
+    _stepped(ours, ref)
     ours2, ref2 = copy.deepcopy(ours), copy.deepcopy(ref)
     for s in range(2, 6):
         for opt in (ours, ref, ours2, ref2):
@@ -897,9 +892,7 @@ def test_bad_tensor_in_a_later_partition_changes_nothing_in_the_earlier_ones(bac
     late = [torch.nn.Parameter(p.clone().double() if layout == "two dtypes" else p.clone()) for p in params0[3:]]
     groups = [{"params": ps}, {"params": late}] if layout == "two groups" else [{"params": ps + late}]
     ours = FusedAdamW(groups, backend=backend, lr=0.01, weight_decay=0.1)
-    for s in range(2):
-        _set_grads(ours, s)
-        ours.step()
+    _stepped(ours)
     _set_grads(ours, 2)
     _later_partition_made_bad(ours, how)
     early = [t for q in ps for t in (q, *ours.state[q].values())]
@@ -916,10 +909,7 @@ def test_a_step_that_raises_after_the_grads_moved_steps_the_new_grads_next_time(
     must not leave a backend with the old addresses: once the count is fixed, the next step uses the grads the
     params hold, as torch's for-loop does."""
     ours, ref = _pair(backend)
-    for s in range(2):
-        for opt in (ours, ref):
-            _set_grads(opt, s)
-            opt.step()
+    _stepped(ours, ref)
     kept = [p.grad for p in _params(ours)]  # the old grads stay alive (a stale address would still read them)
     _set_grads(ours, 2)
     p2 = ours.param_groups[0]["params"][2]
@@ -1199,9 +1189,7 @@ def test_a_state_missing_an_entry_or_of_another_kind_raises_and_changes_nothing(
         from fused_adam import flatten_parameters
 
         flatten_parameters(_params(ours))
-    for s in range(2):
-        _set_grads(ours, s)
-        ours.step()
+    _stepped(ours)
     st = ours.state[_params(ours)[1]]
     key = case.split()[0]
     if case.endswith("deleted"):
@@ -1336,9 +1324,7 @@ def test_a_grad_or_state_of_another_dtype_raises_and_changes_nothing(backend, vi
     check_tensors without its dtype check (the reference backend then raises PartialStep for the grad, having
     stepped the params before it and every step count, and steps a float64 state on silently)."""
     ours, _ = _pair(backend)
-    for s in range(2):
-        _set_grads(ours, s)
-        ours.step()
+    _stepped(ours)
     _set_grads(ours, 2)
     p = ours.param_groups[0]["params"][3]
     t = p.grad if victim == "grad" else ours.state[p][victim]

@@ -338,8 +338,7 @@ class FusedAdam(Optimizer):
             run = None  # its slots would be stepped once, with one counter: per tensor, in listing order, as torch
         packed = run.states(self.state) if run is not None else None  # NOTE [flat run wiring]
         if run is not None and packed is None:
-            gi = next(k for k, g in enumerate(self.param_groups) if g is group)
-            flat.declined(f"param group {gi}", len(members), "their states are not alike (step counts that differ, "
+            flat.declined(f"param group {self._index_of(group)[0]}", len(members), "their states are not alike (step counts that differ, "
                           "some params with state and some without, e.g. resumed from a checkpoint where a param "
                           "had none): one counter cannot step them")
         if packed is None:
@@ -349,12 +348,16 @@ class FusedAdam(Optimizer):
             try:
                 states.append(param_state(self.state, p, opts, packed[i]))
             except (KeyError, TypeError, ValueError) as e:  # (the error path: which param of which group, looked up)
-                gi = next(k for k, g in enumerate(self.param_groups) if g is group)
-                pi = next(k for k, q in enumerate(group["params"]) if q is p)
+                gi, pi = self._index_of(group, p)
                 if len(e.args) == 1 and isinstance(e.args[0], str):
                     e.args = (f"{e.args[0]} (param {pi} of group {gi})",)
                 raise
         return states
+
+    def _index_of(self, group: dict[str, Any], p: Tensor | None = None) -> tuple[int, int | None]:
+        """(group's index, p's index in it) for a message (O(groups + params): error and warning paths only)."""
+        gi = next(k for k, g in enumerate(self.param_groups) if g is group)
+        return gi, None if p is None else next(k for k, q in enumerate(group["params"]) if q is p)
 
     def _check_loaded_masters(self, group: dict[str, Any], opts: PartOptions, members: list[Tensor]) -> None:
         """NOTE [loaded masters]: with master weights a param is its master rounded (to nearest, or stochastically:
@@ -384,11 +387,15 @@ class FusedAdam(Optimizer):
                     st["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
                     stale.append(p)
         if stale:
-            gi = next(k for k, g in enumerate(self.param_groups) if g is group)
-            first = next(k for k, q in enumerate(group["params"]) if q is stale[0])
+            gi, first = self._index_of(group, stale[0])
             warn(f"the master weights loaded for {len(stale)} params (param {first} of group {gi} the first) do not "
                  "round to what the params hold: the params changed after the checkpoint was saved (trained on "
                  "without master weights, or loaded from another checkpoint). Their masters are made from the params.")
+
+    def _settle_masters(self) -> None:
+        """A step wrote: the loaded masters it checked stay as they are now (NOTE [loaded masters])."""
+        if self._masters_checked:
+            self._loaded_masters -= self._masters_checked
 
     def _listed_once(self, params: list[Tensor]) -> bool:
         """No param of `params` is listed again, in its group or another (O(params of the optimizer), at a plan
@@ -615,7 +622,7 @@ class FusedAdam(Optimizer):
                             self._run(work[0], ctx)
                     except PartialStep:
                         self._generation.journal = None  # (the states it made are in use now)
-                        self._loaded_masters -= self._masters_checked
+                        self._settle_masters()
                         raise
                     except Exception:
                         if retry or not self._forget_moved_plans():
@@ -623,13 +630,14 @@ class FusedAdam(Optimizer):
                             raise
                         continue
                     self._generation.journal = None
-                    self._loaded_masters -= self._masters_checked
+                    self._settle_masters()
                     for w in work[1:]:
                         self._run(w, ctx)
                     break
             finally:
                 self._generation.journal = None
-                self._masters_checked.clear()
+                if self._masters_checked:
+                    self._masters_checked.clear()
         return loss
 
 
