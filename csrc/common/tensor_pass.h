@@ -646,10 +646,14 @@ inline PassResult checked_pass(const char* who, const TensorLists& l, const Grad
     if (grads.hold != nullptr) grads.hold->clear();
     return {false, 0, false};
   }
+  // In tensor order (the first bad tensor's error, whichever thread saw it): each range's list is, and the ranges
+  // are disjoint, so they are put in order of their first entries (sorting every entry cost ~0.1 ms at 10,000).
+  std::sort(moved_by_range.begin(), moved_by_range.end(), [](const auto& x, const auto& y) {
+    return (x.empty() ? UINT64_MAX : x.front()) < (y.empty() ? UINT64_MAX : y.front());
+  });
   std::vector<uint64_t> moved;
   for (const auto& m : moved_by_range) moved.insert(moved.end(), m.begin(), m.end());
   if (moved.empty()) return {true, 0, false};
-  std::sort(moved.begin(), moved.end());  // the first bad tensor's error, whichever thread saw it
   // NOTE [arrays apart]: a grad whose address moved into the storage of an array the step writes is checked in
   // full, and swept. (A loop of its own over the moved grads, each lookup prefetched ahead: in the scan, a lookup
   // would wait at the end of the grad's chain of misses.)
