@@ -373,6 +373,32 @@ def test_param_data_of_another_shape_raises_and_changes_nothing(backend):
     _assert_step_raises_and_changes_nothing(ours, (RuntimeError, ValueError), r"shape|size")
 
 
+# Every other shape of a (24, 30) param's 720 elements in 2-d, some in 1-d and 3-d: the same memory at the same
+# address, only sizes and strides differ from what the check pass saw (NOTE [pass cache]: its digest of each array's
+# metadata must see each of them).
+SAME_MEMORY_SHAPES = [(a, 720 // a) for a in range(1, 721) if 720 % a == 0 and a != 24] + [
+    (720,), (2, 3, 120), (6, 10, 12), (9, 8, 10)]
+
+
+@pytest.mark.parametrize("backend", backends_here())
+@pytest.mark.parametrize("victim", ["param", "exp_avg"])
+def test_same_memory_viewed_as_another_shape_raises_and_changes_nothing(backend, victim):
+    """A param (with its grad) or a moment viewed in place as another shape of its elements: torch's for-loop
+    raises on the mismatch with the other arrays; so do we, before writing anything, for every such shape."""
+    for shape in SAME_MEMORY_SHAPES:
+        ours, _ = _pair(backend, shapes=[(24, 30), (5,)])
+        _stepped(ours)
+        p = ours.param_groups[0]["params"][0]
+        _set_grads(ours, 2)
+        t = p if victim == "param" else ours.state[p]["exp_avg"]
+        address = t.data_ptr()
+        t.data = t.data.view(shape)
+        if victim == "param":
+            p.grad = p.grad.view(shape)
+        assert t.data_ptr() == address
+        _assert_step_raises_and_changes_nothing(ours, (RuntimeError, ValueError), r"shape|size")
+
+
 @pytest.mark.parametrize("backend", backends_here())
 def test_param_data_of_another_dtype_raises_and_changes_nothing(backend):
     """torch's for-loop raises on a param whose dtype no longer matches its states; so do we, before writing."""
