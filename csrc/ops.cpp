@@ -263,12 +263,12 @@ struct SlotCheck {
            static_cast<uint32_t>(static_cast<uint8_t>(d.index())) << 16;
   }
 
-  bool at_slot(size_t i) const {
+  // Tensor i (with `grads`: `grad`, tensor i's .grad, the autograd metadata's handle: no reference taken).
+  bool at_slot(size_t i, const at::Tensor* grad = nullptr) const {
     const c10::TensorImpl* t = tensors[i].unsafeGetTensorImpl();
     if (grads) {
-      const at::Tensor& grad = t->grad();  // the autograd metadata's handle: no reference taken
-      if (!grad.defined()) return false;
-      t = grad.unsafeGetTensorImpl();
+      if (!grad->defined()) return false;
+      t = grad->unsafeGetTensorImpl();
     }
     const c10::StorageImpl* s = t->unsafe_storage().unsafeGetStorageImpl();
     if (s == nullptr || t->key_set().has_any(c10::sparse_ks | c10::sparse_csr_ks | c10::mkldnn_ks) ||
@@ -283,6 +283,13 @@ struct SlotCheck {
   bool at_slots() const {
     std::atomic<bool> ok{true};
     over_tensor_ranges(tensors.size(), [&](int64_t begin, int64_t end) {
+      // The grads' handles, looked up once each, kGradAhead tensors ahead (as checked_pass does)
+      constexpr int64_t kGradAhead = kPrefetchAhead / 4, kRing = 2 * kGradAhead;
+      std::array<const at::Tensor*, kRing> grad_ring{};
+      auto look_up_grad = [&](int64_t j) { grad_ring[j % kRing] = &tensors[j].unsafeGetTensorImpl()->grad(); };
+      if (grads) {
+        for (int64_t j = begin; j < std::min(begin + kGradAhead, end); ++j) look_up_grad(j);
+      }
       for (int64_t i = begin; i < end && ok.load(std::memory_order_relaxed); ++i) {
         if (i + static_cast<int64_t>(kPrefetchAhead) < end) {  // the fields read: storage_ and offset..key_set
           const auto* impl = reinterpret_cast<const char*>(tensors[i + kPrefetchAhead].unsafeGetTensorImpl());
@@ -301,14 +308,14 @@ struct SlotCheck {
             prefetch_storage_impl(ahead);
           }
         }
-        if (grads && i + static_cast<int64_t>(kPrefetchAhead / 4) < end) {
-          prefetch_impl(grad_impl(impl_at(tensors, i + kPrefetchAhead / 4)));
+        if (grads && i + kGradAhead < end) {
+          look_up_grad(i + kGradAhead);
+          prefetch_impl(reinterpret_cast<const char*>(grad_ring[(i + kGradAhead) % kRing]->unsafeGetTensorImpl()));
         }
-        if (grads && i + static_cast<int64_t>(kPrefetchAhead / 8) < end) {
-          const char* g = grad_impl(impl_at(tensors, i + kPrefetchAhead / 8));
-          prefetch_storage_impl(reinterpret_cast<const c10::TensorImpl*>(g));
+        if (grads && i + kGradAhead / 2 < end) {
+          prefetch_storage_impl(grad_ring[(i + kGradAhead / 2) % kRing]->unsafeGetTensorImpl());
         }
-        if (!at_slot(i)) ok = false;
+        if (!at_slot(i, grads ? grad_ring[i % kRing] : nullptr)) ok = false;
       }
     });
     return ok.load();
