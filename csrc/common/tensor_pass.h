@@ -336,11 +336,11 @@ struct Probe {
   const void* storage;  // the StorageImpl
 };
 
-// One field's term of a digest: the field times an odd key of its position, mod 2^64 (one 64-bit multiply; the
-// terms are summed, so a probe's multiplies overlap). A change of one field always changes the digest (an odd
-// factor is invertible mod 2^64); changes of several fields cancel only where sum(delta_i * key_i) is 0 mod 2^64,
-// which the keys, drawn at random (splitmix64), leave to values no metadata change produces. A 128-bit product
-// folded to 64 bits, as before, cost the pass a fifth of its time (bench/NOTES.md).
+// One field's term of a digest: the field times an odd key of its position, mod 2^64 (one multiply; the terms are
+// summed, so a probe's multiplies overlap). A change of one field always changes the digest (an odd factor is
+// invertible mod 2^64). Changes of k fields at once cancel only where sum(delta_i * key_i) = 0 mod 2^64: with keys
+// drawn at random (splitmix64) that takes deltas near 2^(64/k) in one exact proportion, which no metadata change
+// makes by chance. (bench/NOTES.md has what other digests cost.)
 constexpr uint64_t splitmix64(uint64_t x) {
   x += 0x9E3779B97F4A7C15ull;
   x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
