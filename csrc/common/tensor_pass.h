@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <mutex>
 #include <optional>
+#include <random>
 #include <vector>
 
 #include "common/dtype.h"
@@ -337,24 +338,31 @@ struct Probe {
 };
 
 // One field's term of a digest: the field times an odd key of its position, mod 2^64 (one multiply; the terms are
-// summed, so a probe's multiplies overlap). A change of one field always changes the digest (an odd factor is
-// invertible mod 2^64). Changes of k fields at once cancel only where sum(delta_i * key_i) = 0 mod 2^64: with keys
-// drawn at random (splitmix64) that takes deltas near 2^(64/k) in one exact proportion, which no metadata change
-// makes by chance. (bench/NOTES.md has what other digests cost.)
+// summed, so a probe's multiplies overlap). A change of one field always changes the digest (an odd key is
+// invertible mod 2^64). The keys are drawn at random when the library loads (digests never leave the process), so a
+// change of several fields, which cancels where sum(delta_i * key_i) = 0 mod 2^64, goes unseen with probability at
+// most 2^-(63 - v) whatever the change (2^v: the largest power of two dividing every delta), where fixed keys would
+// let a crafted view (as_strided, set_) solve for a cancelling change.
 constexpr uint64_t splitmix64(uint64_t x) {
   x += 0x9E3779B97F4A7C15ull;
   x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
   x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
   return x ^ (x >> 31);
 }
-constexpr int kDigestKeys = 6 + 2 * 8;  // the fixed fields, then a size and a stride for up to 8 dims
-constexpr std::array<uint64_t, kDigestKeys> kDigestKey = [] {
-  std::array<uint64_t, kDigestKeys> k{};
-  for (int i = 0; i < kDigestKeys; ++i) k[i] = splitmix64(static_cast<uint64_t>(i)) | 1;
-  return k;
-}();
+constexpr int kDigestKeyCount = 6 + 2 * 8;  // the fixed fields, then a size and a stride for up to 8 dims
+struct DigestKeys {
+  uint64_t seed;
+  std::array<uint64_t, kDigestKeyCount> key;
+  DigestKeys() {
+    std::random_device device;
+    seed = static_cast<uint64_t>(device()) << 32 ^ device();
+    for (int i = 0; i < kDigestKeyCount; ++i) key[i] = at(i);
+  }
+  uint64_t at(uint64_t position) const { return splitmix64(seed + position) | 1; }
+};
+inline const DigestKeys digest_keys;
 inline uint64_t term(uint64_t v, uint64_t position) {
-  return v * (position < kDigestKeys ? kDigestKey[position] : splitmix64(position) | 1);
+  return v * (position < kDigestKeyCount ? digest_keys.key[position] : digest_keys.at(position));
 }
 
 inline Probe probe(const c10::TensorImpl* t) {
