@@ -12,6 +12,7 @@
 #include <array>
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <mutex>
 #include <optional>
@@ -354,8 +355,13 @@ struct DigestKeys {
   uint64_t seed;
   std::array<uint64_t, kDigestKeyCount> key;
   DigestKeys() {
-    std::random_device device;
-    seed = static_cast<uint64_t>(device()) << 32 ^ device();
+    try {
+      std::random_device device;
+      seed = static_cast<uint64_t>(device()) << 32 ^ device();
+    } catch (...) {  // (no entropy source: the clock and where this object lives, which ASLR moves)
+      seed = static_cast<uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count()) ^
+             reinterpret_cast<uintptr_t>(this);
+    }
     for (int i = 0; i < kDigestKeyCount; ++i) key[i] = at(i);
   }
   uint64_t at(uint64_t position) const { return splitmix64(seed + position) | 1; }
