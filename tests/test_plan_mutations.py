@@ -500,12 +500,14 @@ def test_a_master_param_that_is_no_tensor_raises_and_changes_nothing(backend):
 
 
 @pytest.mark.parametrize("backend", backends_here())
-@pytest.mark.parametrize("case", ["state-is-another-state", "grad-is-its-param", "grad-is-its-param-later"])
+@pytest.mark.parametrize("case", ["state-is-another-state", "grad-is-its-param", "grad-is-its-param-later",
+                                  "grad-in-its-param-through-numpy-later"])
 def test_arrays_sharing_memory_raise_and_change_nothing(backend, case):
     """Two arrays of one param in the same memory (a state loaded as the same tensor as another, a grad set to its
     param): the step reads and writes element by element where torch's for-loop writes whole arrays in turn, so
     neither is an Adam step. An error naming both, before anything is written; also when only the grad's address
-    moved since the last step (the pass's cheap path)."""
+    moved since the last step (the pass's cheap path), and when the grad reaches the param's memory through a
+    storage of its own (numpy's, like the grad before it: the pass's storage lookup alone does not see it)."""
     ours, _ = _pair(backend)
     _set_grads(ours, 0)
     ours.step()
@@ -515,10 +517,12 @@ def test_arrays_sharing_memory_raise_and_change_nothing(backend, case):
         ours.state[p]["exp_avg_sq"] = ours.state[p]["exp_avg"]
         match = r"exp_avgs\[4\] and exp_avg_sqs\[4\].* share memory"
     else:
-        if case == "grad-is-its-param-later":
+        if case == "grad-in-its-param-through-numpy-later":
+            p.grad = torch.from_numpy(p.grad.numpy().copy())
+        if case != "grad-is-its-param":
             ours.step()
             _set_grads(ours, 2)
-        p.grad = p.detach()
+        p.grad = torch.from_numpy(p.detach().numpy()) if "numpy" in case else p.detach()
         match = r"params\[4\] and grads\[4\].* share memory"
     _assert_step_raises_and_changes_nothing(ours, RuntimeError, match)
 

@@ -480,6 +480,13 @@ struct PassCache {
   float* step(size_t i) const { return static_cast<float*>(data(i, kStepRow)); }
 };
 
+// The storage's memory is its own allocation (the allocators' DataPtr: context == data), which no other storage
+// reaches into; from_blob, numpy, DLPack and copy-on-write storages wrap memory that another may share.
+inline bool owns_memory(const void* storage) {
+  const c10::DataPtr& d = static_cast<const c10::StorageImpl*>(storage)->data_ptr();
+  return d.get_context() == d.get();
+}
+
 // NOTE [arrays apart]: the arrays a step writes (a param, its moments and master, its step count) of one param
 // share no memory with any array of another param of the partition, its grad included. A kernel updates every
 // param of a call at once (in chunks, in threads, on a GPU in any order), where torch's for-loop updates one param
@@ -492,8 +499,9 @@ struct PassCache {
 // After a pass's checks and commit: the byte ranges from the cache, sorted, swept once (O(n log n), only where
 // something moved beyond a grad's address); then the storages of the written arrays, which the next passes look a
 // moved grad up in (one probe: checked in full and swept if found). A conflict raises naming both arrays, and the
-// cache is dropped (the next pass checks everything). Memory shared through two storages (as from_blob can make) is
-// seen by the sweep, not by the lookup.
+// cache is dropped (the next pass checks everything). The lookup finds a grad in a written array's storage, not in
+// memory that two storages share (from_blob, numpy, DLPack over another tensor's memory): so a moved grad whose
+// storage does not own its memory (owns_memory) is checked in full and swept instead.
 inline void check_arrays_apart(const char* who, const TensorLists& l, const Grads& grads, const Placement& where,
                                PassCache& c) {
   c.apart = false;
@@ -641,7 +649,9 @@ inline PassResult checked_pass(const char* who, const TensorLists& l, const Grad
           if (pr.digest != 0 && pr.digest == seen.digest[r] && !(r == kGradRow && pr.storage == param_storage)) {
             // Only the address moved (a new grad like the last, a `.data` of the same kind): it passes the same
             // checks, and the address is taken once every check has passed.
-            if (pr.addr != seen.addr[r]) {
+            if (pr.addr != seen.addr[r] && r == kGradRow && !owns_memory(pr.storage)) {
+              rows |= uint64_t{1} << r;  // NOTE [arrays apart]: memory another storage may reach, checked and swept
+            } else if (pr.addr != seen.addr[r]) {
               rows |= uint64_t{1} << (r + kLight);
               c.moved_to[i].addr[r] = pr.addr;
               if (r == kGradRow) c.moved_to[i].grad_storage = pr.storage;  // (NOTE [arrays apart], below)
