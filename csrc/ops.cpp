@@ -283,13 +283,9 @@ struct SlotCheck {
   bool at_slots() const {
     std::atomic<bool> ok{true};
     over_tensor_ranges(tensors.size(), [&](int64_t begin, int64_t end) {
-      // The grads' handles, looked up once each, kGradAhead tensors ahead (as checked_pass does)
-      constexpr int64_t kGradAhead = kPrefetchAhead / 4, kRing = 2 * kGradAhead;
-      std::array<const at::Tensor*, kRing> grad_ring{};
-      auto look_up_grad = [&](int64_t j) { grad_ring[j % kRing] = &tensors[j].unsafeGetTensorImpl()->grad(); };
-      if (grads) {
-        for (int64_t j = begin; j < std::min(begin + kGradAhead, end); ++j) look_up_grad(j);
-      }
+      GradRing ring;
+      if (grads) ring.start(tensors, begin, end);
+      constexpr int64_t kGradAhead = GradRing::kAhead;
       for (int64_t i = begin; i < end && ok.load(std::memory_order_relaxed); ++i) {
         if (i + static_cast<int64_t>(kPrefetchAhead) < end) {  // the fields read: storage_ and offset..key_set
           const auto* impl = reinterpret_cast<const char*>(tensors[i + kPrefetchAhead].unsafeGetTensorImpl());
@@ -309,13 +305,13 @@ struct SlotCheck {
           }
         }
         if (grads && i + kGradAhead < end) {
-          look_up_grad(i + kGradAhead);
-          prefetch_impl(reinterpret_cast<const char*>(grad_ring[(i + kGradAhead) % kRing]->unsafeGetTensorImpl()));
+          ring.look_up(tensors, i + kGradAhead);
+          prefetch_impl(reinterpret_cast<const char*>(ring.impl(i + kGradAhead)));
         }
         if (grads && i + kGradAhead / 2 < end) {
-          prefetch_storage_impl(grad_ring[(i + kGradAhead / 2) % kRing]->unsafeGetTensorImpl());
+          if (const c10::TensorImpl* g = ring.impl(i + kGradAhead / 2)) prefetch_storage_impl(g);
         }
-        if (!at_slot(i, grads ? grad_ring[i % kRing] : nullptr)) ok = false;
+        if (!at_slot(i, grads ? ring[i] : nullptr)) ok = false;
       }
     });
     return ok.load();

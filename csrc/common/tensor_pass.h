@@ -128,10 +128,27 @@ inline void prefetch_storage(at::TensorList list, size_t i) {
   if (const char* impl = impl_at(list, i)) prefetch_storage_impl(reinterpret_cast<const c10::TensorImpl*>(impl));
 }
 
-// The TensorImpl of the grad of the param whose TensorImpl is `param` (UndefinedTensorImpl's when it has none).
-inline const char* grad_impl(const char* param) {
-  return reinterpret_cast<const char*>(reinterpret_cast<const c10::TensorImpl*>(param)->grad().unsafeGetTensorImpl());
-}
+// Each param's grad handle, looked up once (TensorImpl::grad() is two calls, one virtual) kAhead tensors ahead of
+// the tensor being read and kept until it is read: the prefetch stages and the read share the lookup. The handles
+// stay put while the GIL is held. Null: the param is None.
+struct GradRing {
+  static constexpr size_t kAhead = kPrefetchAhead / 4;
+  std::array<const at::Tensor*, 2 * kAhead> slot{};
+
+  void look_up(at::TensorList params, size_t j) {
+    const char* p = impl_at(params, j);
+    slot[j % slot.size()] = p == nullptr ? nullptr : &reinterpret_cast<const c10::TensorImpl*>(p)->grad();
+  }
+  // Before the loop over [begin, end): its first kAhead tensors.
+  void start(at::TensorList params, size_t begin, size_t end) {
+    for (size_t j = begin; j < std::min(begin + kAhead, end); ++j) look_up(params, j);
+  }
+  const at::Tensor* operator[](size_t j) const { return slot[j % slot.size()]; }
+  const c10::TensorImpl* impl(size_t j) const {  // (UndefinedTensorImpl's for a param without a grad)
+    const at::Tensor* g = (*this)[j];
+    return g == nullptr ? nullptr : g->unsafeGetTensorImpl();
+  }
+};
 
 // With many tensors the per-tensor loops run in parallel too: two threads keep twice the misses in flight
 // (10,000 tensors: the loops take ~2.5 ms on one). Below kTensorsPerThread tensors a thread, a loop stays serial.
@@ -583,17 +600,8 @@ inline PassResult checked_pass(const char* who, const TensorLists& l, const Grad
   std::mutex moved_lock;
   over_tensor_ranges(n, [&](int64_t begin, int64_t end) {
     std::vector<uint64_t> moved;
-    // Each param's grad handle, looked up once (TensorImpl::grad() is two calls, one virtual) kGradAhead tensors
-    // ahead and kept here until its tensor is scanned (null: the param is None). Read while the GIL is held.
-    constexpr size_t kGradAhead = kPrefetchAhead / 4, kRing = 2 * kGradAhead;
-    std::array<const at::Tensor*, kRing> grad_ring{};
-    auto look_up_grad = [&](size_t j) {
-      const char* p = impl_at(l.params, j);
-      grad_ring[j % kRing] = p == nullptr ? nullptr : &reinterpret_cast<const c10::TensorImpl*>(p)->grad();
-    };
-    if (grads.from_params) {
-      for (size_t j = begin; j < std::min<size_t>(begin + kGradAhead, end); ++j) look_up_grad(j);
-    }
+    GradRing ring;
+    if (grads.from_params) ring.start(l.params, begin, end);
     for (size_t i = begin; i < static_cast<size_t>(end); ++i) {
       // (Prefetches: NOTE [cpu per-tensor cost]. The grads, where read, take the chain below.)
       for (at::TensorList list : {at::TensorList(l.params), grads.given, at::TensorList(l.exp_avgs),
@@ -610,22 +618,21 @@ inline PassResult checked_pass(const char* who, const TensorLists& l, const Grad
             __builtin_prefetch(meta + 63);  // the grad's handle (offset 40 in torch 2.13's AutogradMeta)
           }
         }
-        if (i + kGradAhead < static_cast<size_t>(end)) {
-          look_up_grad(i + kGradAhead);
-          if (const at::Tensor* g = grad_ring[(i + kGradAhead) % kRing]) {
-            const char* gi = reinterpret_cast<const char*>(g->unsafeGetTensorImpl());
-            if (grads.hold != nullptr) __builtin_prefetch(gi, 1);  // the refcount, which the hold increments
-            prefetch_impl(gi);
+        if (i + GradRing::kAhead < static_cast<size_t>(end)) {
+          ring.look_up(l.params, i + GradRing::kAhead);
+          if (const auto* g = reinterpret_cast<const char*>(ring.impl(i + GradRing::kAhead))) {
+            if (grads.hold != nullptr) __builtin_prefetch(g, 1);  // the refcount, which the hold increments
+            prefetch_impl(g);
           }
         }
-        if (i + kGradAhead / 2 < static_cast<size_t>(end)) {
-          if (const at::Tensor* g = grad_ring[(i + kGradAhead / 2) % kRing]) prefetch_storage_impl(g->unsafeGetTensorImpl());
+        if (i + GradRing::kAhead / 2 < static_cast<size_t>(end)) {
+          if (const c10::TensorImpl* g = ring.impl(i + GradRing::kAhead / 2)) prefetch_storage_impl(g);
         }
       }
       // Every array present must still be what was cached (an undefined one takes the full checks, which name it).
       uint64_t rows = kAllRows;
       if (l.params[i].defined()) {
-        const at::Tensor& g = grads.from_params ? *grad_ring[i % kRing] : grads.given[i];
+        const at::Tensor& g = grads.from_params ? *ring[i] : grads.given[i];
         if (grads.from_params && !g.defined()) {
           missing_grad = true;
           return;
