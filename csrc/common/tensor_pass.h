@@ -652,13 +652,14 @@ inline PassResult checked_pass(const char* who, const TensorLists& l, const Grad
           }
           const Probe pr = probe(arrays[r]->unsafeGetTensorImpl());
           if (r == kParamRow) param_storage = pr.storage;
-          // (A grad in its param's storage is never legitimate: the full checks say whether they overlap.)
-          if (pr.digest != 0 && pr.digest == seen.digest[r] && !(r == kGradRow && pr.storage == param_storage)) {
+          const bool addr_moved = pr.addr != seen.addr[r];
+          // A grad in its param's storage (never legitimate), or moved into memory its storage does not own (which
+          // another storage may reach, NOTE [arrays apart]), takes the full checks, which say whether they overlap.
+          if (pr.digest != 0 && pr.digest == seen.digest[r] &&
+              !(r == kGradRow && (pr.storage == param_storage || (addr_moved && !owns_memory(pr.storage))))) {
             // Only the address moved (a new grad like the last, a `.data` of the same kind): it passes the same
             // checks, and the address is taken once every check has passed.
-            if (pr.addr != seen.addr[r] && r == kGradRow && !owns_memory(pr.storage)) {
-              rows |= uint64_t{1} << r;  // NOTE [arrays apart]: memory another storage may reach, checked and swept
-            } else if (pr.addr != seen.addr[r]) {
+            if (addr_moved) {
               rows |= uint64_t{1} << (r + kLight);
               c.moved_to[i].addr[r] = pr.addr;
               if (r == kGradRow) c.moved_to[i].grad_storage = pr.storage;  // (NOTE [arrays apart], below)

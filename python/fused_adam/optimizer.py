@@ -338,9 +338,10 @@ class FusedAdam(Optimizer):
             run = None  # its slots would be stepped once, with one counter: per tensor, in listing order, as torch
         packed = run.states(self.state) if run is not None else None  # NOTE [flat run wiring]
         if run is not None and packed is None:
-            flat.declined(f"param group {self._index_of(group)[0]}", len(members), "their states are not alike (step counts that differ, "
-                          "some params with state and some without, e.g. resumed from a checkpoint where a param "
-                          "had none): one counter cannot step them")
+            flat.declined(f"param group {self._index_of(group)[0]}", len(members),
+                          "their states are not alike (step counts that differ, some params with state and some "
+                          "without, e.g. resumed from a checkpoint where a param had none): one counter cannot step "
+                          "them")
         if packed is None:
             packed = packed_states(self.state, opts, members)
         states = []
